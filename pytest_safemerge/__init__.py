@@ -1,0 +1,1 @@
+"""pytest-safemerge: Hypothesis strategies, fixtures and a conformance suite for merge code."""

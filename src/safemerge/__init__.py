@@ -1,0 +1,29 @@
+"""safemerge: guarded, exact and testable merging of LoRA adapters into model weights."""
+
+from safemerge.adapter import LoraAdapter
+from safemerge.errors import (
+    AdapterConfigError,
+    NonFiniteMergeError,
+    RestoreError,
+    SafemergeError,
+    UnsupportedLayerError,
+)
+from safemerge.fuse import fuse, unfuse
+from safemerge.record import FuseRecord
+from safemerge.reference import expected_fuse
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfigError",
+    "FuseRecord",
+    "LoraAdapter",
+    "NonFiniteMergeError",
+    "RestoreError",
+    "SafemergeError",
+    "UnsupportedLayerError",
+    "__version__",
+    "expected_fuse",
+    "fuse",
+    "unfuse",
+]

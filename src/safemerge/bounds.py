@@ -1,0 +1,104 @@
+"""Forward error bounds of the float32 merge, from the arithmetic (pure math on tensors).
+
+The merge computes ``y = W + sum(c_i * left_i @ right_i)`` in float32 and casts it to the
+weight's dtype. Each float32 operation rounds with relative error at most ``u = 2**-24``
+(plus an absolute ``2**-149`` where results are subnormal), so the classic bound
+``gamma_n = n*u / (1 - n*u)`` for ``n`` roundings in a row gives
+
+    |fl(y) - y| <= gamma_n * (|W| + sum(|c_i| * |left_i| @ |right_i|)) + n * 2**-149
+
+with ``n = rank + 2`` (``rank`` products and sums per dot product, the scaling, the
+addition to ``W``; ``rank`` summed over the adapters) and one more when a coefficient
+is not exactly a float32 (its own rounding). The cast adds half an ulp of the target
+dtype at the float32 value's magnitude.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from safemerge.numerics import FLOAT32_TINY_SUBNORMAL, U32, ulp
+
+Term = tuple[torch.Tensor, torch.Tensor, float]
+
+
+def roundings(ranks: Sequence[int], coefficients: Sequence[float]) -> int:
+    """Number of float32 roundings on the way to one merged element."""
+    inexact = any(float(torch.tensor(c, dtype=torch.float32)) != c for c in coefficients)
+    return sum(ranks) + 2 + int(inexact)
+
+
+def gamma(n: int) -> float:
+    """Higham's ``gamma_n``: the relative error bound of ``n`` successive roundings."""
+    return n * U32 / (1.0 - n * U32)
+
+
+def reference_merge(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+    """``W + sum(c * left @ right)`` in float64 (exact up to float64 rounding)."""
+    merged = weight.to(torch.float64).clone()
+    for left, right, coefficient in terms:
+        merged += coefficient * (left.to(torch.float64) @ right.to(torch.float64))
+    return merged
+
+
+def accumulation_bound(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+    """Per-element bound on ``|float32 merge - exact merge|`` before the cast (float64)."""
+    magnitude = weight.to(torch.float64).abs()
+    for left, right, coefficient in terms:
+        magnitude = magnitude + abs(coefficient) * (
+            left.to(torch.float64).abs() @ right.to(torch.float64).abs()
+        )
+    n = roundings([left.shape[1] for left, _, _ in terms], [c for _, _, c in terms])
+    return gamma(n) * magnitude + n * FLOAT32_TINY_SUBNORMAL
+
+
+def cast_bound(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half an ulp of ``dtype`` at each magnitude: the error of the final cast."""
+    if dtype == torch.float32:
+        return torch.zeros_like(magnitude, dtype=torch.float64)
+    return ulp(magnitude, dtype) / 2
+
+
+def merge_bound(weight: torch.Tensor, terms: Sequence[Term], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact merge and the bound on the fused result's error, both float64.
+
+    Returns:
+        ``(reference, bound)`` with ``|fused - reference| <= bound`` for a correct merge.
+    """
+    reference = reference_merge(weight, terms)
+    accumulated = accumulation_bound(weight, terms)
+    return reference, accumulated + cast_bound(reference.abs() + accumulated, dtype)
+
+
+def renormalised_bound(
+    reference: torch.Tensor,
+    accumulated: torch.Tensor,
+    magnitude: torch.Tensor,
+    *,
+    along_rows: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoRA: the exact ``m / ||y|| * y`` and its bound, given the plain merge's bound.
+
+    The norm is taken from the float32 merge in float64, so its relative error is at most
+    ``rho = ||e|| / (||y|| - ||e||)`` (``e`` the accumulation bound); the factor adds
+    that and its own float32 rounding, the product one more rounding.
+    """
+    dim = 1 if along_rows else 0
+    norms = torch.linalg.vector_norm(reference, dim=dim, keepdim=True)
+    error_norms = torch.linalg.vector_norm(accumulated, dim=dim, keepdim=True)
+    shape = (-1, 1) if along_rows else (1, -1)
+    factor = magnitude.to(torch.float64).reshape(shape) / norms
+    rho = error_norms / (norms - error_norms).clamp_min(0)
+    factor_high = factor.abs() * (1 + rho + U32) * (1 + U32)
+    values_high = reference.abs() + accumulated
+    bound = (
+        factor_high * accumulated
+        + values_high * (factor_high - factor.abs())
+        + U32 * factor_high * values_high
+        + 2 * FLOAT32_TINY_SUBNORMAL
+    )
+    exact = factor * reference
+    return exact, bound + cast_bound(exact.abs() + bound, dtype)

@@ -1,0 +1,231 @@
+"""The blocked float32 merge loop: fuse and unfuse one weight matrix, row block by row block.
+
+Each block's float32 work (``W + sum(c * left @ right)``, the guard, the cast, and the
+exact-unfuse correction) stays in cache, so no full-size float32 temporary exists. The
+result goes into a new buffer of the weight's dtype; the caller commits it only when the
+whole matrix passed the guard, so a refusal or any exception leaves the weight untouched.
+
+Unfuse recomputes the same deltas with the same block geometry and thread count, so the
+arithmetic is bit-for-bit the same as during the fuse; that is what makes the stored
+ulp correction exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from safemerge import guard
+from safemerge.correction import Correction, CorrectionBuilder
+from safemerge.numerics import int_view, overflow_threshold
+
+#: Bytes of float32 work per row block: small enough to stay in L2 on current CPUs,
+#: large enough that per-block Python overhead is a few percent.
+BLOCK_BYTES = 512 * 1024
+
+
+@dataclass(frozen=True)
+class DeltaTerm:
+    """One adapter's contribution ``coefficient * left @ right`` in float32."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    coefficient: float
+
+
+@dataclass(frozen=True)
+class OutputFactor:
+    """A per-output-channel multiplier (DoRA's ``magnitude / norm``), float32."""
+
+    values: torch.Tensor
+    along_rows: bool
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        if self.along_rows:
+            return self.values[start:stop, None]
+        return self.values[None, :]
+
+
+@dataclass(frozen=True)
+class FusedMatrix:
+    merged: torch.Tensor
+    correction: Correction | None
+    fingerprint: int
+
+
+def block_rows_for(rows: int, columns: int) -> int:
+    """Rows per block: a multiple of 4 (so blocks start on whole correction bytes)."""
+    fitting = BLOCK_BYTES // max(4 * columns, 1)
+    return max(4, fitting // 4 * 4) if fitting < rows else max(rows, 1)
+
+
+@contextlib.contextmanager
+def pinned_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` intra-op threads, so matmul results repeat bit for bit."""
+    previous = torch.get_num_threads()
+    if previous != count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def fingerprint(tensor: torch.Tensor) -> int:
+    """Order-independent checksum of a tensor's bits (detects any changed element)."""
+    return int(int_view(tensor.detach().contiguous()).sum(dtype=torch.int64))
+
+
+class _Blocks:
+    """Buffers and per-block arithmetic shared by fuse, unfuse and the DoRA norm pass."""
+
+    def __init__(
+        self,
+        matrix: torch.Tensor,
+        terms: Sequence[DeltaTerm],
+        block_rows: int,
+        factor: OutputFactor | None = None,
+    ) -> None:
+        self.matrix = matrix
+        self.terms = terms
+        self.block_rows = block_rows
+        self.factor = factor
+        rows, columns = matrix.shape
+        buffer_rows = min(block_rows, rows)
+        self._delta = torch.empty(buffer_rows, columns, dtype=torch.float32, device=matrix.device)
+        self._merged = torch.empty_like(self._delta)
+        self._scratch = torch.empty_like(self._delta) if len(terms) > 1 else None
+
+    def ranges(self) -> Iterator[tuple[int, int]]:
+        rows = self.matrix.shape[0]
+        for start in range(0, rows, self.block_rows):
+            yield start, min(start + self.block_rows, rows)
+
+    def delta(self, start: int, stop: int) -> torch.Tensor:
+        """``sum(c * left[start:stop] @ right)`` in float32, summed in adapter order."""
+        delta = self._delta[: stop - start]
+        for position, term in enumerate(self.terms):
+            target = delta if position == 0 or self._scratch is None else self._scratch[: stop - start]
+            torch.mm(term.left[start:stop], term.right, out=target)
+            target.mul_(term.coefficient)
+            if target is not delta:
+                delta.add_(target)
+        return delta
+
+    def merged(self, start: int, stop: int, delta: torch.Tensor) -> torch.Tensor:
+        """``(float32(W) + delta) * factor`` for the block."""
+        merged = self._merged[: stop - start]
+        merged.copy_(self.matrix[start:stop])
+        merged.add_(delta)
+        if self.factor is not None:
+            merged.mul_(self.factor.block(start, stop))
+        return merged
+
+    def unmerged(self, start: int, stop: int, fused: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``float32(N) / factor - delta``: the arithmetic inverse of :meth:`merged`."""
+        unmerged = self._merged[: stop - start]
+        unmerged.copy_(fused)
+        if self.factor is not None:
+            unmerged.div_(self.factor.block(start, stop))
+        unmerged.sub_(delta)
+        return unmerged
+
+    def all_merged(self) -> Iterator[torch.Tensor]:
+        for start, stop in self.ranges():
+            yield self.merged(start, stop, self.delta(start, stop))
+
+
+def fuse_matrix(
+    matrix: torch.Tensor,
+    terms: Sequence[DeltaTerm],
+    *,
+    layer: str,
+    weight_shape: Sequence[int],
+    factor: OutputFactor | None = None,
+    keep_correction: bool = True,
+) -> FusedMatrix:
+    """Merge ``matrix`` with ``terms`` into a new tensor of ``matrix.dtype``, guarded.
+
+    Raises:
+        NonFiniteMergeError: some element would not be finite in ``matrix.dtype``; the
+            error counts every bad element of the whole matrix.
+    """
+    dtype = matrix.dtype
+    rows, columns = matrix.shape
+    threshold = overflow_threshold(dtype)
+    blocks = _Blocks(matrix, terms, block_rows_for(rows, columns), factor)
+    result = torch.empty(rows, columns, dtype=dtype, device=matrix.device)
+    builder = CorrectionBuilder(rows * columns, dtype) if keep_correction else None
+    checksum = torch.zeros((), dtype=torch.int64, device=matrix.device)
+    unfused = torch.empty(blocks.block_rows, columns, dtype=dtype, device=matrix.device)
+    for start, stop in blocks.ranges():
+        delta = blocks.delta(start, stop)
+        merged = blocks.merged(start, stop, delta)
+        if not guard.block_fits(merged, threshold):
+            raise guard.refusal(
+                blocks.all_merged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape
+            )
+        fused = result[start:stop]
+        fused.copy_(merged)
+        checksum += int_view(fused).sum(dtype=torch.int64)
+        if builder is not None:
+            restored = unfused[: stop - start]
+            restored.copy_(blocks.unmerged(start, stop, fused, delta))
+            builder.add(start * columns, matrix[start:stop], restored)
+    correction = builder.build() if builder is not None else None
+    return FusedMatrix(result, correction, int(checksum))
+
+
+def unfuse_matrix(
+    fused: torch.Tensor,
+    terms: Sequence[DeltaTerm],
+    *,
+    layer: str,
+    weight_shape: Sequence[int],
+    factor: OutputFactor | None = None,
+    correction: Correction | None = None,
+) -> torch.Tensor:
+    """Undo :func:`fuse_matrix`: exactly with ``correction``, arithmetically without.
+
+    Raises:
+        NonFiniteMergeError: an arithmetic unfuse would leave a non-finite element.
+    """
+    dtype = fused.dtype
+    rows, columns = fused.shape
+    threshold = overflow_threshold(dtype)
+    blocks = _Blocks(fused, terms, block_rows_for(rows, columns), factor)
+    result = torch.empty(rows, columns, dtype=dtype, device=fused.device)
+    for start, stop in blocks.ranges():
+        delta = blocks.delta(start, stop)
+        unmerged = blocks.unmerged(start, stop, fused[start:stop], delta)
+        if correction is None and not guard.block_fits(unmerged, threshold):
+            raise guard.refusal(
+                (blocks.unmerged(a, b, fused[a:b], blocks.delta(a, b)) for a, b in blocks.ranges()),
+                layer=layer,
+                tensor="weight",
+                dtype=dtype,
+                shape=weight_shape,
+            )
+        target = result[start:stop]
+        target.copy_(unmerged)
+        if correction is not None:
+            target.copy_(correction.apply(start * columns, target))
+    return result
+
+
+def output_norms(matrix: torch.Tensor, terms: Sequence[DeltaTerm], *, along_rows: bool) -> torch.Tensor:
+    """L2 norm of each output channel of ``W + delta`` (DoRA's weight norm), in float64."""
+    rows, columns = matrix.shape
+    blocks = _Blocks(matrix, terms, block_rows_for(rows, columns))
+    squares = torch.zeros(rows if along_rows else columns, dtype=torch.float64, device=matrix.device)
+    for start, stop in blocks.ranges():
+        merged = blocks.merged(start, stop, blocks.delta(start, stop)).to(torch.float64)
+        if along_rows:
+            squares[start:stop] = merged.square().sum(dim=1)
+        else:
+            squares += merged.square().sum(dim=0)
+    return squares.sqrt()

@@ -1,0 +1,90 @@
+"""The errors safemerge raises; each carries its facts as attributes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class SafemergeError(Exception):
+    """Base class of every error safemerge raises on purpose."""
+
+
+class AdapterConfigError(SafemergeError, ValueError):
+    """An adapter, its configuration or its shapes do not fit the layer."""
+
+
+class UnsupportedLayerError(SafemergeError, TypeError):
+    """The layer kind (or one of its settings) cannot be fused safely."""
+
+
+class RestoreError(SafemergeError, ValueError):
+    """An unfuse cannot restore the layer (wrong record, or no correction kept)."""
+
+
+class NonFiniteMergeError(SafemergeError, ValueError):
+    """The merged tensor would not be finite in the layer's dtype; nothing was changed.
+
+    Attributes:
+        layer: name of the layer (or its class name when no name was given).
+        tensor: which tensor of the layer, ``"weight"`` or ``"bias"``.
+        dtype: the dtype the merged values would have been cast to.
+        shape: shape of that tensor.
+        numel: number of elements in it.
+        nan_count: elements whose float32 merge is NaN.
+        posinf_count: elements whose float32 merge is +Inf.
+        neginf_count: elements whose float32 merge is -Inf.
+        overflow_count: elements finite in float32 that do not fit ``dtype`` (they would
+            become +-Inf in the cast, or saturate for float8_e4m3fn, which has no Inf).
+        first_index: index (into the tensor) of the first bad element, row-major.
+        dtype_max: the largest finite value of ``dtype``.
+    """
+
+    def __init__(
+        self,
+        *,
+        layer: str,
+        tensor: str,
+        dtype: torch.dtype,
+        shape: Sequence[int],
+        nan_count: int,
+        posinf_count: int,
+        neginf_count: int,
+        overflow_count: int,
+        first_index: tuple[int, ...],
+    ) -> None:
+        self.layer = layer
+        self.tensor = tensor
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self.numel = 1
+        for size in self.shape:
+            self.numel *= size
+        self.nan_count = nan_count
+        self.posinf_count = posinf_count
+        self.neginf_count = neginf_count
+        self.overflow_count = overflow_count
+        self.first_index = first_index
+        self.dtype_max = float(torch.finfo(dtype).max)
+        super().__init__(self._message())
+
+    @property
+    def bad_count(self) -> int:
+        """All refused elements: NaN, +Inf, -Inf and overflow-on-cast together."""
+        return self.nan_count + self.posinf_count + self.neginf_count + self.overflow_count
+
+    def _message(self) -> str:
+        dtype_name = str(self.dtype).removeprefix("torch.")
+        percent = 100.0 * self.bad_count / max(self.numel, 1)
+        return (
+            f"refusing to fuse into layer {self.layer!r}: the merged {self.tensor} "
+            f"({dtype_name}, shape {self.shape}) would have {self.bad_count} non-finite of "
+            f"{self.numel} elements ({percent:.4g}%): {self.nan_count} NaN, "
+            f"{self.posinf_count} +Inf, {self.neginf_count} -Inf in the float32 sum, and "
+            f"{self.overflow_count} finite in float32 but beyond {dtype_name}'s range "
+            f"(|x| > {self.dtype_max:g}). First bad element at index {self.first_index}. "
+            f"The layer was not changed. What to try: check the adapter for NaN/Inf "
+            f"(a training blow-up or a corrupt file); lower the scale; or keep this layer "
+            f"in a wider dtype (float32 or bfloat16)."
+        )

@@ -1,0 +1,236 @@
+"""Guarded, all-or-nothing fuse and unfuse of LoRA adapters into one layer."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+from torch import nn
+
+from safemerge import engine, guard
+from safemerge.adapter import LoraAdapter
+from safemerge.errors import AdapterConfigError, RestoreError
+from safemerge.layers import LayerView, view_layer
+from safemerge.record import FuseRecord
+
+#: One adapter, or several, each optionally with its own weight: ``[(a1, 0.7), (a2, 0.3)]``.
+Adapters = Union[LoraAdapter, Sequence[Union[LoraAdapter, tuple[LoraAdapter, float]]]]
+
+
+def fuse(
+    layer: nn.Module,
+    adapters: Adapters,
+    *,
+    scale: float = 1.0,
+    name: str | None = None,
+    exact_unfuse: bool = True,
+) -> FuseRecord:
+    """Fuse one or several LoRA adapters into ``layer``'s weight (and bias), in place.
+
+    The merge is computed in float32 whatever the weight's dtype:
+    ``W' = cast(W + sum(weight_i * adapter_i.scale * scale * B_i @ A_i))``, with DoRA's
+    per-output renormalisation when the adapter has a magnitude. Nothing changes unless
+    every element of the result is finite in the weight's dtype.
+
+    Args:
+        layer: ``nn.Linear``, ``nn.Embedding``, ``nn.Conv1d/2d/3d`` (groups=1), or a
+            module with a 2-D weight stored ``(in, out)`` (adapter ``fan_in_fan_out=True``).
+        adapters: a :class:`LoraAdapter`, or a list of adapters or ``(adapter, weight)``.
+        scale: overall multiplier (PEFT's ``lora_scale``); any finite value, 0 included.
+        name: the layer's name, for messages and the record.
+        exact_unfuse: keep the compact correction that lets :func:`unfuse` restore every
+            bit (about a quarter byte per weight element).
+
+    Returns:
+        A :class:`FuseRecord` for :func:`unfuse` and for reports.
+
+    Raises:
+        NonFiniteMergeError: the weight or bias would not be finite in its dtype.
+        AdapterConfigError: an adapter does not fit the layer.
+        UnsupportedLayerError: the layer kind or dtype is not supported.
+    """
+    started = time.perf_counter()
+    view = view_layer(layer, name)
+    pairs = _weighted(adapters)
+    _check_request(view, pairs, scale)
+    coefficients = tuple(weight * adapter.scale * scale for adapter, weight in pairs)
+    with torch.no_grad():
+        terms = _delta_terms(view, pairs, coefficients)
+        factor = _dora_factor(view, pairs, terms)
+        fused = engine.fuse_matrix(
+            view.matrix,
+            terms,
+            layer=view.name,
+            weight_shape=view.weight.shape,
+            factor=factor,
+            keep_correction=exact_unfuse,
+        )
+        new_bias = _bias_with(view, pairs, coefficients, sign=1.0)
+        original_bias = None if new_bias is None or view.bias is None else view.bias.detach().cpu().clone()
+        _commit(view, fused.merged, new_bias)
+    return FuseRecord(
+        layer=view.name,
+        kind=view.kind,
+        dtype=view.weight.dtype,
+        shape=tuple(view.weight.shape),
+        adapters=tuple(pairs),
+        scale=scale,
+        coefficients=coefficients,
+        correction=fused.correction,
+        original_bias=original_bias,
+        dora_factor=None if factor is None else factor.values.cpu(),
+        num_threads=torch.get_num_threads(),
+        fused_fingerprint=fused.fingerprint,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def unfuse(layer: nn.Module, record: FuseRecord, *, exact: bool = True) -> None:
+    """Undo the fuse that produced ``record``, in place.
+
+    With ``exact=True`` every bit of the weight and bias is restored. With
+    ``exact=False`` the same float32 delta is subtracted (and DoRA's factor divided out):
+    the arithmetic inverse, which in low precision is off by an ulp at many elements.
+    Fuses of one layer must be undone in reverse order.
+
+    Raises:
+        RestoreError: the layer is not the one fused, changed since, or the record kept
+            no correction and ``exact=True`` was asked.
+        NonFiniteMergeError: an arithmetic unfuse would leave a non-finite element.
+    """
+    view = view_layer(layer, record.layer)
+    _check_record(view, record, exact)
+    with torch.no_grad():
+        terms = _delta_terms(view, list(record.adapters), record.coefficients)
+        factor = None
+        if record.dora_factor is not None:
+            along_rows = not view.transposed
+            values = record.dora_factor.to(view.weight.device)
+            factor = engine.OutputFactor(values, along_rows)
+        with engine.pinned_threads(record.num_threads):
+            restored = engine.unfuse_matrix(
+                view.matrix,
+                terms,
+                layer=view.name,
+                weight_shape=view.weight.shape,
+                factor=factor,
+                correction=record.correction if exact else None,
+            )
+        if exact and record.original_bias is not None:
+            new_bias: torch.Tensor | None = record.original_bias
+        else:
+            new_bias = _bias_with(view, list(record.adapters), record.coefficients, sign=-1.0)
+        _commit(view, restored, new_bias)
+
+
+def _weighted(adapters: Adapters) -> list[tuple[LoraAdapter, float]]:
+    if isinstance(adapters, LoraAdapter):
+        return [(adapters, 1.0)]
+    pairs: list[tuple[LoraAdapter, float]] = []
+    for position, item in enumerate(adapters):
+        if isinstance(item, LoraAdapter):
+            pairs.append((item, 1.0))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], LoraAdapter):
+            pairs.append((item[0], float(item[1])))
+        else:
+            raise AdapterConfigError(
+                f"adapters[{position}] must be a LoraAdapter or a (LoraAdapter, weight) pair; "
+                f"got {type(item).__name__}"
+            )
+    if not pairs:
+        raise AdapterConfigError("no adapters given: pass a LoraAdapter or a non-empty list")
+    return pairs
+
+
+def _check_request(view: LayerView, pairs: list[tuple[LoraAdapter, float]], scale: float) -> None:
+    if not math.isfinite(scale):
+        raise AdapterConfigError(f"scale must be finite; got scale={scale}")
+    for position, (adapter, weight) in enumerate(pairs):
+        if not math.isfinite(weight):
+            raise AdapterConfigError(f"the weight of adapter {position} must be finite; got {weight}")
+        view.check_fits(adapter)
+    if len(pairs) > 1 and any(adapter.is_dora for adapter, _ in pairs):
+        raise AdapterConfigError(
+            f"layer {view.name!r}: a DoRA adapter renormalises the whole weight, so it cannot be "
+            f"fused together with other adapters; fuse DoRA adapters one at a time"
+        )
+
+
+def _delta_terms(
+    view: LayerView, pairs: Sequence[tuple[LoraAdapter, float]], coefficients: Sequence[float]
+) -> list[engine.DeltaTerm]:
+    terms = []
+    for (adapter, _), coefficient in zip(pairs, coefficients, strict=True):
+        left, right = view.factors(adapter)
+        terms.append(
+            engine.DeltaTerm(_fresh_float32(left, view), _fresh_float32(right, view), coefficient)
+        )
+    return terms
+
+
+def _fresh_float32(tensor: torch.Tensor, view: LayerView) -> torch.Tensor:
+    # A new contiguous allocation on every call: the same memory alignment at fuse and at
+    # unfuse time keeps the matmul's rounding identical, which the exact unfuse relies on.
+    copy = torch.empty(tensor.shape, dtype=torch.float32, device=view.weight.device)
+    return copy.copy_(tensor.detach())
+
+
+def _dora_factor(
+    view: LayerView, pairs: list[tuple[LoraAdapter, float]], terms: list[engine.DeltaTerm]
+) -> engine.OutputFactor | None:
+    magnitude = pairs[0][0].magnitude
+    if magnitude is None:
+        return None
+    along_rows = not view.transposed
+    norms = engine.output_norms(view.matrix, terms, along_rows=along_rows)
+    magnitude64 = magnitude.detach().to(device=norms.device, dtype=torch.float64).reshape(-1)
+    return engine.OutputFactor((magnitude64 / norms).to(torch.float32), along_rows)
+
+
+def _bias_with(
+    view: LayerView,
+    pairs: Sequence[tuple[LoraAdapter, float]],
+    coefficients: Sequence[float],
+    *,
+    sign: float,
+) -> torch.Tensor | None:
+    """The layer's bias plus (or minus) each adapter's scaled lora_bias, guarded."""
+    if view.bias is None or all(adapter.lora_bias is None for adapter, _ in pairs):
+        return None
+    merged = view.bias.detach().to(torch.float32).clone()
+    for (adapter, _), coefficient in zip(pairs, coefficients, strict=True):
+        if adapter.lora_bias is not None:
+            lora_bias = adapter.lora_bias.detach().to(device=merged.device, dtype=torch.float32)
+            merged.add_(lora_bias.reshape(-1) * coefficient, alpha=sign)
+    guard.check_vector(merged, layer=view.name, tensor="bias", dtype=view.bias.dtype)
+    return merged.to(view.bias.dtype)
+
+
+def _commit(view: LayerView, matrix: torch.Tensor, bias: torch.Tensor | None) -> None:
+    # Everything is computed and checked before this point; these copies cannot fail on
+    # shape, dtype or device, so the layer changes whole or not at all.
+    view.weight.detach().copy_(matrix.reshape(view.weight.shape))
+    if bias is not None and view.bias is not None:
+        view.bias.detach().copy_(bias)
+
+
+def _check_record(view: LayerView, record: FuseRecord, exact: bool) -> None:
+    if (view.kind, tuple(view.weight.shape), view.weight.dtype) != (record.kind, record.shape, record.dtype):
+        raise RestoreError(
+            f"the record is for a {record.kind} layer {record.layer!r} with a {record.dtype} "
+            f"weight of shape {record.shape}, but this layer is a {view.kind} with a "
+            f"{view.weight.dtype} weight of shape {tuple(view.weight.shape)}"
+        )
+    if exact and record.correction is None:
+        raise RestoreError(
+            f"layer {record.layer!r} was fused with exact_unfuse=False, so no correction was "
+            f"kept: call unfuse(..., exact=False) for the arithmetic inverse"
+        )
+    if engine.fingerprint(view.weight) != record.fused_fingerprint:
+        raise RestoreError(
+            f"layer {record.layer!r} changed since this record's fuse (another fuse, an unfuse, "
+            f"or a training step): undo fuses in reverse order, each with its own record"
+        )
