@@ -1,12 +1,13 @@
 """The compact correction that turns an arithmetic unfuse into an exact one.
 
 After a fuse, unfusing by subtraction gives ``U = cast(float32(N) - delta)``, which differs
-from the original weight ``W`` by a few ulps at most places (mostly 0 or +-1). The
-correction stores, per element, the ulp distance ``k = ord(W) - ord(U)`` as a 2-bit code
-(0, +1, -1, or "escape"), four to a byte, and the exact original bits of the rare
-escaped elements in the order they occur (the codes say where they go, so no index is
-stored). It costs a quarter byte per element plus one weight element per escape, and
-lives on the CPU whatever the weight's device.
+from the original weight ``W`` in the last bit at many places. The correction stores, per
+element, the difference of the bit patterns ``d = bits(W) - bits(U)`` (integer arithmetic
+modulo 2**width, so ``bits(U) + d`` gives back ``bits(W)`` whatever the signs) as a 2-bit
+code: 0, +1, -1, or "escape". Codes are packed four to a byte; escaped elements keep
+their exact original bits, in the order they occur (the codes say where they go, so no
+index is stored). Cost: a quarter byte per element plus one element per escape, on the
+CPU whatever the weight's device.
 """
 
 from __future__ import annotations
@@ -16,19 +17,18 @@ from dataclasses import dataclass
 
 import torch
 
-from safemerge.numerics import from_ordered_bits, int_view, ordered_bits
+from safemerge.numerics import int_view
 
-_ESCAPE = 3
-#: code -> ulp step; the escape code's step is irrelevant (its bits are stored exactly).
-_STEP_OF_CODE = torch.tensor([0, 1, -1, 0], dtype=torch.int64)
-#: (k clamped to [-2, 2]) + 2 -> code
-_CODE_OF_STEP = torch.tensor([_ESCAPE, 2, 0, 1, _ESCAPE], dtype=torch.uint8)
-_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+# Codes are ``clamp(d, -2, 2) mod 4``: 0 -> 0, +1 -> 1, -1 -> 3, and +-2 (meaning "two or
+# more steps away") -> 2, the escape.
+_ESCAPE = 2
+_STEP_OF_CODE = torch.tensor([0, 1, 0, -1], dtype=torch.int64)
+_PACK_VIEW = {1: torch.int32, 2: torch.int64}
 
 
 @dataclass(frozen=True, eq=False)
 class Correction:
-    """Per-element ulp corrections for one tensor, in flat row-major order."""
+    """Per-element bit corrections for one tensor, in flat row-major order."""
 
     dtype: torch.dtype
     numel: int
@@ -44,6 +44,7 @@ class Correction:
 
     @property
     def escape_count(self) -> int:
+        """Elements two or more bit steps away, kept whole."""
         return int(self.escape_bits.numel())
 
     def apply(self, offset: int, unfused: torch.Tensor) -> torch.Tensor:
@@ -51,21 +52,21 @@ class Correction:
 
         ``offset`` must be the start of a block recorded by :class:`CorrectionBuilder`.
         """
+        block = int(torch.searchsorted(self.block_offsets, offset))
+        if block >= self.block_offsets.numel() or int(self.block_offsets[block]) != offset:
+            raise ValueError(f"offset {offset} is not the start of a recorded correction block")
         count = unfused.numel()
-        codes = _unpack(self.packed_codes[offset // 4 : math.ceil((offset + count) / 4)], count)
-        codes = codes.to(unfused.device).long()
-        ordered = ordered_bits(unfused.reshape(-1))
-        steps = _STEP_OF_CODE.to(unfused.device)[codes].to(ordered.dtype)
-        restored = from_ordered_bits(ordered + steps, self.dtype)
+        packed = self.packed_codes[offset // 4 : math.ceil((offset + count) / 4)]
+        codes = _unpack(packed, count).to(unfused.device)
+        bits = int_view(unfused.contiguous()).reshape(-1)
+        steps = _STEP_OF_CODE.to(unfused.device)[codes.long()].to(bits.dtype)
+        restored_bits = bits + steps
         positions = (codes == _ESCAPE).nonzero().reshape(-1)
         if positions.numel():
-            block = int(torch.searchsorted(self.block_offsets, offset))
-            if block >= self.block_offsets.numel() or int(self.block_offsets[block]) != offset:
-                raise ValueError(f"offset {offset} is not the start of a recorded block")
             first = int(self.block_escape_starts[block])
-            bits = self.escape_bits[first : first + positions.numel()].to(unfused.device)
-            int_view(restored)[positions] = bits
-        return restored.reshape(unfused.shape)
+            originals = self.escape_bits[first : first + positions.numel()]
+            restored_bits[positions] = originals.to(unfused.device)
+        return restored_bits.view(self.dtype).reshape(unfused.shape)
 
 
 class CorrectionBuilder:
@@ -82,15 +83,16 @@ class CorrectionBuilder:
 
     def add(self, offset: int, original: torch.Tensor, unfused: torch.Tensor) -> None:
         """Record the block ``[offset, offset + numel)``; ``offset`` a multiple of 4."""
-        original_flat = original.reshape(-1)
-        steps = ordered_bits(original_flat) - ordered_bits(unfused.reshape(-1))
-        codes = _CODE_OF_STEP.to(steps.device)[steps.clamp(-2, 2) + 2]
-        self._packed[offset // 4 : offset // 4 + math.ceil(codes.numel() / 4)] = _pack(codes).cpu()
+        original_bits = int_view(original.contiguous()).reshape(-1)
+        codes = original_bits - int_view(unfused.contiguous()).reshape(-1)
+        codes.clamp_(-2, 2).bitwise_and_(3)
+        packed = _pack(codes)
+        self._packed[offset // 4 : offset // 4 + packed.numel()] = packed.cpu()
         self._block_offsets.append(offset)
         self._block_escape_starts.append(self._escapes)
         positions = (codes == _ESCAPE).nonzero().reshape(-1)
         if positions.numel():
-            self._escape_bits.append(int_view(original_flat)[positions].cpu())
+            self._escape_bits.append(original_bits[positions].cpu())
             self._escapes += positions.numel()
 
     def build(self) -> Correction:
@@ -107,13 +109,21 @@ class CorrectionBuilder:
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:
+    """Four 2-bit codes (values 0..3, any integer dtype) to a byte, little end first."""
+    if codes.element_size() > 2:
+        codes = codes.to(torch.int16)
     padding = (-codes.numel()) % 4
     if padding:
         codes = torch.cat([codes, codes.new_zeros(padding)])
-    quads = codes.reshape(-1, 4) << _SHIFTS.to(codes.device)
-    return quads[:, 0] | quads[:, 1] | quads[:, 2] | quads[:, 3]
+    # Four consecutive codes read as one little-endian integer of 4x the width have code
+    # j at bit j*w (w = code width in bits); shifting by j*(w-2) moves it to bit 2j.
+    width = 8 * codes.element_size()
+    quads = codes.view(_PACK_VIEW[codes.element_size()])
+    packed = quads | (quads >> (width - 2)) | (quads >> 2 * (width - 2)) | (quads >> 3 * (width - 2))
+    return packed.to(torch.uint8)
 
 
 def _unpack(packed: torch.Tensor, count: int) -> torch.Tensor:
-    codes = (packed.reshape(-1, 1) >> _SHIFTS) & 3
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
+    codes = (packed.reshape(-1, 1) >> shifts) & 3
     return codes.reshape(-1)[:count]

@@ -1,0 +1,22 @@
+"""Hypothesis profiles for the whole repository.
+
+``dev`` (default) explores freely; ``ci`` (loaded when the CI environment variable is
+set) is derandomized so that CI runs repeat exactly. Tensor work has no deadline: the
+first call of a torch kernel can take far longer than the rest.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+_COMMON = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+}
+
+settings.register_profile("dev", max_examples=60, **_COMMON)
+settings.register_profile("ci", max_examples=60, derandomize=True, print_blob=True, **_COMMON)
+settings.register_profile("thorough", max_examples=1000, **_COMMON)
+settings.load_profile(os.environ.get("SAFEMERGE_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
