@@ -7,8 +7,9 @@ weight's dtype. Each float32 operation rounds with relative error at most ``u = 
 
     |fl(y) - y| <= gamma_n * (|W| + sum(|c_i| * |left_i| @ |right_i|)) + n * 2**-149
 
-with ``n = rank + 2`` (``rank`` products and sums per dot product, the scaling, the
-addition to ``W``; ``rank`` summed over the adapters) and one more when a coefficient
+with ``n = rank + 2``: the coefficient folded into ``B`` (one rounding), then ``W`` plus
+``rank`` products accumulated (``rank`` roundings, ``rank`` summed over the adapters),
+and one to spare for an accumulation that adds ``W`` last; one more when a coefficient
 is not exactly a float32 (its own rounding). The cast adds half an ulp of the target
 dtype at the float32 value's magnitude.
 """

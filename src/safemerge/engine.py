@@ -1,6 +1,6 @@
 """The blocked float32 merge loop: fuse and unfuse one weight matrix, row block by row block.
 
-Each block's float32 work (``W + sum(c * left @ right)``, the guard, the cast, and the
+Each block's float32 work (``W + left @ right``, the guard, the cast, and the
 exact-unfuse correction) stays in cache, so no full-size float32 temporary exists. The
 result goes into a new buffer of the weight's dtype; the caller commits it only when the
 whole matrix passed the guard, so a refusal or any exception leaves the weight untouched.
@@ -28,12 +28,34 @@ BLOCK_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)
-class DeltaTerm:
-    """One adapter's contribution ``coefficient * left @ right`` in float32."""
+class LowRankDelta:
+    """``left @ right`` in float32, every adapter's coefficient already folded into ``left``.
+
+    Several adapters are one product of their concatenated factors:
+    ``[c1*B1 | c2*B2] @ [A1; A2]``, so one matmul serves them all.
+    """
 
     left: torch.Tensor
     right: torch.Tensor
-    coefficient: float
+
+    @classmethod
+    def from_terms(
+        cls, terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]], device: torch.device
+    ) -> LowRankDelta:
+        """Build from ``(left, right, coefficient)`` triples in M's layout."""
+        rank = sum(left.shape[1] for left, _, _ in terms)
+        rows, columns = terms[0][0].shape[0], terms[0][1].shape[1]
+        # New contiguous allocations every time: the same memory alignment at fuse and at
+        # unfuse keeps the matmul's rounding identical, which the exact unfuse relies on.
+        left_all = torch.empty(rows, rank, dtype=torch.float32, device=device)
+        right_all = torch.empty(rank, columns, dtype=torch.float32, device=device)
+        start = 0
+        for left, right, coefficient in terms:
+            stop = start + left.shape[1]
+            left_all[:, start:stop].copy_(left.detach()).mul_(coefficient)
+            right_all[start:stop].copy_(right.detach())
+            start = stop
+        return cls(left_all, right_all)
 
 
 @dataclass(frozen=True)
@@ -99,69 +121,60 @@ class _Blocks:
     def __init__(
         self,
         matrix: torch.Tensor,
-        terms: Sequence[DeltaTerm],
+        delta: LowRankDelta,
         block_rows: int,
         factor: OutputFactor | None = None,
     ) -> None:
         self.matrix = matrix
-        self.terms = terms
+        self.delta = delta
         self.block_rows = block_rows
         self.factor = factor
         rows, columns = matrix.shape
         buffer_rows = min(block_rows, rows)
-        self._delta = torch.empty(buffer_rows, columns, dtype=torch.float32, device=matrix.device)
-        self._merged = torch.empty_like(self._delta)
-        self._scratch = torch.empty_like(self._delta) if len(terms) > 1 else None
+        self._work = torch.empty(buffer_rows, columns, dtype=torch.float32, device=matrix.device)
 
     def ranges(self) -> Iterator[tuple[int, int]]:
         rows = self.matrix.shape[0]
         for start in range(0, rows, self.block_rows):
             yield start, min(start + self.block_rows, rows)
 
-    def delta(self, start: int, stop: int) -> torch.Tensor:
-        """``sum(c * left[start:stop] @ right)`` in float32, summed in adapter order."""
-        delta = self._delta[: stop - start]
-        for position, term in enumerate(self.terms):
-            target = delta if position == 0 or self._scratch is None else self._scratch[: stop - start]
-            torch.mm(term.left[start:stop], term.right, out=target)
-            target.mul_(term.coefficient)
-            if target is not delta:
-                delta.add_(target)
-        return delta
-
-    def merged(self, start: int, stop: int, delta: torch.Tensor) -> torch.Tensor:
-        """``(float32(W) + delta) * factor`` for the block."""
-        merged = self._merged[: stop - start]
+    def merged(self, start: int, stop: int) -> torch.Tensor:
+        """``(float32(W) + left @ right) * factor`` for the block (one BLAS call for the sum)."""
+        merged = self._work[: stop - start]
         merged.copy_(self.matrix[start:stop])
-        merged.add_(delta)
+        merged.addmm_(self.delta.left[start:stop], self.delta.right)
         if self.factor is not None:
             merged.mul_(self.factor.block(start, stop))
         return merged
 
-    def unmerged(self, start: int, stop: int, fused: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``float32(N) / factor - delta``: the arithmetic inverse of :meth:`merged`."""
-        unmerged = self._merged[: stop - start]
+    def unmerged(self, start: int, stop: int, fused: torch.Tensor) -> torch.Tensor:
+        """``float32(N) / factor - left @ right``: the arithmetic inverse of :meth:`merged`."""
+        unmerged = self._work[: stop - start]
         unmerged.copy_(fused)
         if self.factor is not None:
             unmerged.div_(self.factor.block(start, stop))
-        unmerged.sub_(delta)
+        unmerged.addmm_(self.delta.left[start:stop], self.delta.right, alpha=-1)
         return unmerged
 
     def all_merged(self) -> Iterator[torch.Tensor]:
         for start, stop in self.ranges():
-            yield self.merged(start, stop, self.delta(start, stop))
+            yield self.merged(start, stop)
+
+    def all_unmerged(self) -> Iterator[torch.Tensor]:
+        for start, stop in self.ranges():
+            yield self.unmerged(start, stop, self.matrix[start:stop])
 
 
 def fuse_matrix(
     matrix: torch.Tensor,
-    terms: Sequence[DeltaTerm],
+    delta: LowRankDelta,
     *,
     layer: str,
     weight_shape: Sequence[int],
     factor: OutputFactor | None = None,
     keep_correction: bool = True,
 ) -> FusedMatrix:
-    """Merge ``matrix`` with ``terms`` into a new tensor of ``matrix.dtype``, guarded.
+    """Merge ``matrix`` with ``delta`` into a new tensor of ``matrix.dtype``, guarded.
 
     Raises:
         NonFiniteMergeError: some element would not be finite in ``matrix.dtype``; the
@@ -170,13 +183,12 @@ def fuse_matrix(
     dtype = matrix.dtype
     rows, columns = matrix.shape
     threshold = overflow_threshold(dtype)
-    blocks = _Blocks(matrix, terms, block_rows_for(rows, columns), factor)
+    blocks = _Blocks(matrix, delta, block_rows_for(rows, columns), factor)
     result = torch.empty(rows, columns, dtype=dtype, device=matrix.device)
     builder = CorrectionBuilder(rows * columns, dtype) if keep_correction else None
     unfused = torch.empty(blocks.block_rows, columns, dtype=dtype, device=matrix.device)
     for start, stop in blocks.ranges():
-        delta = blocks.delta(start, stop)
-        merged = blocks.merged(start, stop, delta)
+        merged = blocks.merged(start, stop)
         if not guard.block_fits(merged, threshold):
             raise guard.refusal(
                 blocks.all_merged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape
@@ -185,7 +197,7 @@ def fuse_matrix(
         fused.copy_(merged)
         if builder is not None:
             restored = unfused[: stop - start]
-            restored.copy_(blocks.unmerged(start, stop, fused, delta))
+            restored.copy_(blocks.unmerged(start, stop, fused))
             builder.add(start * columns, matrix[start:stop], restored)
     correction = builder.build() if builder is not None else None
     return FusedMatrix(result, correction, fingerprint(result))
@@ -193,7 +205,7 @@ def fuse_matrix(
 
 def unfuse_matrix(
     fused: torch.Tensor,
-    terms: Sequence[DeltaTerm],
+    delta: LowRankDelta,
     *,
     layer: str,
     weight_shape: Sequence[int],
@@ -208,14 +220,13 @@ def unfuse_matrix(
     dtype = fused.dtype
     rows, columns = fused.shape
     threshold = overflow_threshold(dtype)
-    blocks = _Blocks(fused, terms, block_rows_for(rows, columns), factor)
+    blocks = _Blocks(fused, delta, block_rows_for(rows, columns), factor)
     result = torch.empty(rows, columns, dtype=dtype, device=fused.device)
     for start, stop in blocks.ranges():
-        delta = blocks.delta(start, stop)
-        unmerged = blocks.unmerged(start, stop, fused[start:stop], delta)
+        unmerged = blocks.unmerged(start, stop, fused[start:stop])
         if correction is None and not guard.block_fits(unmerged, threshold):
             raise guard.refusal(
-                (blocks.unmerged(a, b, fused[a:b], blocks.delta(a, b)) for a, b in blocks.ranges()),
+                blocks.all_unmerged(),
                 layer=layer,
                 tensor="weight",
                 dtype=dtype,
@@ -228,13 +239,13 @@ def unfuse_matrix(
     return result
 
 
-def output_norms(matrix: torch.Tensor, terms: Sequence[DeltaTerm], *, along_rows: bool) -> torch.Tensor:
+def output_norms(matrix: torch.Tensor, delta: LowRankDelta, *, along_rows: bool) -> torch.Tensor:
     """L2 norm of each output channel of ``W + delta`` (DoRA's weight norm), in float64."""
     rows, columns = matrix.shape
-    blocks = _Blocks(matrix, terms, block_rows_for(rows, columns))
+    blocks = _Blocks(matrix, delta, block_rows_for(rows, columns))
     squares = torch.zeros(rows if along_rows else columns, dtype=torch.float64, device=matrix.device)
     for start, stop in blocks.ranges():
-        merged = blocks.merged(start, stop, blocks.delta(start, stop)).to(torch.float64)
+        merged = blocks.merged(start, stop).to(torch.float64)
         if along_rows:
             squares[start:stop] = merged.square().sum(dim=1)
         else:

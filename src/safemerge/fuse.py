@@ -58,11 +58,11 @@ def fuse(
     _check_request(view, pairs, scale)
     coefficients = tuple(weight * adapter.scale * scale for adapter, weight in pairs)
     with torch.no_grad():
-        terms = _delta_terms(view, pairs, coefficients)
-        factor = _dora_factor(view, pairs, terms)
+        delta = _low_rank_delta(view, pairs, coefficients)
+        factor = _dora_factor(view, pairs, delta)
         fused = engine.fuse_matrix(
             view.matrix,
-            terms,
+            delta,
             layer=view.name,
             weight_shape=view.weight.shape,
             factor=factor,
@@ -104,7 +104,7 @@ def unfuse(layer: nn.Module, record: FuseRecord, *, exact: bool = True) -> None:
     view = view_layer(layer, record.layer)
     _check_record(view, record, exact)
     with torch.no_grad():
-        terms = _delta_terms(view, list(record.adapters), record.coefficients)
+        delta = _low_rank_delta(view, list(record.adapters), record.coefficients)
         factor = None
         if record.dora_factor is not None:
             along_rows = not view.transposed
@@ -113,7 +113,7 @@ def unfuse(layer: nn.Module, record: FuseRecord, *, exact: bool = True) -> None:
         with engine.pinned_threads(record.num_threads):
             restored = engine.unfuse_matrix(
                 view.matrix,
-                terms,
+                delta,
                 layer=view.name,
                 weight_shape=view.weight.shape,
                 factor=factor,
@@ -159,33 +159,24 @@ def _check_request(view: LayerView, pairs: list[tuple[LoraAdapter, float]], scal
         )
 
 
-def _delta_terms(
+def _low_rank_delta(
     view: LayerView, pairs: Sequence[tuple[LoraAdapter, float]], coefficients: Sequence[float]
-) -> list[engine.DeltaTerm]:
+) -> engine.LowRankDelta:
     terms = []
     for (adapter, _), coefficient in zip(pairs, coefficients, strict=True):
         left, right = view.factors(adapter)
-        terms.append(
-            engine.DeltaTerm(_fresh_float32(left, view), _fresh_float32(right, view), coefficient)
-        )
-    return terms
-
-
-def _fresh_float32(tensor: torch.Tensor, view: LayerView) -> torch.Tensor:
-    # A new contiguous allocation on every call: the same memory alignment at fuse and at
-    # unfuse time keeps the matmul's rounding identical, which the exact unfuse relies on.
-    copy = torch.empty(tensor.shape, dtype=torch.float32, device=view.weight.device)
-    return copy.copy_(tensor.detach())
+        terms.append((left, right, coefficient))
+    return engine.LowRankDelta.from_terms(terms, view.weight.device)
 
 
 def _dora_factor(
-    view: LayerView, pairs: list[tuple[LoraAdapter, float]], terms: list[engine.DeltaTerm]
+    view: LayerView, pairs: list[tuple[LoraAdapter, float]], delta: engine.LowRankDelta
 ) -> engine.OutputFactor | None:
     magnitude = pairs[0][0].magnitude
     if magnitude is None:
         return None
     along_rows = not view.transposed
-    norms = engine.output_norms(view.matrix, terms, along_rows=along_rows)
+    norms = engine.output_norms(view.matrix, delta, along_rows=along_rows)
     magnitude64 = magnitude.detach().to(device=norms.device, dtype=torch.float64).reshape(-1)
     return engine.OutputFactor((magnitude64 / norms).to(torch.float32), along_rows)
 
