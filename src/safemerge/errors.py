@@ -84,7 +84,18 @@ class NonFiniteMergeError(SafemergeError, ValueError):
             f"{self.posinf_count} +Inf, {self.neginf_count} -Inf in the float32 sum, and "
             f"{self.overflow_count} finite in float32 but beyond {dtype_name}'s range "
             f"(|x| > {self.dtype_max:g}). First bad element at index {self.first_index}. "
-            f"The layer was not changed. What to try: check the adapter for NaN/Inf "
-            f"(a training blow-up or a corrupt file); lower the scale; or keep this layer "
-            f"in a wider dtype (float32 or bfloat16)."
+            f"The layer was not changed. What to try: {_advice(self.dtype)}"
         )
+
+
+def _advice(dtype: torch.dtype) -> str:
+    fixes = "check the adapter for NaN/Inf (a training blow-up or a corrupt file); lower the scale"
+    wider = {
+        torch.float16: "bfloat16 or float32",
+        torch.bfloat16: "float32",
+        torch.float8_e4m3fn: "bfloat16 or float32",
+        torch.float8_e5m2: "bfloat16 or float32",
+    }.get(dtype)
+    if wider is None:
+        return fixes + "."
+    return f"{fixes}; or keep this layer in a wider dtype ({wider})."

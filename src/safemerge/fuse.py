@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Union
+from typing import TypeAlias
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from safemerge.layers import LayerView, view_layer
 from safemerge.record import FuseRecord
 
 #: One adapter, or several, each optionally with its own weight: ``[(a1, 0.7), (a2, 0.3)]``.
-Adapters = Union[LoraAdapter, Sequence[Union[LoraAdapter, tuple[LoraAdapter, float]]]]
+Adapters: TypeAlias = LoraAdapter | Sequence[LoraAdapter | tuple[LoraAdapter, float]]
 
 
 def fuse(

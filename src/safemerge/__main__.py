@@ -1,0 +1,5 @@
+import sys
+
+from safemerge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""The exact-unfuse correction: codes, escapes and packing give back every bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safemerge.correction import CorrectionBuilder, _pack, _unpack
+from safemerge.numerics import SUPPORTED_DTYPES, int_view
+
+
+def _random_bits(dtype: torch.dtype, count: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    int_dtype = int_view(torch.empty(0, dtype=dtype)).dtype
+    info = torch.iinfo(int_dtype)
+    return torch.randint(info.min, info.max, (count,), generator=generator).to(int_dtype)
+
+
+@pytest.mark.parametrize("dtype", SUPPORTED_DTYPES)
+@pytest.mark.parametrize("count", [1, 3, 4, 17, 1000])
+def test_restores_every_bit_pattern(dtype: torch.dtype, count: int) -> None:
+    original_bits = _random_bits(dtype, count, seed=count)
+    # Mostly 0 or +-1 steps away, with some arbitrary patterns (escapes, sign crossings).
+    generator = torch.Generator().manual_seed(1)
+    steps = torch.randint(-1, 2, (count,), generator=generator).to(original_bits.dtype)
+    unfused_bits = original_bits - steps
+    wild = torch.rand(count, generator=generator) < 0.1
+    unfused_bits[wild] = _random_bits(dtype, count, seed=2)[wild]
+    original, unfused = original_bits.view(dtype), unfused_bits.view(dtype)
+
+    builder = CorrectionBuilder(count, dtype)
+    builder.add(0, original, unfused)
+    correction = builder.build()
+
+    restored = correction.apply(0, unfused)
+    assert torch.equal(int_view(restored), original_bits)
+
+
+def test_blocks_are_independent_and_escapes_stay_in_order() -> None:
+    dtype = torch.bfloat16
+    original_bits = _random_bits(dtype, 40, seed=3)
+    unfused_bits = _random_bits(dtype, 40, seed=4)  # almost every element escapes
+    builder = CorrectionBuilder(40, dtype)
+    for start in (0, 12, 24):
+        stop = min(start + 12, 40)
+        builder.add(start, original_bits[start:stop].view(dtype), unfused_bits[start:stop].view(dtype))
+    builder.add(36, original_bits[36:].view(dtype), unfused_bits[36:].view(dtype))
+    correction = builder.build()
+    for start, stop in ((24, 36), (0, 12), (36, 40), (12, 24)):  # any order
+        restored = correction.apply(start, unfused_bits[start:stop].view(dtype))
+        assert torch.equal(int_view(restored), original_bits[start:stop])
+
+
+def test_signed_zero_nan_and_infinity_round_trip() -> None:
+    dtype = torch.float16
+    original = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1.0, -1.0, 6e-8], dtype=dtype)
+    unfused = torch.tensor([-0.0, 0.0, 1.0, 65504.0, -65504.0, -1.0, 1.0, -6e-8], dtype=dtype)
+    builder = CorrectionBuilder(original.numel(), dtype)
+    builder.add(0, original, unfused)
+    restored = builder.build().apply(0, unfused)
+    assert torch.equal(int_view(restored), int_view(original))
+
+
+def test_size_is_a_quarter_byte_per_element_plus_escapes() -> None:
+    dtype = torch.bfloat16
+    original = torch.randn(1000).to(dtype)
+    builder = CorrectionBuilder(1000, dtype)
+    builder.add(0, original, original)  # nothing to correct
+    correction = builder.build()
+    assert correction.escape_count == 0
+    assert correction.packed_codes.numel() == 250
+    assert correction.nbytes == 250 + 2 * 8  # codes + one block's offset and escape start
+
+
+def test_unknown_block_offset_is_refused() -> None:
+    builder = CorrectionBuilder(8, torch.float32)
+    builder.add(0, torch.zeros(8), torch.zeros(8))
+    with pytest.raises(ValueError, match="offset 4"):
+        builder.build().apply(4, torch.zeros(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
+def test_pack_unpack_round_trip(dtype: torch.dtype) -> None:
+    codes = torch.randint(0, 4, (4 * 33 + 3,), generator=torch.Generator().manual_seed(5)).to(dtype)
+    assert torch.equal(_unpack(_pack(codes), codes.numel()).to(dtype), codes)
