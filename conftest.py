@@ -20,3 +20,13 @@ settings.register_profile("dev", max_examples=60, **_COMMON)
 settings.register_profile("ci", max_examples=60, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("thorough", max_examples=1000, **_COMMON)
 settings.load_profile(os.environ.get("SAFEMERGE_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_configure(config: object) -> None:
+    # Under pytest-xdist every worker is its own process: torch's OpenMP threads of
+    # several workers on the same cores spin against each other and slow everything
+    # down many times over. One intra-op thread per worker keeps the cores shared fairly.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)

@@ -84,16 +84,18 @@ class CorrectionBuilder:
     def add(self, offset: int, original: torch.Tensor, unfused: torch.Tensor) -> None:
         """Record the block ``[offset, offset + numel)``; ``offset`` a multiple of 4."""
         original_bits = int_view(original.contiguous()).reshape(-1)
-        codes = original_bits - int_view(unfused.contiguous()).reshape(-1)
-        codes.clamp_(-2, 2).bitwise_and_(3)
-        packed = _pack(codes)
-        self._packed[offset // 4 : offset // 4 + packed.numel()] = packed.cpu()
+        steps = original_bits - int_view(unfused.contiguous()).reshape(-1)
+        steps.clamp_(-2, 2)
         self._block_offsets.append(offset)
         self._block_escape_starts.append(self._escapes)
-        positions = (codes == _ESCAPE).nonzero().reshape(-1)
-        if positions.numel():
+        low, high = torch.aminmax(steps)
+        if bool((low < -1) | (high > 1)):
+            # Integer arithmetic instead of a boolean mask: |step| == 2 exactly at escapes.
+            positions = ((steps * steps) >> 2).nonzero().reshape(-1)
             self._escape_bits.append(original_bits[positions].cpu())
             self._escapes += positions.numel()
+        packed = _pack(steps.bitwise_and_(3))
+        self._packed[offset // 4 : offset // 4 + packed.numel()] = packed.cpu()
 
     def build(self) -> Correction:
         bits_dtype = int_view(torch.empty(0, dtype=self._dtype)).dtype
@@ -108,19 +110,25 @@ class CorrectionBuilder:
         )
 
 
+# Four consecutive w-bit codes read as one little-endian integer of 4w bits hold code j at
+# bit j*w. Multiplying by sum(2**(3w - j*(w-2))) puts a copy of code j at bit 3w + 2j (the
+# other copies land below bit 3w without overlapping, or past the top and wrap away), so
+# the byte at bit 3w is the four codes packed.
+_PACKING = {
+    1: (torch.int32, (1 << 24) + (1 << 18) + (1 << 12) + (1 << 6), 24),
+    2: (torch.int64, (1 << 48) + (1 << 34) + (1 << 20) + (1 << 6), 48),
+}
+
+
 def _pack(codes: torch.Tensor) -> torch.Tensor:
-    """Four 2-bit codes (values 0..3, any integer dtype) to a byte, little end first."""
+    """Four 2-bit codes (values 0..3, any integer dtype) to a byte, first code lowest."""
     if codes.element_size() > 2:
         codes = codes.to(torch.int16)
     padding = (-codes.numel()) % 4
     if padding:
         codes = torch.cat([codes, codes.new_zeros(padding)])
-    # Four consecutive codes read as one little-endian integer of 4x the width have code
-    # j at bit j*w (w = code width in bits); shifting by j*(w-2) moves it to bit 2j.
-    width = 8 * codes.element_size()
-    quads = codes.view(_PACK_VIEW[codes.element_size()])
-    packed = quads | (quads >> (width - 2)) | (quads >> 2 * (width - 2)) | (quads >> 3 * (width - 2))
-    return packed.to(torch.uint8)
+    quad_dtype, multiplier, shift = _PACKING[codes.element_size()]
+    return ((codes.view(quad_dtype) * multiplier) >> shift).to(torch.uint8)
 
 
 def _unpack(packed: torch.Tensor, count: int) -> torch.Tensor:

@@ -80,6 +80,11 @@ def test_unknown_block_offset_is_refused() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
-def test_pack_unpack_round_trip(dtype: torch.dtype) -> None:
-    codes = torch.randint(0, 4, (4 * 33 + 3,), generator=torch.Generator().manual_seed(5)).to(dtype)
-    assert torch.equal(_unpack(_pack(codes), codes.numel()).to(dtype), codes)
+def test_pack_unpack_round_trip_for_every_byte(dtype: torch.dtype) -> None:
+    # All 256 combinations of four codes, then a ragged tail.
+    every_byte = torch.arange(256)
+    quads = torch.stack([(every_byte >> shift) & 3 for shift in (0, 2, 4, 6)], dim=1).reshape(-1)
+    codes = torch.cat([quads, torch.tensor([3, 1, 2])]).to(dtype)
+    packed = _pack(codes)
+    assert torch.equal(packed[:256], every_byte.to(torch.uint8))
+    assert torch.equal(_unpack(packed, codes.numel()).to(dtype), codes)
