@@ -1,19 +1,19 @@
 """The blocked float32 merge loop: fuse and unfuse one weight matrix, row block by row block.
 
-Each block's float32 work (``W + left @ right``, the guard, the cast, and the
+Each block's float32 work (the rank-r product, the sum, the guard, the cast, and the
 exact-unfuse correction) stays in cache, so no full-size float32 temporary exists. The
 result goes into a new buffer of the weight's dtype; the caller commits it only when the
 whole matrix passed the guard, so a refusal or any exception leaves the weight untouched.
 
 Unfuse recomputes the same deltas with the same block geometry and thread count, so the
 arithmetic is bit-for-bit the same as during the fuse; that is what makes the stored
-ulp correction exact.
+correction exact.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +22,17 @@ from safemerge import guard
 from safemerge.correction import Correction, CorrectionBuilder
 from safemerge.numerics import int_view, overflow_threshold
 
-#: Bytes of float32 work per row block: small enough to stay in L2 on current CPUs,
-#: large enough that per-block Python overhead is a few percent.
-BLOCK_BYTES = 512 * 1024
+#: Bytes of float32 work per row block: the block's buffers stay in the L2 cache of current
+#: CPUs, and the fixed cost of each torch call (a few microseconds) stays small beside it.
+BLOCK_BYTES = 1024 * 1024
+
+#: Dtypes whose cast from float32 turns overflow into +-Inf, so the guard can read the cast
+#: result itself; the float8 types are cast from a float32 block checked against their range
+#: (float8_e4m3fn saturates instead of overflowing, and torch has no min/max for float8).
+_CAST_SHOWS_OVERFLOW = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Elements sampled by :func:`fingerprint`.
+FINGERPRINT_SAMPLES = 4096
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class FusedMatrix:
     merged: torch.Tensor
     correction: Correction | None
     fingerprint: int
+    block_rows: int
 
 
 def block_rows_for(rows: int, columns: int) -> int:
@@ -97,10 +106,6 @@ def pinned_threads(count: int) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
-#: Elements sampled by :func:`fingerprint`.
-FINGERPRINT_SAMPLES = 4096
-
-
 def fingerprint(tensor: torch.Tensor) -> int:
     """A cheap checksum of evenly spaced elements' bits, position-weighted.
 
@@ -116,7 +121,12 @@ def fingerprint(tensor: torch.Tensor) -> int:
 
 
 class _Blocks:
-    """Buffers and per-block arithmetic shared by fuse, unfuse and the DoRA norm pass."""
+    """Buffers and per-block arithmetic shared by fuse, unfuse and the DoRA norm pass.
+
+    Every operation reads its dtype inputs and writes its dtype output directly (torch
+    computes mixed-dtype elementwise ops in float32 and rounds once on the way out), so a
+    block costs one matmul and a handful of passes over cached memory.
+    """
 
     def __init__(
         self,
@@ -131,38 +141,75 @@ class _Blocks:
         self.factor = factor
         rows, columns = matrix.shape
         buffer_rows = min(block_rows, rows)
-        self._work = torch.empty(buffer_rows, columns, dtype=torch.float32, device=matrix.device)
+        self._delta = torch.empty(buffer_rows, columns, dtype=torch.float32, device=matrix.device)
+        self._float32 = torch.empty_like(self._delta)
+        self._cast = torch.empty(buffer_rows, columns, dtype=matrix.dtype, device=matrix.device)
+        self._upcast = None if matrix.dtype in _CAST_SHOWS_OVERFLOW else torch.empty_like(self._delta)
 
     def ranges(self) -> Iterator[tuple[int, int]]:
         rows = self.matrix.shape[0]
         for start in range(0, rows, self.block_rows):
             yield start, min(start + self.block_rows, rows)
 
-    def merged(self, start: int, stop: int) -> torch.Tensor:
-        """``(float32(W) + left @ right) * factor`` for the block (one BLAS call for the sum)."""
-        merged = self._work[: stop - start]
-        merged.copy_(self.matrix[start:stop])
-        merged.addmm_(self.delta.left[start:stop], self.delta.right)
-        if self.factor is not None:
-            merged.mul_(self.factor.block(start, stop))
-        return merged
+    def product(self, start: int, stop: int) -> torch.Tensor:
+        """The block's ``left @ right`` (coefficients included), float32."""
+        product = self._delta[: stop - start]
+        torch.mm(self.delta.left[start:stop], self.delta.right, out=product)
+        return product
 
-    def unmerged(self, start: int, stop: int, fused: torch.Tensor) -> torch.Tensor:
-        """``float32(N) / factor - left @ right``: the arithmetic inverse of :meth:`merged`."""
-        unmerged = self._work[: stop - start]
-        unmerged.copy_(fused)
-        if self.factor is not None:
-            unmerged.div_(self.factor.block(start, stop))
-        unmerged.addmm_(self.delta.left[start:stop], self.delta.right, alpha=-1)
-        return unmerged
+    def merge(self, start: int, stop: int, product: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out = (W + product) * factor``, rounded once into ``out``'s dtype."""
+        weight = self._readable(self.matrix[start:stop])
+        if self.factor is None:
+            return torch.add(weight, product, out=out)
+        merged = torch.add(weight, product, out=self._float32[: stop - start])
+        return torch.mul(merged, self.factor.block(start, stop), out=out)
+
+    def unmerge(self, start: int, stop: int, fused: torch.Tensor, product: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out = N / factor - product``: the arithmetic inverse of :meth:`merge`."""
+        fused = self._readable(fused)
+        if self.factor is None:
+            return torch.sub(fused, product, out=out)
+        divided = torch.div(fused, self.factor.block(start, stop), out=self._float32[: stop - start])
+        return torch.sub(divided, product, out=out)
+
+    def _readable(self, block: torch.Tensor) -> torch.Tensor:
+        # torch does no mixed-dtype arithmetic with float8: read it into float32 first.
+        if self._upcast is None:
+            return block
+        return self._upcast[: block.shape[0]].copy_(block)
+
+    def float32_block(self, start: int, stop: int) -> torch.Tensor:
+        return self._float32[: stop - start]
+
+    def cast_block(self, start: int, stop: int) -> torch.Tensor:
+        return self._cast[: stop - start]
 
     def all_merged(self) -> Iterator[torch.Tensor]:
+        """Every block's float32 merge, for counting what a refusal found."""
         for start, stop in self.ranges():
-            yield self.merged(start, stop)
+            product = self.product(start, stop)
+            yield self.merge(start, stop, product, self._float32[: stop - start].clone())
 
     def all_unmerged(self) -> Iterator[torch.Tensor]:
         for start, stop in self.ranges():
-            yield self.unmerged(start, stop, self.matrix[start:stop])
+            product = self.product(start, stop)
+            out = torch.empty_like(self._float32[: stop - start])
+            yield self.unmerge(start, stop, self.matrix[start:stop], product, out)
+
+
+def _guarded_into(
+    target: torch.Tensor, blocks: _Blocks, start: int, stop: int, compute: Callable[[torch.Tensor], torch.Tensor]
+) -> bool:
+    """Write ``compute``'s block into ``target``; False (target untouched) if it does not fit."""
+    if target.dtype in _CAST_SHOWS_OVERFLOW:
+        compute(target)
+        return guard.block_fits(target, overflow_threshold(target.dtype))
+    merged = compute(blocks.float32_block(start, stop))
+    if not guard.block_fits(merged, overflow_threshold(target.dtype)):
+        return False
+    target.copy_(merged)
+    return True
 
 
 def fuse_matrix(
@@ -182,25 +229,20 @@ def fuse_matrix(
     """
     dtype = matrix.dtype
     rows, columns = matrix.shape
-    threshold = overflow_threshold(dtype)
     blocks = _Blocks(matrix, delta, block_rows_for(rows, columns), factor)
     result = torch.empty(rows, columns, dtype=dtype, device=matrix.device)
     builder = CorrectionBuilder(rows * columns, dtype) if keep_correction else None
-    unfused = torch.empty(blocks.block_rows, columns, dtype=dtype, device=matrix.device)
     for start, stop in blocks.ranges():
-        merged = blocks.merged(start, stop)
-        if not guard.block_fits(merged, threshold):
-            raise guard.refusal(
-                blocks.all_merged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape
-            )
+        product = blocks.product(start, stop)
         fused = result[start:stop]
-        fused.copy_(merged)
+        fits = _guarded_into(fused, blocks, start, stop, lambda out: blocks.merge(start, stop, product, out))
+        if not fits:
+            raise guard.refusal(blocks.all_merged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape)
         if builder is not None:
-            restored = unfused[: stop - start]
-            restored.copy_(blocks.unmerged(start, stop, fused))
-            builder.add(start * columns, matrix[start:stop], restored)
+            unfused = blocks.unmerge(start, stop, fused, product, blocks.cast_block(start, stop))
+            builder.add(start * columns, matrix[start:stop], unfused)
     correction = builder.build() if builder is not None else None
-    return FusedMatrix(result, correction, fingerprint(result))
+    return FusedMatrix(result, correction, fingerprint(result), blocks.block_rows)
 
 
 def unfuse_matrix(
@@ -209,33 +251,31 @@ def unfuse_matrix(
     *,
     layer: str,
     weight_shape: Sequence[int],
+    block_rows: int,
     factor: OutputFactor | None = None,
     correction: Correction | None = None,
 ) -> torch.Tensor:
     """Undo :func:`fuse_matrix`: exactly with ``correction``, arithmetically without.
+
+    ``block_rows`` must be the fuse's, so that every block's arithmetic repeats exactly.
 
     Raises:
         NonFiniteMergeError: an arithmetic unfuse would leave a non-finite element.
     """
     dtype = fused.dtype
     rows, columns = fused.shape
-    threshold = overflow_threshold(dtype)
-    blocks = _Blocks(fused, delta, block_rows_for(rows, columns), factor)
+    blocks = _Blocks(fused, delta, block_rows, factor)
     result = torch.empty(rows, columns, dtype=dtype, device=fused.device)
     for start, stop in blocks.ranges():
-        unmerged = blocks.unmerged(start, stop, fused[start:stop])
-        if correction is None and not guard.block_fits(unmerged, threshold):
-            raise guard.refusal(
-                blocks.all_unmerged(),
-                layer=layer,
-                tensor="weight",
-                dtype=dtype,
-                shape=weight_shape,
-            )
+        product = blocks.product(start, stop)
         target = result[start:stop]
-        target.copy_(unmerged)
         if correction is not None:
+            blocks.unmerge(start, stop, fused[start:stop], product, target)
             target.copy_(correction.apply(start * columns, target))
+            continue
+        compute = lambda out: blocks.unmerge(start, stop, fused[start:stop], product, out)  # noqa: E731
+        if not _guarded_into(target, blocks, start, stop, compute):
+            raise guard.refusal(blocks.all_unmerged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape)
     return result
 
 
@@ -245,7 +285,8 @@ def output_norms(matrix: torch.Tensor, delta: LowRankDelta, *, along_rows: bool)
     blocks = _Blocks(matrix, delta, block_rows_for(rows, columns))
     squares = torch.zeros(rows if along_rows else columns, dtype=torch.float64, device=matrix.device)
     for start, stop in blocks.ranges():
-        merged = blocks.merged(start, stop).to(torch.float64)
+        product = blocks.product(start, stop)
+        merged = blocks.merge(start, stop, product, blocks.float32_block(start, stop)).to(torch.float64)
         if along_rows:
             squares[start:stop] = merged.square().sum(dim=1)
         else:

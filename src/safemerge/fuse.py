@@ -83,6 +83,7 @@ def fuse(
         original_bias=original_bias,
         dora_factor=None if factor is None else factor.values.cpu(),
         num_threads=torch.get_num_threads(),
+        block_rows=fused.block_rows,
         fused_fingerprint=fused.fingerprint,
         seconds=time.perf_counter() - started,
     )
@@ -116,6 +117,7 @@ def unfuse(layer: nn.Module, record: FuseRecord, *, exact: bool = True) -> None:
                 delta,
                 layer=view.name,
                 weight_shape=view.weight.shape,
+                block_rows=record.block_rows,
                 factor=factor,
                 correction=record.correction if exact else None,
             )

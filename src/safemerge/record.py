@@ -26,6 +26,7 @@ class FuseRecord:
         original_bias: a CPU copy of the bias before the fuse, when the fuse changed it.
         dora_factor: DoRA's per-output-channel ``magnitude / norm`` (float32), if any.
         num_threads: torch intra-op threads during the fuse (unfuse repeats them).
+        block_rows: rows per block during the fuse (unfuse repeats them).
         fused_fingerprint: checksum of the fused weight, to detect later changes.
         seconds: wall time of the fuse.
     """
@@ -41,6 +42,7 @@ class FuseRecord:
     original_bias: torch.Tensor | None
     dora_factor: torch.Tensor | None
     num_threads: int
+    block_rows: int
     fused_fingerprint: int
     seconds: float
 
