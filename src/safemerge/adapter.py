@@ -91,7 +91,9 @@ def _validate(adapter: LoraAdapter) -> None:
         if not isinstance(tensor, torch.Tensor):
             raise AdapterConfigError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
         if not tensor.is_floating_point():
-            raise AdapterConfigError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+            raise AdapterConfigError(
+                f"{name} must be a floating-point tensor, got dtype {tensor.dtype}"
+            )
     if lora_A.ndim < 2 or lora_A.ndim != lora_B.ndim:
         raise AdapterConfigError(
             f"lora_A and lora_B must both be matrices (or both conv kernels of the same rank); "

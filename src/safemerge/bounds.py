@@ -62,7 +62,9 @@ def cast_bound(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ulp(magnitude, dtype) / 2
 
 
-def merge_bound(weight: torch.Tensor, terms: Sequence[Term], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_bound(
+    weight: torch.Tensor, terms: Sequence[Term], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact merge and the bound on the fused result's error, both float64.
 
     Returns:

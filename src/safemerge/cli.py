@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="fuse an adapter into a tiny generated model: accuracy, refusal, exact unfuse"
     )
-    demo.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="weight dtype of the model")
+    demo.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="bfloat16", help="weight dtype of the model"
+    )
     return parser
 
 

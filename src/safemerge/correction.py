@@ -39,7 +39,12 @@ class Correction:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.packed_codes, self.escape_bits, self.block_offsets, self.block_escape_starts)
+        tensors = (
+            self.packed_codes,
+            self.escape_bits,
+            self.block_offsets,
+            self.block_escape_starts,
+        )
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
@@ -99,7 +104,9 @@ class CorrectionBuilder:
 
     def build(self) -> Correction:
         bits_dtype = int_view(torch.empty(0, dtype=self._dtype)).dtype
-        bits = torch.cat(self._escape_bits) if self._escape_bits else torch.empty(0, dtype=bits_dtype)
+        bits = (
+            torch.cat(self._escape_bits) if self._escape_bits else torch.empty(0, dtype=bits_dtype)
+        )
         return Correction(
             dtype=self._dtype,
             numel=self._numel,

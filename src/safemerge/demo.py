@@ -31,8 +31,13 @@ def tiny_model(dtype: torch.dtype = torch.bfloat16, *, seed: int = 0) -> dict[st
     }
     for block in range(2):
         for name, (in_features, out_features) in {
-            "q_proj": (64, 64), "k_proj": (64, 16), "v_proj": (64, 16), "o_proj": (64, 64),
-            "gate_proj": (64, 172), "up_proj": (64, 172), "down_proj": (172, 64),
+            "q_proj": (64, 64),
+            "k_proj": (64, 16),
+            "v_proj": (64, 16),
+            "o_proj": (64, 64),
+            "gate_proj": (64, 172),
+            "up_proj": (64, 172),
+            "down_proj": (172, 64),
         }.items():
             layers[f"layers.{block}.{name}"] = nn.Linear(in_features, out_features, bias=False)
     with torch.no_grad():
@@ -48,7 +53,9 @@ def tiny_adapter(layer: nn.Module, *, rank: int = 8, seed: int = 0) -> LoraAdapt
     view = view_layer(layer)
     generator = torch.Generator().manual_seed(seed)
     kernel = view.kernel_size
-    lora_A = torch.randn(rank, view.in_features, *kernel, generator=generator) / view.in_features**0.5
+    lora_A = (
+        torch.randn(rank, view.in_features, *kernel, generator=generator) / view.in_features**0.5
+    )
     lora_B = torch.randn(view.out_features, rank, *(1 for _ in kernel), generator=generator) * 1e-2
     return LoraAdapter(lora_A, lora_B, alpha=2 * rank)
 
@@ -77,10 +84,20 @@ def run_demo(dtype: torch.dtype = torch.bfloat16, *, echo: Callable[[str], None]
         worst = float((error / bound).max())
         unfuse(layer, record)
         exact = torch.equal(int_view(weight.detach()), original)
-        rows.append(DemoRow(name, record.kind, weight.numel(), worst,
-                            record.nbytes / record.weight_nbytes, exact))
-    echo(f"safemerge demo: fused a rank-8 LoRA adapter into {len(rows)} layers of a tiny "
-         f"{str(dtype).removeprefix('torch.')} model, then unfused it exactly.\n")
+        rows.append(
+            DemoRow(
+                name,
+                record.kind,
+                weight.numel(),
+                worst,
+                record.nbytes / record.weight_nbytes,
+                exact,
+            )
+        )
+    echo(
+        f"safemerge demo: fused a rank-8 LoRA adapter into {len(rows)} layers of a tiny "
+        f"{str(dtype).removeprefix('torch.')} model, then unfused it exactly.\n"
+    )
     echo(_table(rows))
     refused = _refusal_demo(model, dtype, echo)
     healthy = all(row.exact and row.worst_error_of_bound <= 1.0 for row in rows)
@@ -88,7 +105,9 @@ def run_demo(dtype: torch.dtype = torch.bfloat16, *, echo: Callable[[str], None]
     return healthy and refused
 
 
-def _refusal_demo(model: dict[str, nn.Module], dtype: torch.dtype, echo: Callable[[str], None]) -> bool:
+def _refusal_demo(
+    model: dict[str, nn.Module], dtype: torch.dtype, echo: Callable[[str], None]
+) -> bool:
     layer = model["layers.1.down_proj"]
     weight = view_layer(layer).weight
     adapter = tiny_adapter(layer, seed=99)
@@ -107,9 +126,18 @@ def _refusal_demo(model: dict[str, nn.Module], dtype: torch.dtype, echo: Callabl
 def _table(rows: list[DemoRow]) -> str:
     header = ("layer", "kind", "params", "worst err/bound", "correction", "exact unfuse")
     lines = [header] + [
-        (row.layer, row.kind, f"{row.parameters:,}", f"{row.worst_error_of_bound:.3f}",
-         f"{row.correction_fraction:.1%} of weight", "yes" if row.exact else "NO")
+        (
+            row.layer,
+            row.kind,
+            f"{row.parameters:,}",
+            f"{row.worst_error_of_bound:.3f}",
+            f"{row.correction_fraction:.1%} of weight",
+            "yes" if row.exact else "NO",
+        )
         for row in rows
     ]
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        for line in lines
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -144,7 +145,9 @@ class _Blocks:
         self._delta = torch.empty(buffer_rows, columns, dtype=torch.float32, device=matrix.device)
         self._float32 = torch.empty_like(self._delta)
         self._cast = torch.empty(buffer_rows, columns, dtype=matrix.dtype, device=matrix.device)
-        self._upcast = None if matrix.dtype in _CAST_SHOWS_OVERFLOW else torch.empty_like(self._delta)
+        self._upcast = (
+            None if matrix.dtype in _CAST_SHOWS_OVERFLOW else torch.empty_like(self._delta)
+        )
 
     def ranges(self) -> Iterator[tuple[int, int]]:
         rows = self.matrix.shape[0]
@@ -157,7 +160,9 @@ class _Blocks:
         torch.mm(self.delta.left[start:stop], self.delta.right, out=product)
         return product
 
-    def merge(self, start: int, stop: int, product: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def merge(
+        self, start: int, stop: int, product: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
         """``out = (W + product) * factor``, rounded once into ``out``'s dtype."""
         weight = self._readable(self.matrix[start:stop])
         if self.factor is None:
@@ -165,12 +170,16 @@ class _Blocks:
         merged = torch.add(weight, product, out=self._float32[: stop - start])
         return torch.mul(merged, self.factor.block(start, stop), out=out)
 
-    def unmerge(self, start: int, stop: int, fused: torch.Tensor, product: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def unmerge(
+        self, start: int, stop: int, fused: torch.Tensor, product: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
         """``out = N / factor - product``: the arithmetic inverse of :meth:`merge`."""
         fused = self._readable(fused)
         if self.factor is None:
             return torch.sub(fused, product, out=out)
-        divided = torch.div(fused, self.factor.block(start, stop), out=self._float32[: stop - start])
+        divided = torch.div(
+            fused, self.factor.block(start, stop), out=self._float32[: stop - start]
+        )
         return torch.sub(divided, product, out=out)
 
     def _readable(self, block: torch.Tensor) -> torch.Tensor:
@@ -199,7 +208,11 @@ class _Blocks:
 
 
 def _guarded_into(
-    target: torch.Tensor, blocks: _Blocks, start: int, stop: int, compute: Callable[[torch.Tensor], torch.Tensor]
+    target: torch.Tensor,
+    blocks: _Blocks,
+    start: int,
+    stop: int,
+    compute: Callable[[torch.Tensor], torch.Tensor],
 ) -> bool:
     """Write ``compute``'s block into ``target``; False (target untouched) if it does not fit."""
     if target.dtype in _CAST_SHOWS_OVERFLOW:
@@ -235,9 +248,12 @@ def fuse_matrix(
     for start, stop in blocks.ranges():
         product = blocks.product(start, stop)
         fused = result[start:stop]
-        fits = _guarded_into(fused, blocks, start, stop, lambda out: blocks.merge(start, stop, product, out))
-        if not fits:
-            raise guard.refusal(blocks.all_merged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape)
+        if not _guarded_into(
+            fused, blocks, start, stop, partial(blocks.merge, start, stop, product)
+        ):
+            raise guard.refusal(
+                blocks.all_merged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape
+            )
         if builder is not None:
             unfused = blocks.unmerge(start, stop, fused, product, blocks.cast_block(start, stop))
             builder.add(start * columns, matrix[start:stop], unfused)
@@ -273,9 +289,11 @@ def unfuse_matrix(
             blocks.unmerge(start, stop, fused[start:stop], product, target)
             target.copy_(correction.apply(start * columns, target))
             continue
-        compute = lambda out: blocks.unmerge(start, stop, fused[start:stop], product, out)  # noqa: E731
+        compute = partial(blocks.unmerge, start, stop, fused[start:stop], product)
         if not _guarded_into(target, blocks, start, stop, compute):
-            raise guard.refusal(blocks.all_unmerged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape)
+            raise guard.refusal(
+                blocks.all_unmerged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape
+            )
     return result
 
 
@@ -283,10 +301,14 @@ def output_norms(matrix: torch.Tensor, delta: LowRankDelta, *, along_rows: bool)
     """L2 norm of each output channel of ``W + delta`` (DoRA's weight norm), in float64."""
     rows, columns = matrix.shape
     blocks = _Blocks(matrix, delta, block_rows_for(rows, columns))
-    squares = torch.zeros(rows if along_rows else columns, dtype=torch.float64, device=matrix.device)
+    squares = torch.zeros(
+        rows if along_rows else columns, dtype=torch.float64, device=matrix.device
+    )
     for start, stop in blocks.ranges():
         product = blocks.product(start, stop)
-        merged = blocks.merge(start, stop, product, blocks.float32_block(start, stop)).to(torch.float64)
+        merged = blocks.merge(start, stop, product, blocks.float32_block(start, stop)).to(
+            torch.float64
+        )
         if along_rows:
             squares[start:stop] = merged.square().sum(dim=1)
         else:

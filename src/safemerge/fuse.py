@@ -69,7 +69,9 @@ def fuse(
             keep_correction=exact_unfuse,
         )
         new_bias = _bias_with(view, pairs, coefficients, sign=1.0)
-        original_bias = None if new_bias is None or view.bias is None else view.bias.detach().cpu().clone()
+        original_bias = (
+            None if new_bias is None or view.bias is None else view.bias.detach().cpu().clone()
+        )
         _commit(view, fused.merged, new_bias)
     return FuseRecord(
         layer=view.name,
@@ -152,7 +154,9 @@ def _check_request(view: LayerView, pairs: list[tuple[LoraAdapter, float]], scal
         raise AdapterConfigError(f"scale must be finite; got scale={scale}")
     for position, (adapter, weight) in enumerate(pairs):
         if not math.isfinite(weight):
-            raise AdapterConfigError(f"the weight of adapter {position} must be finite; got {weight}")
+            raise AdapterConfigError(
+                f"the weight of adapter {position} must be finite; got {weight}"
+            )
         view.check_fits(adapter)
     if len(pairs) > 1 and any(adapter.is_dora for adapter, _ in pairs):
         raise AdapterConfigError(
@@ -211,7 +215,11 @@ def _commit(view: LayerView, matrix: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def _check_record(view: LayerView, record: FuseRecord, exact: bool) -> None:
-    if (view.kind, tuple(view.weight.shape), view.weight.dtype) != (record.kind, record.shape, record.dtype):
+    if (view.kind, tuple(view.weight.shape), view.weight.dtype) != (
+        record.kind,
+        record.shape,
+        record.dtype,
+    ):
         raise RestoreError(
             f"the record is for a {record.kind} layer {record.layer!r} with a {record.dtype} "
             f"weight of shape {record.shape}, but this layer is a {view.kind} with a "

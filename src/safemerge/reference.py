@@ -38,6 +38,10 @@ def expected_fuse(
         plain = bounds.reference_merge(matrix, terms)
         accumulated = bounds.accumulation_bound(matrix, terms)
         reference, bound = bounds.renormalised_bound(
-            plain, accumulated, magnitude.detach(), along_rows=not view.transposed, dtype=view.weight.dtype
+            plain,
+            accumulated,
+            magnitude.detach(),
+            along_rows=not view.transposed,
+            dtype=view.weight.dtype,
         )
     return reference.reshape(view.weight.shape), bound.reshape(view.weight.shape)

@@ -39,11 +39,23 @@ def test_swapped_factors_are_explained() -> None:
     [
         ({"lora_A": torch.zeros(0, 5), "lora_B": torch.zeros(3, 0)}, "rank must be at least 1"),
         ({"lora_A": torch.zeros(5), "lora_B": torch.zeros(3, 5)}, "both be matrices"),
-        ({"lora_A": torch.zeros(2, 5, dtype=torch.int32), "lora_B": torch.zeros(3, 2)}, "floating-point"),
+        (
+            {"lora_A": torch.zeros(2, 5, dtype=torch.int32), "lora_B": torch.zeros(3, 2)},
+            "floating-point",
+        ),
         ({"lora_A": torch.zeros(2, 3, 3, 3), "lora_B": torch.zeros(4, 2, 3, 3)}, "1x1 kernel"),
-        ({"lora_A": torch.zeros(2, 5), "lora_B": torch.zeros(3, 2), "alpha": float("nan")}, "alpha must be finite"),
-        ({"lora_A": torch.zeros(2, 5), "lora_B": torch.zeros(3, 2), "lora_bias": torch.zeros(4)}, r"lora_bias must have out_features=3"),
-        ({"lora_A": torch.zeros(2, 5), "lora_B": torch.zeros(3, 2), "magnitude": torch.zeros(5)}, r"magnitude must have out_features=3"),
+        (
+            {"lora_A": torch.zeros(2, 5), "lora_B": torch.zeros(3, 2), "alpha": float("nan")},
+            "alpha must be finite",
+        ),
+        (
+            {"lora_A": torch.zeros(2, 5), "lora_B": torch.zeros(3, 2), "lora_bias": torch.zeros(4)},
+            r"lora_bias must have out_features=3",
+        ),
+        (
+            {"lora_A": torch.zeros(2, 5), "lora_B": torch.zeros(3, 2), "magnitude": torch.zeros(5)},
+            r"magnitude must have out_features=3",
+        ),
     ],
 )
 def test_bad_configs_are_refused_with_the_reason(kwargs: dict[str, object], message: str) -> None:

@@ -20,7 +20,9 @@ def test_demo_fuses_refuses_and_restores(capsys: pytest.CaptureFixture[str]) -> 
     assert len(table_rows) == 16 and all(line.rstrip().endswith("yes") for line in table_rows)
 
 
-def test_demo_reports_a_failed_check(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_reports_a_failed_check(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import safemerge.demo as demo
 
     monkeypatch.setattr(demo, "unfuse", lambda layer, record, exact=True: None)  # a broken unfuse

@@ -43,7 +43,9 @@ def test_blocks_are_independent_and_escapes_stay_in_order() -> None:
     builder = CorrectionBuilder(40, dtype)
     for start in (0, 12, 24):
         stop = min(start + 12, 40)
-        builder.add(start, original_bits[start:stop].view(dtype), unfused_bits[start:stop].view(dtype))
+        builder.add(
+            start, original_bits[start:stop].view(dtype), unfused_bits[start:stop].view(dtype)
+        )
     builder.add(36, original_bits[36:].view(dtype), unfused_bits[36:].view(dtype))
     correction = builder.build()
     for start, stop in ((24, 36), (0, 12), (36, 40), (12, 24)):  # any order
@@ -53,7 +55,9 @@ def test_blocks_are_independent_and_escapes_stay_in_order() -> None:
 
 def test_signed_zero_nan_and_infinity_round_trip() -> None:
     dtype = torch.float16
-    original = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1.0, -1.0, 6e-8], dtype=dtype)
+    original = torch.tensor(
+        [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1.0, -1.0, 6e-8], dtype=dtype
+    )
     unfused = torch.tensor([-0.0, 0.0, 1.0, 65504.0, -65504.0, -1.0, 1.0, -6e-8], dtype=dtype)
     builder = CorrectionBuilder(original.numel(), dtype)
     builder.add(0, original, unfused)

@@ -34,7 +34,9 @@ class TransposedLinear(nn.Module):
         self.bias = nn.Parameter(torch.randn(out_features) * 0.05)
 
 
-def make_layer(kind: str, dtype: torch.dtype, in_features: int = 37, out_features: int = 23) -> nn.Module:
+def make_layer(
+    kind: str, dtype: torch.dtype, in_features: int = 37, out_features: int = 23
+) -> nn.Module:
     layer: nn.Module
     if kind == "linear":
         layer = nn.Linear(in_features, out_features)
@@ -63,7 +65,9 @@ def make_adapter(layer: nn.Module, rank: int = 4, seed: int = 0, **options: obje
     kernel = view.kernel_size
     lora_A = torch.randn(rank, view.in_features, *kernel, generator=generator) * 0.1
     lora_B = torch.randn(view.out_features, rank, *(1 for _ in kernel), generator=generator) * 0.1
-    return LoraAdapter(lora_A, lora_B, alpha=2 * rank, fan_in_fan_out=view.kind == "fan_in_fan_out", **options)  # type: ignore[arg-type]
+    return LoraAdapter(
+        lora_A, lora_B, alpha=2 * rank, fan_in_fan_out=view.kind == "fan_in_fan_out", **options
+    )  # type: ignore[arg-type]
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -84,7 +88,9 @@ def assert_within(actual: torch.Tensor, reference: torch.Tensor, bound: torch.Te
     """Every element within its bound; returns the worst error as a fraction of the bound."""
     error = (actual.detach().to(torch.float64) - reference).abs()
     ratio = float((error / bound).max())
-    assert ratio <= 1.0, f"error {ratio:.3g}x its bound at {divmod(int((error / bound).argmax()), reference.shape[-1])}"
+    assert ratio <= 1.0, (
+        f"error {ratio:.3g}x its bound at {divmod(int((error / bound).argmax()), reference.shape[-1])}"
+    )
     return ratio
 
 
@@ -137,7 +143,9 @@ def test_scale_zero_and_negative_scales_are_ordinary_merges() -> None:
 @pytest.mark.parametrize("scale", [1.0, 0.0, -2.0, 1e-30])
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["lora_A_first", "lora_B_last"])
-def test_non_finite_adapters_are_refused_whatever_the_scale(scale: float, poison: float, where: str) -> None:
+def test_non_finite_adapters_are_refused_whatever_the_scale(
+    scale: float, poison: float, where: str
+) -> None:
     layer = make_layer("linear", torch.float16)
     adapter = make_adapter(layer)
     if where == "lora_A_first":
@@ -151,7 +159,9 @@ def test_non_finite_adapters_are_refused_whatever_the_scale(scale: float, poison
         fuse(layer, adapter, scale=scale, name="model.q_proj")
 
     assert_unchanged(layer, before)
-    assert torch.equal(bits(adapter.lora_A), adapter_bits[0]) and torch.equal(bits(adapter.lora_B), adapter_bits[1])
+    assert torch.equal(bits(adapter.lora_A), adapter_bits[0]) and torch.equal(
+        bits(adapter.lora_B), adapter_bits[1]
+    )
     error = caught.value
     assert error.layer == "model.q_proj" and error.tensor == "weight" and error.bad_count > 0
     if where == "lora_B_last":  # a row of the delta is poisoned: its first element comes first
@@ -196,7 +206,9 @@ def test_float8_e4m3fn_saturation_is_refused() -> None:
 
 
 @pytest.mark.parametrize("failing_call", [1, 2, 5])
-@pytest.mark.parametrize("target", ["safemerge.guard.block_fits", "safemerge.correction.CorrectionBuilder.add"])
+@pytest.mark.parametrize(
+    "target", ["safemerge.guard.block_fits", "safemerge.correction.CorrectionBuilder.add"]
+)
 def test_an_exception_midway_leaves_the_layer_untouched(
     monkeypatch: pytest.MonkeyPatch, target: str, failing_call: int
 ) -> None:
@@ -261,7 +273,11 @@ def test_identity_dtype_device_and_grad_flag_are_kept() -> None:
     record = fuse(layer, make_adapter(layer))
     assert layer.weight is weight and layer.bias is bias
     assert weight.untyped_storage().data_ptr() == storage
-    assert (weight.dtype, weight.device, weight.requires_grad) == (torch.bfloat16, torch.device("cpu"), True)
+    assert (weight.dtype, weight.device, weight.requires_grad) == (
+        torch.bfloat16,
+        torch.device("cpu"),
+        True,
+    )
     unfuse(layer, record)
     assert layer.weight is weight
 
@@ -275,7 +291,10 @@ def test_adapters_are_never_modified() -> None:
     unfuse(layer, record)
     unfuse_again = fuse(layer, adapter)
     unfuse(layer, unfuse_again, exact=False)
-    assert all(torch.equal(bits(t), b) for t, b in zip([t for t in tensors if t is not None], before, strict=True))
+    assert all(
+        torch.equal(bits(t), b)
+        for t, b in zip([t for t in tensors if t is not None], before, strict=True)
+    )
 
 
 def test_several_adapters_with_weights() -> None:
@@ -349,7 +368,11 @@ def test_correction_is_at_most_a_quarter_of_the_weight_for_realistic_adapters() 
         lora_A = (torch.rand(16, 512, generator=generator) * 2 - 1) * bound_a
         lora_B = torch.randn(384, 16, generator=generator) * 1e-3
         record = fuse(layer, LoraAdapter(lora_A, lora_B, alpha=32))
-        assert record.nbytes <= record.weight_nbytes / 4, (dtype, record.nbytes, record.weight_nbytes)
+        assert record.nbytes <= record.weight_nbytes / 4, (
+            dtype,
+            record.nbytes,
+            record.weight_nbytes,
+        )
 
 
 def test_unfuse_refuses_what_it_cannot_restore() -> None:

@@ -26,19 +26,34 @@ def test_block_fits_sees_nan_inf_and_overflow_anywhere() -> None:
 def test_refusal_counts_every_kind_across_blocks() -> None:
     first = torch.tensor([[1.0, float("nan")], [70000.0, 2.0]])
     second = torch.tensor([[float("inf"), -float("inf")], [-1e6, float("nan")]])
-    error = refusal([first, second], layer="q_proj", tensor="weight", dtype=torch.float16, shape=(4, 2))
+    error = refusal(
+        [first, second], layer="q_proj", tensor="weight", dtype=torch.float16, shape=(4, 2)
+    )
     assert isinstance(error, NonFiniteMergeError)
-    assert (error.nan_count, error.posinf_count, error.neginf_count, error.overflow_count) == (2, 1, 1, 2)
+    assert (error.nan_count, error.posinf_count, error.neginf_count, error.overflow_count) == (
+        2,
+        1,
+        1,
+        2,
+    )
     assert error.bad_count == 6
     assert error.first_index == (0, 1)
     assert (error.layer, error.tensor, error.dtype, error.shape, error.numel) == (
-        "q_proj", "weight", torch.float16, (4, 2), 8
+        "q_proj",
+        "weight",
+        torch.float16,
+        (4, 2),
+        8,
     )
 
 
 def test_message_says_what_where_how_bad_and_what_to_do() -> None:
     error = refusal(
-        [torch.tensor([0.0, 0.0, 1e5])], layer="blocks.3.attn", tensor="weight", dtype=torch.float16, shape=(3,)
+        [torch.tensor([0.0, 0.0, 1e5])],
+        layer="blocks.3.attn",
+        tensor="weight",
+        dtype=torch.float16,
+        shape=(3,),
     )
     message = str(error)
     for fragment in (
@@ -54,13 +69,21 @@ def test_message_says_what_where_how_bad_and_what_to_do() -> None:
 
 
 def test_float8_e4m3fn_saturation_counts_as_overflow() -> None:
-    error = refusal([torch.tensor([500.0, 448.0])], layer="l", tensor="weight", dtype=torch.float8_e4m3fn, shape=(2,))
+    error = refusal(
+        [torch.tensor([500.0, 448.0])],
+        layer="l",
+        tensor="weight",
+        dtype=torch.float8_e4m3fn,
+        shape=(2,),
+    )
     assert (error.overflow_count, error.first_index) == (1, (0,))
 
 
 def test_check_vector_raises_for_the_bias() -> None:
     with pytest.raises(NonFiniteMergeError) as caught:
-        check_vector(torch.tensor([1.0, float("inf")]), layer="fc", tensor="bias", dtype=torch.bfloat16)
+        check_vector(
+            torch.tensor([1.0, float("inf")]), layer="fc", tensor="bias", dtype=torch.bfloat16
+        )
     assert caught.value.tensor == "bias"
     assert caught.value.posinf_count == 1
     assert isinstance(caught.value, SafemergeError) and isinstance(caught.value, ValueError)

@@ -30,7 +30,9 @@ class TransposedLinear(nn.Module):
         (TransposedLinear(5, 3), "fan_in_fan_out", (5, 3), True),
     ],
 )
-def test_each_kind_is_one_matrix(layer: nn.Module, kind: str, matrix_shape: tuple[int, int], transposed: bool) -> None:
+def test_each_kind_is_one_matrix(
+    layer: nn.Module, kind: str, matrix_shape: tuple[int, int], transposed: bool
+) -> None:
     view = view_layer(layer, "x")
     assert (view.kind, view.matrix_shape, view.transposed) == (kind, matrix_shape, transposed)
 
@@ -52,10 +54,14 @@ def test_delta_factors_land_in_the_weight_layout() -> None:
 def test_conv_delta_is_the_kernel_product() -> None:
     generator = torch.Generator().manual_seed(0)
     layer = nn.Conv2d(2, 4, (3, 2))
-    adapter = LoraAdapter(torch.randn(3, 2, 3, 2, generator=generator), torch.randn(4, 3, 1, 1, generator=generator))
+    adapter = LoraAdapter(
+        torch.randn(3, 2, 3, 2, generator=generator), torch.randn(4, 3, 1, 1, generator=generator)
+    )
     left, right = view_layer(layer).factors(adapter)
     # PEFT's definition: conv of A (as input) with B (as kernel), transposed back.
-    expected = torch.nn.functional.conv2d(adapter.lora_A.transpose(0, 1), adapter.lora_B).transpose(0, 1)
+    expected = torch.nn.functional.conv2d(adapter.lora_A.transpose(0, 1), adapter.lora_B).transpose(
+        0, 1
+    )
     torch.testing.assert_close((left @ right).reshape(layer.weight.shape), expected)
 
 

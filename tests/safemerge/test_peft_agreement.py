@@ -54,8 +54,12 @@ def _peft_layer(kind: str, **config: object) -> tuple[nn.Module, nn.Module]:
         model = peft.get_peft_model(
             Holder(base),
             peft.LoraConfig(
-                r=4, lora_alpha=6, target_modules=["proj"], init_lora_weights=False,
-                fan_in_fan_out=kind == "gpt2_conv1d", **config,
+                r=4,
+                lora_alpha=6,
+                target_modules=["proj"],
+                init_lora_weights=False,
+                fan_in_fan_out=kind == "gpt2_conv1d",
+                **config,
             ),
         )
     return original, model.base_model.model.proj
@@ -63,7 +67,10 @@ def _peft_layer(kind: str, **config: object) -> tuple[nn.Module, nn.Module]:
 
 def _adapter_of(lora_layer: nn.Module, kind: str, **flags: bool) -> LoraAdapter:
     if kind == "embedding":
-        lora_A, lora_B = lora_layer.lora_embedding_A["default"], lora_layer.lora_embedding_B["default"]
+        lora_A, lora_B = (
+            lora_layer.lora_embedding_A["default"],
+            lora_layer.lora_embedding_B["default"],
+        )
         lora_bias = None
     else:
         lora_A, lora_B = lora_layer.lora_A["default"].weight, lora_layer.lora_B["default"].weight
@@ -72,14 +79,22 @@ def _adapter_of(lora_layer: nn.Module, kind: str, **flags: bool) -> LoraAdapter:
     if flags.get("use_dora"):
         magnitude = lora_layer.lora_magnitude_vector["default"].weight
     return LoraAdapter(
-        lora_A.detach().clone(), lora_B.detach().clone(), alpha=6,
-        use_rslora=bool(flags.get("use_rslora")), fan_in_fan_out=kind == "gpt2_conv1d",
+        lora_A.detach().clone(),
+        lora_B.detach().clone(),
+        alpha=6,
+        use_rslora=bool(flags.get("use_rslora")),
+        fan_in_fan_out=kind == "gpt2_conv1d",
         lora_bias=None if lora_bias is None else lora_bias.detach().clone(),
         magnitude=None if magnitude is None else magnitude.detach().clone(),
     )
 
 
-FLAGS = {"plain": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}, "lora_bias": {"lora_bias": True}}
+FLAGS = {
+    "plain": {},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+    "lora_bias": {"lora_bias": True},
+}
 CASES = [
     pytest.param(kind, flags, id=f"{kind}-{name}")
     for kind in sorted(LAYERS)
