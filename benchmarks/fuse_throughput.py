@@ -139,7 +139,8 @@ def measure_bounds(shapes: Sequence[tuple[int, int]], repeats: int) -> MachineBo
 def make_linear(weight: torch.Tensor) -> nn.Linear:
     """A bias-free ``nn.Linear`` holding a copy of ``weight`` (no costly default init)."""
     out_features, in_features = weight.shape
-    layer = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=False, dtype=weight.dtype)
+    meta = nn.Linear(in_features, out_features, bias=False, dtype=weight.dtype, device="meta")
+    layer = meta.to_empty(device=weight.device)
     with torch.no_grad():
         layer.weight.copy_(weight)
     return layer
@@ -159,7 +160,8 @@ class Holder(nn.Module):
         self.proj = proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        output: torch.Tensor = self.proj(x)
+        return output
 
 
 # --------------------------------------------------------------------------- measurements
@@ -184,7 +186,9 @@ class Result:
         return None if seconds is None else self.numel / seconds
 
 
-def time_safemerge(template: torch.Tensor, adapter: sm.LoraAdapter, repeats: int) -> tuple[float, float, float]:
+def time_safemerge(
+    template: torch.Tensor, adapter: sm.LoraAdapter, repeats: int
+) -> tuple[float, float, float]:
     """Best fuse times with and without the exact-unfuse correction, and its relative size."""
     layer = make_linear(template)
     exact = best_time(lambda _: sm.fuse(layer, adapter, exact_unfuse=True), repeats)
@@ -195,7 +199,9 @@ def time_safemerge(template: torch.Tensor, adapter: sm.LoraAdapter, repeats: int
 
 def peft_model(peft: Any, template: torch.Tensor, adapter: sm.LoraAdapter) -> Any:
     """A fresh PEFT model around a copy of ``template``, with the benchmark's LoRA factors."""
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=False
+    )
     model = peft.get_peft_model(Holder(make_linear(template)), config)
     lora_layer = model.base_model.model.proj
     with torch.no_grad():
@@ -208,9 +214,14 @@ def time_peft(
     peft: Any, template: torch.Tensor, adapter: sm.LoraAdapter, repeats: int
 ) -> tuple[float, float]:
     """Best times of ``merge_and_unload(safe_merge=True)`` and of the layer's ``merge``."""
-    prepare = lambda: peft_model(peft, template, adapter)  # noqa: E731
+
+    def prepare() -> Any:
+        return peft_model(peft, template, adapter)
+
     unload = best_time(lambda model: model.merge_and_unload(safe_merge=True), repeats, prepare)
-    layer = best_time(lambda model: model.base_model.model.proj.merge(safe_merge=True), repeats, prepare)
+    layer = best_time(
+        lambda model: model.base_model.model.proj.merge(safe_merge=True), repeats, prepare
+    )
     return unload, layer
 
 
@@ -219,7 +230,9 @@ def measure(peft: Any | None, shape: tuple[int, int], dtype_name: str, repeats: 
     template = torch.randn(out_features, in_features).to(DTYPES[dtype_name])
     adapter = make_adapter(out_features, in_features)
     exact, plain, fraction = time_safemerge(template, adapter, repeats)
-    unload, layer = time_peft(peft, template, adapter, repeats) if peft is not None else (None, None)
+    unload, layer = (
+        time_peft(peft, template, adapter, repeats) if peft is not None else (None, None)
+    )
     return Result(shape, dtype_name, exact, plain, unload, layer, fraction)
 
 
@@ -254,7 +267,10 @@ def print_header(repeats: int, peft: Any | None) -> None:
 
 def print_bounds(bounds: MachineBounds) -> None:
     lines = [
-        (f"memory bandwidth ({BANDWIDTH_MIB} MiB float32 copy, read+write)", f"{bounds.bandwidth / 1e9:8.2f} GB/s"),
+        (
+            f"memory bandwidth ({BANDWIDTH_MIB} MiB float32 copy, read+write)",
+            f"{bounds.bandwidth / 1e9:8.2f} GB/s",
+        ),
         (f"float32 matmul ({MATMUL_SIZE}^3 torch.mm)", f"{bounds.matmul_rate / 1e9:8.2f} GFLOP/s"),
     ]
     for shape, rate in bounds.rank_matmul_rate.items():
@@ -287,7 +303,7 @@ def print_table(columns: Sequence[tuple[str, int, str]], rows: Sequence[Sequence
     print("  ".join(f"{title:>{width}}" for title, width, _ in columns))
     for row in rows:
         cells = []
-        for (_, width, spec), value in zip(columns, row):
+        for (_, width, spec), value in zip(columns, row, strict=True):
             text = value if isinstance(value, str) else cell(value, spec)  # type: ignore[arg-type]
             cells.append(f"{text:>{width}}")
         print("  ".join(cells))
@@ -316,8 +332,9 @@ def print_throughput(results: Sequence[Result]) -> None:
             )
         )
     print_table(THROUGHPUT_COLUMNS, rows)
-    print("  sm exact/noex: safemerge.fuse with exact_unfuse=True/False; peft m&u: merge_and_unload(safe_merge=True);")
-    print("  peft lyr: proj.merge(safe_merge=True); corr/W: exact-unfuse correction bytes / weight bytes")
+    print("  sm exact/noex: safemerge.fuse with exact_unfuse=True/False")
+    print("  peft m&u: merge_and_unload(safe_merge=True); peft lyr: proj.merge(safe_merge=True)")
+    print("  ex/nx: safemerge exact/noex; corr/W: exact-unfuse correction bytes / weight bytes")
     print()
 
 
@@ -356,8 +373,8 @@ def print_fractions(results: Sequence[Result], bounds: MachineBounds) -> None:
             )
         )
     print_table(BOUND_COLUMNS, rows)
-    print("  bound = max(2*out*in*itemsize / bandwidth, 2*rank*out*in / matmul rate); r16mm: the rank-16")
-    print("  matmul alone into a float32 (out, in) buffer, for reference")
+    print("  bound = max(2*out*in*itemsize / bandwidth, 2*rank*out*in / matmul rate)")
+    print("  r16mm: the rank-16 matmul alone into a float32 (out, in) buffer, for reference")
     print()
 
 
@@ -369,13 +386,15 @@ def geometric_mean(values: Sequence[float]) -> float | None:
 
 def print_summary(results: Sequence[Result], target: float) -> None:
     def geo(mode: str, reference: str) -> float | None:
-        values = [
-            ratio(getattr(r, reference), getattr(r, mode)) for r in results  # time ratio = rate ratio inverted
-        ]
+        # Throughput ratio safemerge/PEFT is the time ratio PEFT/safemerge.
+        values = [ratio(getattr(r, reference), getattr(r, mode)) for r in results]
         return geometric_mean([v for v in values if v is not None])
 
     exact, plain = geo("safemerge_exact", "peft_unload"), geo("safemerge_plain", "peft_unload")
-    exact_layer, plain_layer = geo("safemerge_exact", "peft_layer"), geo("safemerge_plain", "peft_layer")
+    exact_layer, plain_layer = (
+        geo("safemerge_exact", "peft_layer"),
+        geo("safemerge_plain", "peft_layer"),
+    )
     if exact is None or plain is None:
         print("SUMMARY: PEFT not available, no ratio computed")
         return
@@ -414,20 +433,33 @@ def parse_shape(text: str) -> tuple[int, int]:
     try:
         out_features, in_features = (int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must be OUTxIN, e.g. 5632x2048, not {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"shape must be OUTxIN, e.g. 5632x2048, not {text!r}"
+        ) from None
     return out_features, in_features
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (best is kept)")
     parser.add_argument(
-        "--shapes", type=parse_shape, nargs="+", default=list(DEFAULT_SHAPES), metavar="OUTxIN",
+        "--repeats", type=int, default=5, help="timed repeats per measurement (best is kept)"
+    )
+    parser.add_argument(
+        "--shapes",
+        type=parse_shape,
+        nargs="+",
+        default=list(DEFAULT_SHAPES),
+        metavar="OUTxIN",
         help="weight shapes (out, in); default: 5632x2048 2048x5632 2048x2048",
     )
     parser.add_argument("--quick", action="store_true", help="fast run: 2 repeats")
     parser.add_argument(
-        "--target", type=float, default=TARGET_RATIO,
+        "--seed", type=int, default=0, help="torch random seed for weights and adapters"
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=TARGET_RATIO,
         help="throughput ratio safemerge/PEFT merge_and_unload to meet (geometric mean); default 5",
     )
     args = parser.parse_args(argv)
@@ -439,12 +471,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.manual_seed(args.seed)
     peft = import_peft_quietly()
     print_header(args.repeats, peft)
     bounds = measure_bounds(args.shapes, args.repeats)
     print_bounds(bounds)
     results = [
-        measure(peft, shape, dtype_name, args.repeats) for shape in args.shapes for dtype_name in DTYPES
+        measure(peft, shape, dtype_name, args.repeats)
+        for shape in args.shapes
+        for dtype_name in DTYPES
     ]
     print_throughput(results)
     print_fractions(results, bounds)
