@@ -1,9 +1,9 @@
 """The blocked float32 merge loop: fuse and unfuse one weight matrix, row block by row block.
 
 Each block's float32 work (the rank-r product, the sum, the guard, the cast, and the
-exact-unfuse correction) stays in cache, so no full-size float32 temporary exists. The
-result goes into a new buffer of the weight's dtype; the caller commits it only when the
-whole matrix passed the guard, so a refusal or any exception leaves the weight untouched.
+exact-unfuse correction) stays in cache, so no full-size float32 temporary exists. A fuse
+either writes in place, journaled by its own exact correction, or into a new buffer the
+caller commits: either way a refusal or any exception leaves the weight as it was.
 
 Unfuse recomputes the same deltas with the same block geometry and thread count, so the
 arithmetic is bit-for-bit the same as during the fuse; that is what makes the stored
@@ -82,7 +82,7 @@ class OutputFactor:
 
 @dataclass(frozen=True)
 class FusedMatrix:
-    merged: torch.Tensor
+    merged: torch.Tensor | None
     correction: Correction | None
     fingerprint: int
     block_rows: int
@@ -145,6 +145,7 @@ class _Blocks:
         self._delta = torch.empty(buffer_rows, columns, dtype=torch.float32, device=matrix.device)
         self._float32 = torch.empty_like(self._delta)
         self._cast = torch.empty(buffer_rows, columns, dtype=matrix.dtype, device=matrix.device)
+        self._spare_cast = torch.empty_like(self._cast)
         self._upcast = (
             None if matrix.dtype in _CAST_SHOWS_OVERFLOW else torch.empty_like(self._delta)
         )
@@ -194,6 +195,9 @@ class _Blocks:
     def cast_block(self, start: int, stop: int) -> torch.Tensor:
         return self._cast[: stop - start]
 
+    def spare_cast_block(self, start: int, stop: int) -> torch.Tensor:
+        return self._spare_cast[: stop - start]
+
     def all_merged(self) -> Iterator[torch.Tensor]:
         """Every block's float32 merge, for counting what a refusal found."""
         for start, stop in self.ranges():
@@ -233,32 +237,70 @@ def fuse_matrix(
     weight_shape: Sequence[int],
     factor: OutputFactor | None = None,
     keep_correction: bool = True,
+    in_place: bool = False,
 ) -> FusedMatrix:
-    """Merge ``matrix`` with ``delta`` into a new tensor of ``matrix.dtype``, guarded.
+    """Merge ``delta`` into ``matrix``, guarded and all-or-nothing.
+
+    ``in_place`` (which needs ``keep_correction``) writes the merge into ``matrix`` itself,
+    block by block, each block's exact-unfuse correction recorded before it is overwritten;
+    a refusal or any exception midway restores the blocks already written from those
+    corrections, so no full-size copy is ever held. Otherwise the merge goes into a new
+    tensor, ``FusedMatrix.merged``, for the caller to commit.
 
     Raises:
         NonFiniteMergeError: some element would not be finite in ``matrix.dtype``; the
-            error counts every bad element of the whole matrix.
+            error counts every bad element of the whole matrix, and ``matrix`` is unchanged.
     """
     dtype = matrix.dtype
     rows, columns = matrix.shape
     blocks = _Blocks(matrix, delta, block_rows_for(rows, columns), factor)
-    result = torch.empty(rows, columns, dtype=dtype, device=matrix.device)
+    if in_place and not keep_correction:
+        raise ValueError("an in-place fuse needs its correction to roll back a failure")
     builder = CorrectionBuilder(rows * columns, dtype) if keep_correction else None
-    for start, stop in blocks.ranges():
-        product = blocks.product(start, stop)
-        fused = result[start:stop]
-        if not _guarded_into(
-            fused, blocks, start, stop, partial(blocks.merge, start, stop, product)
-        ):
-            raise guard.refusal(
-                blocks.all_merged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape
-            )
-        if builder is not None:
-            unfused = blocks.unmerge(start, stop, fused, product, blocks.cast_block(start, stop))
-            builder.add(start * columns, matrix[start:stop], unfused)
+    target = matrix if in_place else torch.empty(rows, columns, dtype=dtype, device=matrix.device)
+    written = 0
+    try:
+        for start, stop in blocks.ranges():
+            product = blocks.product(start, stop)
+            fused = blocks.cast_block(start, stop) if in_place else target[start:stop]
+            if not _guarded_into(
+                fused, blocks, start, stop, partial(blocks.merge, start, stop, product)
+            ):
+                break
+            if builder is not None:
+                unfused = blocks.unmerge(
+                    start, stop, fused, product, blocks.spare_cast_block(start, stop)
+                )
+                builder.add(start * columns, matrix[start:stop], unfused)
+            if in_place:
+                target[start:stop].copy_(fused)
+            written = stop
+    except BaseException:
+        if in_place and builder is not None:
+            _restore_rows(blocks, builder.build(), written)
+        raise
+    if written < rows:  # refused
+        if in_place and builder is not None:
+            _restore_rows(blocks, builder.build(), written)
+        raise guard.refusal(
+            blocks.all_merged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape
+        )
     correction = builder.build() if builder is not None else None
-    return FusedMatrix(result, correction, fingerprint(result), blocks.block_rows)
+    return FusedMatrix(
+        None if in_place else target, correction, fingerprint(target), blocks.block_rows
+    )
+
+
+def _restore_rows(blocks: _Blocks, correction: Correction, rows: int) -> None:
+    """Undo an in-place fuse of ``matrix[:rows]`` exactly (rollback after a failure)."""
+    columns = blocks.matrix.shape[1]
+    for start, stop in blocks.ranges():
+        if start >= rows:
+            return
+        product = blocks.product(start, stop)
+        fused = blocks.matrix[start:stop]
+        unfused = blocks.unmerge(start, stop, fused, product, blocks.cast_block(start, stop))
+        fused.copy_(correction.apply(start * columns, unfused))
 
 
 def unfuse_matrix(

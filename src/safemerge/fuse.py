@@ -60,19 +60,21 @@ def fuse(
     with torch.no_grad():
         delta = _low_rank_delta(view, pairs, coefficients)
         factor = _dora_factor(view, pairs, delta)
+        new_bias = _bias_with(view, pairs, coefficients, sign=1.0)
+        matrix, in_place = _writable_matrix(view, exact_unfuse)
         fused = engine.fuse_matrix(
-            view.matrix,
+            matrix,
             delta,
             layer=view.name,
             weight_shape=view.weight.shape,
             factor=factor,
             keep_correction=exact_unfuse,
+            in_place=in_place,
         )
-        new_bias = _bias_with(view, pairs, coefficients, sign=1.0)
         original_bias = (
             None if new_bias is None or view.bias is None else view.bias.detach().cpu().clone()
         )
-        _commit(view, fused.merged, new_bias)
+        _commit(view, None if in_place else fused.merged, new_bias)
     return FuseRecord(
         layer=view.name,
         kind=view.kind,
@@ -206,10 +208,24 @@ def _bias_with(
     return merged.to(view.bias.dtype)
 
 
-def _commit(view: LayerView, matrix: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _writable_matrix(view: LayerView, exact_unfuse: bool) -> tuple[torch.Tensor, bool]:
+    """The weight as M, and whether the fuse may write into it directly.
+
+    In place needs the exact correction (it is what rolls a failure back) and M to be a
+    view of the weight's own storage (a conv weight in channels_last is not).
+    """
+    try:
+        matrix = view.weight.detach().view(view.matrix_shape)
+    except RuntimeError:
+        return view.matrix, False
+    return matrix, exact_unfuse
+
+
+def _commit(view: LayerView, matrix: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     # Everything is computed and checked before this point; these copies cannot fail on
     # shape, dtype or device, so the layer changes whole or not at all.
-    view.weight.detach().copy_(matrix.reshape(view.weight.shape))
+    if matrix is not None:
+        view.weight.detach().copy_(matrix.reshape(view.weight.shape))
     if bias is not None and view.bias is not None:
         view.bias.detach().copy_(bias)
 

@@ -443,3 +443,55 @@ def test_non_finite_scale_or_weight_is_a_config_error(bad: float) -> None:
         fuse(layer, [(adapter, bad)])
     with pytest.raises(AdapterConfigError, match="no adapters"):
         fuse(layer, [])
+
+
+def test_a_refusal_in_the_last_block_rolls_back_the_blocks_written_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import safemerge.engine as engine
+
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 40 * 4 * 8)  # 8 rows a block: 5 blocks
+    layer = make_layer("linear", torch.bfloat16, 40, 40)
+    adapter = make_adapter(layer)
+    adapter.lora_B[-1, 0] = float("inf")
+    before = snapshot(layer)
+    with pytest.raises(NonFiniteMergeError) as caught:
+        fuse(layer, adapter)
+    assert_unchanged(layer, before)
+    assert caught.value.first_index[0] == 39
+
+
+def _peak_growth_of_a_fuse(exact_unfuse: bool) -> tuple[int, int]:
+    """Peak RSS growth (bytes) of fusing into a 64 MiB float32 weight, in a fresh process."""
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, torch, safemerge
+def warm_up():
+    small = torch.nn.Linear(1024, 1024, bias=False)
+    safemerge.fuse(small, safemerge.LoraAdapter(torch.randn(16, 1024), torch.randn(1024, 16)), exact_unfuse={exact_unfuse})
+warm_up()
+layer = torch.nn.Linear(4096, 4096, bias=False)
+adapter = safemerge.LoraAdapter(torch.randn(16, 4096) * 0.01, torch.randn(4096, 16) * 0.01)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+record = safemerge.fuse(layer, adapter, exact_unfuse={exact_unfuse})
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024, record.nbytes)
+"""
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    growth, correction_bytes = (int(value) for value in completed.stdout.split())
+    return growth, correction_bytes
+
+
+def test_in_place_fuse_holds_no_full_size_copy() -> None:
+    weight_bytes = 4096 * 4096 * 4
+    growth, correction_bytes = _peak_growth_of_a_fuse(exact_unfuse=True)
+    assert correction_bytes <= weight_bytes / 8
+    # Blocks of 1 MiB, their temporaries and the correction; a copy would be 64 MiB.
+    assert growth < weight_bytes / 2, f"peak grew by {growth / 2**20:.1f} MiB for a 64 MiB weight"
+    # The measurement can tell: without a correction the fuse needs a new full-size buffer.
+    buffered_growth, _ = _peak_growth_of_a_fuse(exact_unfuse=False)
+    assert buffered_growth >= weight_bytes, f"{buffered_growth / 2**20:.1f} MiB"
