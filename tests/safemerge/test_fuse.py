@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -464,19 +465,22 @@ def test_a_refusal_in_the_last_block_rolls_back_the_blocks_written_before_it(
 def _peak_growth_of_a_fuse(exact_unfuse: bool) -> tuple[int, int]:
     """Peak RSS growth (bytes) of fusing into a 64 MiB float32 weight, in a fresh process."""
     import subprocess
-    import sys
 
+    # VmHWM is this process's own peak RSS (ru_maxrss would start at the parent's).
     script = f"""
-import resource, torch, safemerge
+import torch, safemerge
+def peak():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 def warm_up():
     small = torch.nn.Linear(1024, 1024, bias=False)
     safemerge.fuse(small, safemerge.LoraAdapter(torch.randn(16, 1024), torch.randn(1024, 16)), exact_unfuse={exact_unfuse})
 warm_up()
 layer = torch.nn.Linear(4096, 4096, bias=False)
 adapter = safemerge.LoraAdapter(torch.randn(16, 4096) * 0.01, torch.randn(4096, 16) * 0.01)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak()
 record = safemerge.fuse(layer, adapter, exact_unfuse={exact_unfuse})
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak()
 print((after - before) * 1024, record.nbytes)
 """
     completed = subprocess.run(
@@ -486,6 +490,7 @@ print((after - before) * 1024, record.nbytes)
     return growth, correction_bytes
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_in_place_fuse_holds_no_full_size_copy() -> None:
     weight_bytes = 4096 * 4096 * 4
     growth, correction_bytes = _peak_growth_of_a_fuse(exact_unfuse=True)
