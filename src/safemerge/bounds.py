@@ -9,8 +9,8 @@ weight's dtype. Each float32 operation rounds with relative error at most ``u = 
 
 with ``n = rank + 2``: the coefficient folded into ``B`` (one rounding), then ``W`` plus
 ``rank`` products accumulated (``rank`` roundings, ``rank`` summed over the adapters),
-and one to spare for an accumulation that adds ``W`` last; one more when a coefficient
-is not exactly a float32 (its own rounding). The cast adds half an ulp of the target
+and one to spare for an accumulation that adds ``W`` last. The coefficients' rounding to
+float32 and underflow are added exactly (see :func:`accumulation_bound`). The cast adds half an ulp of the target
 dtype at the float32 value's magnitude.
 """
 
@@ -25,10 +25,9 @@ from safemerge.numerics import FLOAT32_TINY_SUBNORMAL, U32, ulp
 Term = tuple[torch.Tensor, torch.Tensor, float]
 
 
-def roundings(ranks: Sequence[int], coefficients: Sequence[float]) -> int:
+def roundings(ranks: Sequence[int]) -> int:
     """Number of float32 roundings on the way to one merged element."""
-    inexact = any(float(torch.tensor(c, dtype=torch.float32)) != c for c in coefficients)
-    return sum(ranks) + 2 + int(inexact)
+    return sum(ranks) + 2
 
 
 def gamma(n: int) -> float:
@@ -45,14 +44,25 @@ def reference_merge(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor
 
 
 def accumulation_bound(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
-    """Per-element bound on ``|float32 merge - exact merge|`` before the cast (float64)."""
+    """Per-element bound on ``|float32 merge - exact merge|`` before the cast (float64).
+
+    Three parts: ``gamma_n`` times the magnitudes involved; the coefficients' own rounding
+    to float32, exactly (a coefficient below float32's range rounds to 0: all of its term
+    is then error); and underflow, where a rounding's error is absolute, not relative:
+    half the smallest subnormal per rounding, and for the coefficient folded into ``B``,
+    that much times the ``A`` entries it multiplies.
+    """
     magnitude = weight.to(torch.float64).abs()
+    coefficient_error = torch.zeros_like(magnitude)
+    underflow = torch.zeros_like(magnitude)
     for left, right, coefficient in terms:
-        magnitude = magnitude + abs(coefficient) * (
-            left.to(torch.float64).abs() @ right.to(torch.float64).abs()
-        )
-    n = roundings([left.shape[1] for left, _, _ in terms], [c for _, _, c in terms])
-    return gamma(n) * magnitude + n * FLOAT32_TINY_SUBNORMAL
+        products = left.to(torch.float64).abs() @ right.to(torch.float64).abs()
+        rounded = float(torch.tensor(coefficient, dtype=torch.float32))
+        magnitude = magnitude + abs(rounded) * products
+        coefficient_error = coefficient_error + abs(coefficient - rounded) * products
+        underflow = underflow + FLOAT32_TINY_SUBNORMAL / 2 * right.to(torch.float64).abs().sum(dim=0)
+    n = roundings([left.shape[1] for left, _, _ in terms])
+    return gamma(n) * magnitude + coefficient_error + underflow + n * FLOAT32_TINY_SUBNORMAL
 
 
 def cast_bound(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

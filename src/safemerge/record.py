@@ -72,3 +72,20 @@ class FuseRecord:
     def escape_count(self) -> int:
         """Elements whose original bits the correction stores whole (more than 1 ulp off)."""
         return self.correction.escape_count if self.correction is not None else 0
+
+    def summary(self) -> str:
+        """One line for logs: what was fused, how long it took, what undoing it costs."""
+        ranks = "+".join(str(adapter.rank) for adapter, _ in self.adapters)
+        shape = "x".join(str(size) for size in self.shape)
+        dtype = str(self.dtype).removeprefix("torch.")
+        line = (
+            f"{self.layer} ({self.kind}, {dtype} {shape}): fused rank {ranks} in "
+            f"{self.seconds * 1e3:.1f} ms"
+        )
+        if self.correction is None:
+            return line + "; no exact-unfuse correction kept"
+        return (
+            f"{line}; exact-unfuse correction {self.nbytes:,} bytes "
+            f"({self.nbytes / self.weight_nbytes:.1%} of the weight, "
+            f"{self.escape_count:,} elements kept whole)"
+        )

@@ -500,3 +500,13 @@ def test_in_place_fuse_holds_no_full_size_copy() -> None:
     # The measurement can tell: without a correction the fuse needs a new full-size buffer.
     buffered_growth, _ = _peak_growth_of_a_fuse(exact_unfuse=False)
     assert buffered_growth >= weight_bytes, f"{buffered_growth / 2**20:.1f} MiB"
+
+
+def test_record_summary_states_what_undoing_costs() -> None:
+    layer = make_layer("linear", torch.bfloat16, 64, 32)
+    record = fuse(layer, [make_adapter(layer, rank=4), make_adapter(layer, rank=2, seed=1)], name="mlp.up")
+    summary = record.summary()
+    assert summary.startswith("mlp.up (linear, bfloat16 32x64): fused rank 4+2 in ")
+    assert f"exact-unfuse correction {record.nbytes:,} bytes" in summary
+    assert f"{record.nbytes / record.weight_nbytes:.1%} of the weight" in summary
+    assert "no exact-unfuse correction" in fuse(layer, make_adapter(layer), exact_unfuse=False).summary()
