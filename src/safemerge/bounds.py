@@ -95,23 +95,27 @@ def renormalised_bound(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DoRA: the exact ``m / ||y|| * y`` and its bound, given the plain merge's bound.
 
-    The norm is taken from the float32 merge in float64, so its relative error is at most
-    ``rho = ||e|| / (||y|| - ||e||)`` (``e`` the accumulation bound); the factor adds
-    that and its own float32 rounding, the product one more rounding.
+    The engine takes the norm of the float32 merge ``y32`` in float64, so the factor's
+    relative error is at most ``rho = ||e|| / (||y|| - ||e||)`` (``e`` the accumulation
+    bound; a float64 sum of ``k`` squares adds ``k * 2**-52``), then the factor rounds to
+    float32 (relatively, or by half a subnormal when it is that small) and so does its
+    product with ``y32``.
     """
     dim = 1 if along_rows else 0
     norms = torch.linalg.vector_norm(reference, dim=dim, keepdim=True)
     error_norms = torch.linalg.vector_norm(accumulated, dim=dim, keepdim=True)
     shape = (-1, 1) if along_rows else (1, -1)
-    factor = magnitude.to(torch.float64).reshape(shape) / norms
+    signed_factor = magnitude.to(torch.float64).reshape(shape) / norms
+    factor = signed_factor.abs()
     rho = error_norms / (norms - error_norms).clamp_min(0)
-    factor_high = factor.abs() * (1 + rho + U32) * (1 + U32)
+    float64_sum = reference.shape[dim] * 2.0**-52
+    factor_high = factor * (1 + rho) * (1 + float64_sum) * (1 + U32) + FLOAT32_TINY_SUBNORMAL / 2
     values_high = reference.abs() + accumulated
     bound = (
-        factor_high * accumulated
-        + values_high * (factor_high - factor.abs())
+        values_high * (factor_high - factor)
+        + factor * accumulated
         + U32 * factor_high * values_high
-        + 2 * FLOAT32_TINY_SUBNORMAL
+        + FLOAT32_TINY_SUBNORMAL / 2
     )
-    exact = factor * reference
+    exact = signed_factor * reference
     return exact, bound + cast_bound(exact.abs() + bound, dtype)
