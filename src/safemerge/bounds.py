@@ -97,9 +97,9 @@ def renormalised_bound(
 
     The engine takes the norm of the float32 merge ``y32`` in float64, so the factor's
     relative error is at most ``rho = ||e|| / (||y|| - ||e||)`` (``e`` the accumulation
-    bound; a float64 sum of ``k`` squares adds ``k * 2**-52``), then the factor rounds to
-    float32 (relatively, or by half a subnormal when it is that small) and so does its
-    product with ``y32``.
+    bound; the float64 sum of ``k`` squares and the division add ``(k + 2) * 2**-52``);
+    the factor stays float64, and the product with ``y32`` rounds once to float32
+    (relatively, or by half a subnormal) before the final cast.
     """
     dim = 1 if along_rows else 0
     norms = torch.linalg.vector_norm(reference, dim=dim, keepdim=True)
@@ -108,8 +108,8 @@ def renormalised_bound(
     signed_factor = magnitude.to(torch.float64).reshape(shape) / norms
     factor = signed_factor.abs()
     rho = error_norms / (norms - error_norms).clamp_min(0)
-    float64_sum = reference.shape[dim] * 2.0**-52
-    factor_high = factor * (1 + rho) * (1 + float64_sum) * (1 + U32) + FLOAT32_TINY_SUBNORMAL / 2
+    float64_error = (reference.shape[dim] + 2) * 2.0**-52
+    factor_high = factor * (1 + rho) * (1 + float64_error)
     values_high = reference.abs() + accumulated
     bound = (
         values_high * (factor_high - factor)

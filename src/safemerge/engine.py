@@ -69,7 +69,12 @@ class LowRankDelta:
 
 @dataclass(frozen=True)
 class OutputFactor:
-    """A per-output-channel multiplier (DoRA's ``magnitude / norm``), float32."""
+    """A per-output-channel multiplier (DoRA's ``magnitude / norm``), float64.
+
+    Kept in float64 so that a huge or tiny norm cannot make it overflow or underflow
+    where the product with the weight is an ordinary number; the product is computed in
+    float64 and rounded once into the block's dtype.
+    """
 
     values: torch.Tensor
     along_rows: bool

@@ -186,7 +186,7 @@ def _dora_factor(
     along_rows = not view.transposed
     norms = engine.output_norms(view.matrix, delta, along_rows=along_rows)
     magnitude64 = magnitude.detach().to(device=norms.device, dtype=torch.float64).reshape(-1)
-    return engine.OutputFactor((magnitude64 / norms).to(torch.float32), along_rows)
+    return engine.OutputFactor(magnitude64 / norms, along_rows)
 
 
 def _bias_with(

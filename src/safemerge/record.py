@@ -24,7 +24,7 @@ class FuseRecord:
         correction: the compact exact-unfuse correction of the weight, or None when the
             fuse was asked not to keep one.
         original_bias: a CPU copy of the bias before the fuse, when the fuse changed it.
-        dora_factor: DoRA's per-output-channel ``magnitude / norm`` (float32), if any.
+        dora_factor: DoRA's per-output-channel ``magnitude / norm`` (float64), if any.
         num_threads: torch intra-op threads during the fuse (unfuse repeats them).
         block_rows: rows per block during the fuse (unfuse repeats them).
         fused_fingerprint: checksum of the fused weight, to detect later changes.
