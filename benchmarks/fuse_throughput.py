@@ -15,7 +15,8 @@ What it measures, for Llama-shaped ``nn.Linear`` layers (weight ``(out, in)`` =
   the rate of the rank-16 ``(out, 16) @ (16, in)`` matmul into a preallocated output.
 
 Throughput is ``out * in`` parameters divided by the best time over the repeats, each
-measurement preceded by one warm-up call. The fraction of the machine bound is
+candidate warmed up once; in every repeat the candidates take turns, so slow spells of
+this shared machine fall on all of them alike. The fraction of the machine bound is
 ``max(bytes / bandwidth, flops / matmul_rate) / measured_time`` with
 ``bytes = 2 * out * in * itemsize`` (read and write the weight once) and
 ``flops = 2 * rank * out * in``.
@@ -186,15 +187,26 @@ class Result:
         return None if seconds is None else self.numel / seconds
 
 
-def time_safemerge(
-    template: torch.Tensor, adapter: sm.LoraAdapter, repeats: int
-) -> tuple[float, float, float]:
-    """Best fuse times with and without the exact-unfuse correction, and its relative size."""
-    layer = make_linear(template)
-    exact = best_time(lambda _: sm.fuse(layer, adapter, exact_unfuse=True), repeats)
-    plain = best_time(lambda _: sm.fuse(layer, adapter, exact_unfuse=False), repeats)
-    record = sm.fuse(layer, adapter, exact_unfuse=True)
-    return exact, plain, record.nbytes / record.weight_nbytes
+def interleaved_best_times(
+    candidates: dict[str, tuple[Callable[[Any], object], Callable[[], Any]]], repeats: int
+) -> dict[str, float]:
+    """Best time of each ``run(prepare())``, the candidates taking turns in every repeat.
+
+    Taking turns spreads this machine's slow spells (other tenants, steal time) evenly over
+    the candidates, so their ratios are fairer than timing each in a block of its own.
+    """
+    for run, prepare in candidates.values():
+        run(prepare())  # warm-up
+    best = dict.fromkeys(candidates, math.inf)
+    for _ in range(repeats):
+        for name, (run, prepare) in candidates.items():
+            state = prepare()
+            gc.collect()
+            started = time.perf_counter()
+            run(state)
+            best[name] = min(best[name], time.perf_counter() - started)
+            del state
+    return best
 
 
 def peft_model(peft: Any, template: torch.Tensor, adapter: sm.LoraAdapter) -> Any:
@@ -210,30 +222,42 @@ def peft_model(peft: Any, template: torch.Tensor, adapter: sm.LoraAdapter) -> An
     return model
 
 
-def time_peft(
-    peft: Any, template: torch.Tensor, adapter: sm.LoraAdapter, repeats: int
-) -> tuple[float, float]:
-    """Best times of ``merge_and_unload(safe_merge=True)`` and of the layer's ``merge``."""
-
-    def prepare() -> Any:
-        return peft_model(peft, template, adapter)
-
-    unload = best_time(lambda model: model.merge_and_unload(safe_merge=True), repeats, prepare)
-    layer = best_time(
-        lambda model: model.base_model.model.proj.merge(safe_merge=True), repeats, prepare
-    )
-    return unload, layer
-
-
 def measure(peft: Any | None, shape: tuple[int, int], dtype_name: str, repeats: int) -> Result:
     out_features, in_features = shape
     template = torch.randn(out_features, in_features).to(DTYPES[dtype_name])
     adapter = make_adapter(out_features, in_features)
-    exact, plain, fraction = time_safemerge(template, adapter, repeats)
-    unload, layer = (
-        time_peft(peft, template, adapter, repeats) if peft is not None else (None, None)
+    layer = make_linear(template)
+
+    def no_state() -> None:
+        return None
+
+    def fresh_peft_model() -> Any:
+        return peft_model(peft, template, adapter)
+
+    candidates: dict[str, tuple[Callable[[Any], object], Callable[[], Any]]] = {
+        "exact": (lambda _: sm.fuse(layer, adapter, exact_unfuse=True), no_state),
+        "plain": (lambda _: sm.fuse(layer, adapter, exact_unfuse=False), no_state),
+    }
+    if peft is not None:
+        candidates["unload"] = (
+            lambda model: model.merge_and_unload(safe_merge=True),
+            fresh_peft_model,
+        )
+        candidates["layer"] = (
+            lambda model: model.base_model.model.proj.merge(safe_merge=True),
+            fresh_peft_model,
+        )
+    best = interleaved_best_times(candidates, repeats)
+    record = sm.fuse(layer, adapter, exact_unfuse=True)
+    return Result(
+        shape,
+        dtype_name,
+        best["exact"],
+        best["plain"],
+        best.get("unload"),
+        best.get("layer"),
+        record.nbytes / record.weight_nbytes,
     )
-    return Result(shape, dtype_name, exact, plain, unload, layer, fraction)
 
 
 # --------------------------------------------------------------------------- report
