@@ -1,0 +1,66 @@
+"""The blocked loop's pieces: block geometry, thread pinning, fingerprints, the joint delta."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safemerge import engine
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns"), [(1, 1), (3, 7), (4096, 4096), (5, 10**6), (10**6, 3)]
+)
+def test_blocks_start_on_whole_correction_bytes_and_fit_the_budget(rows: int, columns: int) -> None:
+    block_rows = engine.block_rows_for(rows, columns)
+    assert block_rows >= 1
+    if block_rows < rows:
+        assert block_rows % 4 == 0
+        assert block_rows * columns * 4 <= max(engine.BLOCK_BYTES, 4 * 4 * columns)
+
+
+def test_pinned_threads_restores_the_callers_setting() -> None:
+    threads = torch.get_num_threads()
+    with engine.pinned_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError), engine.pinned_threads(1):
+        raise RuntimeError
+    assert torch.get_num_threads() == threads
+
+
+def test_fingerprint_sees_a_changed_element_and_ignores_copies() -> None:
+    tensor = torch.randn(300, 200).bfloat16()
+    assert engine.fingerprint(tensor) == engine.fingerprint(tensor.clone())
+    changed = tensor.clone()
+    changed[0, 0] = changed[0, 0] * 2  # a sampled position
+    assert engine.fingerprint(changed) != engine.fingerprint(tensor)
+    swapped = tensor.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]  # same values, other places: position-weighted
+    assert engine.fingerprint(swapped) != engine.fingerprint(tensor)
+
+
+def test_joint_delta_is_the_weighted_sum_of_the_terms() -> None:
+    generator = torch.Generator().manual_seed(0)
+    terms = [
+        (torch.randn(7, 2, generator=generator), torch.randn(2, 5, generator=generator), 0.5),
+        (torch.randn(7, 3, generator=generator), torch.randn(3, 5, generator=generator), -2.0),
+    ]
+    delta = engine.LowRankDelta.from_terms(terms, torch.device("cpu"))
+    assert delta.left.shape == (7, 5) and delta.right.shape == (5, 5)
+    expected = sum(
+        coefficient * left.double() @ right.double() for left, right, coefficient in terms
+    )
+    torch.testing.assert_close((delta.left.double() @ delta.right.double()), expected)
+    assert all(tensor.is_contiguous() for tensor in (delta.left, delta.right))
+
+
+def test_in_place_without_a_correction_is_refused() -> None:
+    matrix = torch.zeros(4, 4)
+    delta = engine.LowRankDelta.from_terms(
+        [(torch.ones(4, 1), torch.ones(1, 4), 1.0)], torch.device("cpu")
+    )
+    with pytest.raises(ValueError, match="roll back"):
+        engine.fuse_matrix(
+            matrix, delta, layer="l", weight_shape=(4, 4), keep_correction=False, in_place=True
+        )
