@@ -23,9 +23,11 @@ from safemerge import guard
 from safemerge.correction import Correction, CorrectionBuilder
 from safemerge.numerics import int_view, overflow_threshold
 
-#: Bytes of float32 work per row block: the block's buffers stay in the L2 cache of current
-#: CPUs, and the fixed cost of each torch call (a few microseconds) stays small beside it.
-BLOCK_BYTES = 1024 * 1024
+#: Bytes of float32 work per row block. A block's few buffers stay in the L2/L3 caches of
+#: current CPUs, and the fixed cost of each torch call (a few microseconds) stays small
+#: beside its work; 2 MiB measured best on 2-core EPYC (1 MiB L2 a core, 32 MiB L3) for
+#: bfloat16 and float32 (see benchmarks/fuse_throughput.py).
+BLOCK_BYTES = 2 * 1024 * 1024
 
 #: Dtypes whose cast from float32 turns overflow into +-Inf, so the guard can read the cast
 #: result itself; the float8 types are cast from a float32 block checked against their range

@@ -495,7 +495,7 @@ def test_in_place_fuse_holds_no_full_size_copy() -> None:
     weight_bytes = 4096 * 4096 * 4
     growth, correction_bytes = _peak_growth_of_a_fuse(exact_unfuse=True)
     assert correction_bytes <= weight_bytes / 8
-    # Blocks of 1 MiB, their temporaries and the correction; a copy would be 64 MiB.
+    # Blocks of 2 MiB, their temporaries and the correction; a copy would be 64 MiB.
     assert growth < weight_bytes / 2, f"peak grew by {growth / 2**20:.1f} MiB for a 64 MiB weight"
     # The measurement can tell: without a correction the fuse needs a new full-size buffer.
     buffered_growth, _ = _peak_growth_of_a_fuse(exact_unfuse=False)
