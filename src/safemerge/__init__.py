@@ -9,6 +9,7 @@ from safemerge.errors import (
     UnsupportedLayerError,
 )
 from safemerge.fuse import fuse, unfuse
+from safemerge.quantized import QuantizedFuseRecord
 from safemerge.record import FuseRecord
 from safemerge.reference import expected_fuse
 
@@ -19,6 +20,7 @@ __all__ = [
     "FuseRecord",
     "LoraAdapter",
     "NonFiniteMergeError",
+    "QuantizedFuseRecord",
     "RestoreError",
     "SafemergeError",
     "UnsupportedLayerError",

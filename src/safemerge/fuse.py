@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Sequence
-from typing import TypeAlias
 
 import torch
 from torch import nn
 
-from safemerge import engine, guard
+from safemerge import bnb, engine, quantized
 from safemerge.adapter import LoraAdapter
-from safemerge.errors import AdapterConfigError, RestoreError
+from safemerge.errors import RestoreError
 from safemerge.layers import LayerView, view_layer
+from safemerge.quantized import QuantizedFuseRecord
 from safemerge.record import FuseRecord
-
-#: One adapter, or several, each optionally with its own weight: ``[(a1, 0.7), (a2, 0.3)]``.
-Adapters: TypeAlias = LoraAdapter | Sequence[LoraAdapter | tuple[LoraAdapter, float]]
+from safemerge.request import Adapters, check_request, low_rank_delta, merged_bias, weighted
 
 
 def fuse(
@@ -27,7 +23,7 @@ def fuse(
     scale: float = 1.0,
     name: str | None = None,
     exact_unfuse: bool = True,
-) -> FuseRecord:
+) -> FuseRecord | QuantizedFuseRecord:
     """Fuse one or several LoRA adapters into ``layer``'s weight (and bias), in place.
 
     The merge is computed in float32 whatever the weight's dtype:
@@ -36,8 +32,9 @@ def fuse(
     every element of the result is finite in the weight's dtype.
 
     Args:
-        layer: ``nn.Linear``, ``nn.Embedding``, ``nn.Conv1d/2d/3d`` (groups=1), or a
-            module with a 2-D weight stored ``(in, out)`` (adapter ``fan_in_fan_out=True``).
+        layer: ``nn.Linear``, ``nn.Embedding``, ``nn.Conv1d/2d/3d`` (groups=1), a
+            module with a 2-D weight stored ``(in, out)`` (adapter ``fan_in_fan_out=True``),
+            or a bitsandbytes ``Linear4bit`` (NF4/FP4, any blocksize, nested or not).
         adapters: a :class:`LoraAdapter`, or a list of adapters or ``(adapter, weight)``.
         scale: overall multiplier (PEFT's ``lora_scale``); any finite value, 0 included.
         name: the layer's name, for messages and the record.
@@ -45,7 +42,8 @@ def fuse(
             bit (about a quarter byte per weight element).
 
     Returns:
-        A :class:`FuseRecord` for :func:`unfuse` and for reports.
+        A :class:`FuseRecord` (a :class:`QuantizedFuseRecord` for a 4-bit layer) for
+        :func:`unfuse` and for reports.
 
     Raises:
         NonFiniteMergeError: the weight or bias would not be finite in its dtype.
@@ -53,14 +51,16 @@ def fuse(
         UnsupportedLayerError: the layer kind or dtype is not supported.
     """
     started = time.perf_counter()
+    if bnb.is_bnb_layer(layer):
+        return _fuse_quantized(layer, weighted(adapters), scale=scale, name=name)
     view = view_layer(layer, name)
-    pairs = _weighted(adapters)
-    _check_request(view, pairs, scale)
+    pairs = weighted(adapters)
+    check_request(view, pairs, scale)
     coefficients = tuple(weight * adapter.scale * scale for adapter, weight in pairs)
     with torch.no_grad():
-        delta = _low_rank_delta(view, pairs, coefficients)
+        delta = low_rank_delta(view, pairs, coefficients)
         factor = _dora_factor(view, pairs, delta)
-        new_bias = _bias_with(view, pairs, coefficients, sign=1.0)
+        new_bias = merged_bias(view, pairs, coefficients, sign=1.0)
         matrix, in_place = _writable_matrix(view, exact_unfuse)
         fused = engine.fuse_matrix(
             matrix,
@@ -93,7 +93,7 @@ def fuse(
     )
 
 
-def unfuse(layer: nn.Module, record: FuseRecord, *, exact: bool = True) -> None:
+def unfuse(layer: nn.Module, record: FuseRecord | QuantizedFuseRecord, *, exact: bool = True) -> None:
     """Undo the fuse that produced ``record``, in place.
 
     With ``exact=True`` every bit of the weight and bias is restored. With
@@ -106,10 +106,13 @@ def unfuse(layer: nn.Module, record: FuseRecord, *, exact: bool = True) -> None:
             no correction and ``exact=True`` was asked.
         NonFiniteMergeError: an arithmetic unfuse would leave a non-finite element.
     """
+    if isinstance(record, QuantizedFuseRecord):
+        quantized.unfuse_4bit(layer, record, exact=exact)
+        return
     view = view_layer(layer, record.layer)
     _check_record(view, record, exact)
     with torch.no_grad():
-        delta = _low_rank_delta(view, list(record.adapters), record.coefficients)
+        delta = low_rank_delta(view, list(record.adapters), record.coefficients)
         factor = None
         if record.dora_factor is not None:
             along_rows = not view.transposed
@@ -128,53 +131,8 @@ def unfuse(layer: nn.Module, record: FuseRecord, *, exact: bool = True) -> None:
         if exact and record.original_bias is not None:
             new_bias: torch.Tensor | None = record.original_bias
         else:
-            new_bias = _bias_with(view, list(record.adapters), record.coefficients, sign=-1.0)
+            new_bias = merged_bias(view, list(record.adapters), record.coefficients, sign=-1.0)
         _commit(view, restored, new_bias)
-
-
-def _weighted(adapters: Adapters) -> list[tuple[LoraAdapter, float]]:
-    if isinstance(adapters, LoraAdapter):
-        return [(adapters, 1.0)]
-    pairs: list[tuple[LoraAdapter, float]] = []
-    for position, item in enumerate(adapters):
-        if isinstance(item, LoraAdapter):
-            pairs.append((item, 1.0))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], LoraAdapter):
-            pairs.append((item[0], float(item[1])))
-        else:
-            raise AdapterConfigError(
-                f"adapters[{position}] must be a LoraAdapter or a (LoraAdapter, weight) pair; "
-                f"got {type(item).__name__}"
-            )
-    if not pairs:
-        raise AdapterConfigError("no adapters given: pass a LoraAdapter or a non-empty list")
-    return pairs
-
-
-def _check_request(view: LayerView, pairs: list[tuple[LoraAdapter, float]], scale: float) -> None:
-    if not math.isfinite(scale):
-        raise AdapterConfigError(f"scale must be finite; got scale={scale}")
-    for position, (adapter, weight) in enumerate(pairs):
-        if not math.isfinite(weight):
-            raise AdapterConfigError(
-                f"the weight of adapter {position} must be finite; got {weight}"
-            )
-        view.check_fits(adapter)
-    if len(pairs) > 1 and any(adapter.is_dora for adapter, _ in pairs):
-        raise AdapterConfigError(
-            f"layer {view.name!r}: a DoRA adapter renormalises the whole weight, so it cannot be "
-            f"fused together with other adapters; fuse DoRA adapters one at a time"
-        )
-
-
-def _low_rank_delta(
-    view: LayerView, pairs: Sequence[tuple[LoraAdapter, float]], coefficients: Sequence[float]
-) -> engine.LowRankDelta:
-    terms = []
-    for (adapter, _), coefficient in zip(pairs, coefficients, strict=True):
-        left, right = view.factors(adapter)
-        terms.append((left, right, coefficient))
-    return engine.LowRankDelta.from_terms(terms, view.weight.device)
 
 
 def _dora_factor(
@@ -189,23 +147,13 @@ def _dora_factor(
     return engine.OutputFactor(magnitude64 / norms, along_rows)
 
 
-def _bias_with(
-    view: LayerView,
-    pairs: Sequence[tuple[LoraAdapter, float]],
-    coefficients: Sequence[float],
-    *,
-    sign: float,
-) -> torch.Tensor | None:
-    """The layer's bias plus (or minus) each adapter's scaled lora_bias, guarded."""
-    if view.bias is None or all(adapter.lora_bias is None for adapter, _ in pairs):
-        return None
-    merged = view.bias.detach().to(torch.float32).clone()
-    for (adapter, _), coefficient in zip(pairs, coefficients, strict=True):
-        if adapter.lora_bias is not None:
-            lora_bias = adapter.lora_bias.detach().to(device=merged.device, dtype=torch.float32)
-            merged.add_(lora_bias.reshape(-1) * coefficient, alpha=sign)
-    guard.check_vector(merged, layer=view.name, tensor="bias", dtype=view.bias.dtype)
-    return merged.to(view.bias.dtype)
+def _fuse_quantized(
+    layer: nn.Module, pairs: list[tuple[LoraAdapter, float]], *, scale: float, name: str | None
+) -> QuantizedFuseRecord:
+    if bnb.is_4bit_layer(layer):
+        return quantized.fuse_4bit(layer, pairs, scale=scale, name=name)
+    quantized.refuse_8bit(layer, name)
+    raise AssertionError("unreachable")
 
 
 def _writable_matrix(view: LayerView, exact_unfuse: bool) -> tuple[torch.Tensor, bool]:
