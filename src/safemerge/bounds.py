@@ -60,7 +60,9 @@ def accumulation_bound(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Ten
         rounded = float(torch.tensor(coefficient, dtype=torch.float32))
         magnitude = magnitude + abs(rounded) * products
         coefficient_error = coefficient_error + abs(coefficient - rounded) * products
-        underflow = underflow + FLOAT32_TINY_SUBNORMAL / 2 * right.to(torch.float64).abs().sum(dim=0)
+        underflow = underflow + FLOAT32_TINY_SUBNORMAL / 2 * right.to(torch.float64).abs().sum(
+            dim=0
+        )
     n = roundings([left.shape[1] for left, _, _ in terms])
     return gamma(n) * magnitude + coefficient_error + underflow + n * FLOAT32_TINY_SUBNORMAL
 

@@ -34,7 +34,8 @@ def fuse(
     Args:
         layer: ``nn.Linear``, ``nn.Embedding``, ``nn.Conv1d/2d/3d`` (groups=1), a
             module with a 2-D weight stored ``(in, out)`` (adapter ``fan_in_fan_out=True``),
-            or a bitsandbytes ``Linear4bit`` (NF4/FP4, any blocksize, nested or not).
+            or a bitsandbytes ``Linear4bit`` (NF4/FP4, any blocksize, nested or not) or
+            ``Linear8bitLt``.
         adapters: a :class:`LoraAdapter`, or a list of adapters or ``(adapter, weight)``.
         scale: overall multiplier (PEFT's ``lora_scale``); any finite value, 0 included.
         name: the layer's name, for messages and the record.
@@ -42,7 +43,7 @@ def fuse(
             bit (about a quarter byte per weight element).
 
     Returns:
-        A :class:`FuseRecord` (a :class:`QuantizedFuseRecord` for a 4-bit layer) for
+        A :class:`FuseRecord` (a :class:`QuantizedFuseRecord` for a bitsandbytes layer) for
         :func:`unfuse` and for reports.
 
     Raises:
@@ -52,7 +53,7 @@ def fuse(
     """
     started = time.perf_counter()
     if bnb.is_bnb_layer(layer):
-        return _fuse_quantized(layer, weighted(adapters), scale=scale, name=name)
+        return quantized.fuse_quantized(layer, weighted(adapters), scale=scale, name=name)
     view = view_layer(layer, name)
     pairs = weighted(adapters)
     check_request(view, pairs, scale)
@@ -93,7 +94,9 @@ def fuse(
     )
 
 
-def unfuse(layer: nn.Module, record: FuseRecord | QuantizedFuseRecord, *, exact: bool = True) -> None:
+def unfuse(
+    layer: nn.Module, record: FuseRecord | QuantizedFuseRecord, *, exact: bool = True
+) -> None:
     """Undo the fuse that produced ``record``, in place.
 
     With ``exact=True`` every bit of the weight and bias is restored. With
@@ -107,7 +110,7 @@ def unfuse(layer: nn.Module, record: FuseRecord | QuantizedFuseRecord, *, exact:
         NonFiniteMergeError: an arithmetic unfuse would leave a non-finite element.
     """
     if isinstance(record, QuantizedFuseRecord):
-        quantized.unfuse_4bit(layer, record, exact=exact)
+        quantized.unfuse_quantized(layer, record, exact=exact)
         return
     view = view_layer(layer, record.layer)
     _check_record(view, record, exact)
@@ -145,15 +148,6 @@ def _dora_factor(
     norms = engine.output_norms(view.matrix, delta, along_rows=along_rows)
     magnitude64 = magnitude.detach().to(device=norms.device, dtype=torch.float64).reshape(-1)
     return engine.OutputFactor(magnitude64 / norms, along_rows)
-
-
-def _fuse_quantized(
-    layer: nn.Module, pairs: list[tuple[LoraAdapter, float]], *, scale: float, name: str | None
-) -> QuantizedFuseRecord:
-    if bnb.is_4bit_layer(layer):
-        return quantized.fuse_4bit(layer, pairs, scale=scale, name=name)
-    quantized.refuse_8bit(layer, name)
-    raise AssertionError("unreachable")
 
 
 def _writable_matrix(view: LayerView, exact_unfuse: bool) -> tuple[torch.Tensor, bool]:

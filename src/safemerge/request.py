@@ -82,5 +82,3 @@ def merged_bias(
             merged.add_(lora_bias.reshape(-1) * coefficient, alpha=sign)
     guard.check_vector(merged, layer=view.name, tensor="bias", dtype=view.bias.dtype)
     return merged.to(view.bias.dtype)
-
-

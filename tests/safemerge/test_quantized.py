@@ -73,7 +73,7 @@ def float32_twin(layer: nn.Module) -> nn.Linear:
     from safemerge import bnb as bnb_io
 
     twin = nn.Linear(layer.in_features, layer.out_features)
-    twin.weight.data = bnb_io.dequantized(layer)
+    twin.weight.data = bnb_io.format_of(layer, "twin").read()
     twin.bias.data = layer.bias.detach().float().clone()
     return twin
 
@@ -109,7 +109,7 @@ def test_fuse_requantizes_the_float32_merge_with_the_same_settings(
     safemerge.fuse(twin, adapter)  # the float path's float32 merge of the same weight
 
     assert isinstance(record, QuantizedFuseRecord)
-    assert (record.quant_type, record.blocksize, record.nested) == (quant_type, blocksize, nested)
+    assert record.settings == {"quant_type": quant_type, "blocksize": blocksize, "nested": nested}
     # 1. Exactly bitsandbytes' quantizer applied to the float32 merge, same settings.
     packed, state = bnb_functional.quantize_4bit(
         twin.weight.detach(), blocksize=blocksize, compress_statistics=nested, quant_type=quant_type
@@ -119,8 +119,8 @@ def test_fuse_requantizes_the_float32_merge_with_the_same_settings(
     # 2. Every element within its own block's rounding bound (plus the float32 merge's).
     from safemerge import bnb as bnb_io
 
-    fused = bnb_io.dequantized(layer).double()
-    stored = bnb_io.stored_absmax(layer.weight.quant_state)
+    fused = bnb_io.format_of(layer, "proj").read().double()
+    stored = bnb_io._stored_absmax(layer.weight.quant_state)
     bound = blockwise_bound(twin.weight.detach(), blocksize, quant_type, stored).reshape(
         fused.shape
     )
@@ -163,10 +163,10 @@ def test_an_exception_during_requantization_changes_nothing(
     adapter = LoraAdapter(plain.lora_A, plain.lora_B, alpha=16, lora_bias=torch.ones(16))
     before = state_bits(layer)
 
-    def failing_quantize(*args: object, **kwargs: object) -> None:
+    def failing_quantize(self: object, merged: torch.Tensor) -> None:
         raise RuntimeError("injected during requantization")
 
-    monkeypatch.setattr(bnb_io, "quantize", failing_quantize)
+    monkeypatch.setattr(bnb_io.FourBit, "quantize", failing_quantize)
     with pytest.raises(RuntimeError, match="injected"):
         safemerge.fuse(layer, adapter)
     assert_same_state(layer, before)
@@ -226,7 +226,83 @@ def test_a_weight_repacked_for_the_cpu_kernel_is_read_in_its_own_layout() -> Non
     assert_same_state(layer, before)
 
 
-def test_eight_bit_layers_are_refused_clearly() -> None:
-    layer = bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False)
-    with pytest.raises(safemerge.UnsupportedLayerError, match="8-bit"):
-        safemerge.fuse(layer, LoraAdapter(torch.zeros(2, 16), torch.zeros(16, 2)))
+def linear_8bit(
+    out_features: int, in_features: int, *, threshold: float = 0.0, seed: int = 0
+) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.02
+    layer = bnb.nn.Linear8bitLt(
+        in_features, out_features, bias=True, has_fp16_weights=False, threshold=threshold
+    )
+    layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    layer.bias = nn.Parameter(torch.randn(out_features, generator=generator) * 0.01)
+    return layer.to("cpu")
+
+
+def int8_bits(layer: nn.Module) -> list[torch.Tensor | None]:
+    weight, state = layer.weight, layer.state
+    tensors = [
+        weight.data,
+        getattr(weight, "CB", None),
+        getattr(weight, "SCB", None),
+        state.CB,
+        state.SCB,
+        layer.bias,
+    ]
+    return [
+        None if t is None else t.detach().clone().reshape(-1).view(torch.uint8) for t in tensors
+    ]
+
+
+def assert_same_int8(layer: nn.Module, before: list[torch.Tensor | None]) -> None:
+    for now, then in zip(int8_bits(layer), before, strict=True):
+        assert (now is None) == (then is None)
+        assert now is None or torch.equal(now, then)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("after_inference", [False, True], ids=["SCB-on-weight", "SCB-in-state"])
+def test_int8_fuse_requantizes_rows_within_their_bound(
+    threshold: float, after_inference: bool
+) -> None:
+    layer = linear_8bit(24, 80, threshold=threshold)
+    inputs = torch.randn(3, 80)
+    if after_inference:
+        with torch.no_grad():
+            layer(inputs)  # moves CB and SCB into layer.state
+        assert layer.weight.SCB is None and layer.state.SCB is not None
+    adapter = adapter_for(layer)
+    twin = float32_twin(layer)
+    _, accumulated = safemerge.expected_fuse(twin, [(adapter, 1.0)])
+    exact = twin.weight.detach().double() + adapter.scale * (
+        adapter.lora_B.double() @ adapter.lora_A.double()
+    )
+    before = int8_bits(layer)
+
+    record = safemerge.fuse(layer, adapter, name="down_proj")
+    safemerge.fuse(twin, adapter)
+
+    codes, scales, _ = bnb_functional.int8_vectorwise_quant(twin.weight.detach().half())
+    assert torch.equal(layer.weight.data, codes)
+    assert torch.equal(layer.state.SCB if after_inference else layer.weight.SCB, scales)
+    fused = layer.weight.data.double() * scales.double()[:, None] / 127
+    half = twin.weight.detach().half().double()
+    row_bound = scales.double()[:, None] / 254 + (half - twin.weight.detach().double()).abs()
+    assert bool(((fused - exact).abs() <= row_bound * (1 + 2**-20) + accumulated).all())
+    assert isinstance(record, QuantizedFuseRecord) and 0.0 < record.worst_error_of_bound <= 1.0
+    with torch.no_grad():  # still a working int8 layer, computing with the merged weight
+        torch.testing.assert_close(
+            layer(inputs), inputs @ fused.float().T + layer.bias, rtol=1e-4, atol=1e-4
+        )
+    safemerge.unfuse(layer, record)
+    assert_same_int8(layer, before)
+
+
+def test_int8_merge_overflowing_float16_is_refused() -> None:
+    layer = linear_8bit(8, 16)
+    adapter = LoraAdapter(torch.ones(1, 16), torch.full((8, 1), 70000.0))
+    before = int8_bits(layer)
+    with pytest.raises(NonFiniteMergeError) as caught:
+        safemerge.fuse(layer, adapter, name="mlp")
+    assert caught.value.dtype == torch.float16 and caught.value.overflow_count == 128
+    assert_same_int8(layer, before)
