@@ -17,7 +17,7 @@ import torch
 
 from safemerge import guard
 from safemerge.numerics import U32
-from safemerge.quant_grid import CODES, blockwise_bound
+from safemerge.quant_grid import CODES, block_bounds, blocks_of
 
 _4BIT_CLASSES = ("Linear4bit", "LinearNF4", "LinearFP4")
 _8BIT_CLASSES = ("Linear8bitLt",)
@@ -41,11 +41,39 @@ class Snapshot:
 
 @dataclass(frozen=True, eq=False)
 class Quantized:
-    """A quantized weight ready to install: its tensors and its float32 value."""
+    """A quantized weight ready to install: its tensors, its float32 value, its bound.
+
+    The bound on ``|values - merged|`` is one number per group of ``group`` elements in
+    flat order (a 4-bit block, an 8-bit row), plus an element's own term where there is
+    one (the float16 rounding of the 8-bit path).
+    """
 
     attributes: dict[str, Any]
     values: torch.Tensor
-    bound: torch.Tensor = field(repr=False)
+    group: int
+    group_bound: torch.Tensor = field(repr=False)
+    element_bound: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def bound(self) -> torch.Tensor:
+        """The bound of every element, float64, shaped like ``values``."""
+        expanded = self.group_bound.repeat_interleave(self.group)[: self.values.numel()]
+        bound = expanded.reshape(self.values.shape)
+        return bound if self.element_bound is None else bound + self.element_bound
+
+    def worst_ratio(self, merged: torch.Tensor) -> float:
+        """The largest ``|values - merged| / bound`` over all elements."""
+        if self.values.numel() == 0:
+            return 0.0
+        error = (self.values - merged).abs()
+        if self.element_bound is not None:
+            group_bound = self.group_bound.float().repeat_interleave(self.group)[: error.numel()]
+            bound = group_bound.reshape(error.shape) + self.element_bound
+            return float((error / bound.clamp_min(torch.finfo(torch.float32).tiny)).max())
+        worst_in_group = blocks_of(error.reshape(-1), self.group).amax(dim=1).double()
+        return float(
+            (worst_in_group / self.group_bound.clamp_min(torch.finfo(torch.float64).tiny)).max()
+        )
 
 
 class QuantizedFormat:
@@ -64,6 +92,12 @@ class QuantizedFormat:
 
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def data(self) -> torch.Tensor:
+        """The quantized weight's own bytes (packed codes, or int8 rows), in a layout that
+        inference does not change."""
+        data: torch.Tensor = self.layer.weight.data
+        return data
 
     def read(self) -> torch.Tensor:
         """The weight the layer holds, float32 ``(out, in)``."""
@@ -92,13 +126,17 @@ class FourBit(QuantizedFormat):
     def __init__(self, layer: Any, name: str) -> None:
         super().__init__(layer, name)
         state = layer.weight.quant_state
-        self.cpu_packed = bool(getattr(state, "packing_format_for_cpu", False))
         self.blocksize = int(state.blocksize)
         self.quant_type = str(state.quant_type)
         self.nested = bool(state.original_nested if self.cpu_packed else state.nested)
-        self.dtype = state.original_dtype if self.cpu_packed else state.dtype
+        self.dtype = state.original_dtype if self.cpu_packed else state.dtype  # as quantized
         self.storage = getattr(state, "original_storage_type", None) or layer.weight.data.dtype
         self.group = self.blocksize
+
+    @property
+    def cpu_packed(self) -> bool:
+        """Whether the weight is now in the AVX512-BF16 CPU kernel's layout."""
+        return bool(getattr(self.layer.weight.quant_state, "packing_format_for_cpu", False))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -107,6 +145,24 @@ class FourBit(QuantizedFormat):
 
     def describe(self) -> dict[str, Any]:
         return {"quant_type": self.quant_type, "blocksize": self.blocksize, "nested": self.nested}
+
+    def data(self) -> torch.Tensor:
+        """The packed codes in bitsandbytes' plain layout (a CPU-repacked weight reordered
+        back), so that inference's repacking does not look like a change."""
+        if not self.cpu_packed:
+            return super().data()
+        return self._plain_codes()
+
+    def _plain_codes(self) -> torch.Tensor:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        # The inverse reorders the codes exactly (its absmax handling is lossy: unused).
+        state = self.layer.weight.quant_state
+        reordered, _ = _convert_weight_packed_for_cpu_inverse(
+            self.layer.weight.data.clone(), copy.deepcopy(state)
+        )
+        codes: torch.Tensor = reordered.reshape(-1).view(torch.uint8)
+        return codes
 
     def read(self) -> torch.Tensor:
         """``code * absmax`` exactly, computed here rather than by bitsandbytes'
@@ -117,14 +173,8 @@ class FourBit(QuantizedFormat):
         kernel computes with, so that is what the layer's weight is."""
         state = self.layer.weight.quant_state
         if self.cpu_packed:
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            # The inverse reorders the codes exactly (its absmax handling is lossy: unused).
-            reordered, _ = _convert_weight_packed_for_cpu_inverse(
-                self.layer.weight.data.clone(), copy.deepcopy(state)
-            )
             absmax = state.absmax.T.reshape(-1)  # (in / blocksize, out) in this layout
-            return self._from_codes(reordered, absmax)
+            return self._from_codes(self._plain_codes(), absmax)
         return self._from_codes(self.layer.weight.data, _stored_absmax(state))
 
     def quantize(self, merged: torch.Tensor) -> Quantized:
@@ -139,12 +189,9 @@ class FourBit(QuantizedFormat):
         )
         state.dtype = self.dtype  # what dequantization returns, as before
         absmax = _stored_absmax(state)
-        bound = blockwise_bound(merged, self.blocksize, self.quant_type, absmax).reshape(
-            merged.shape
-        )
-        return Quantized(
-            {"data": packed, "quant_state": state}, self._from_codes(packed, absmax), bound
-        )
+        bounds = block_bounds(merged, self.blocksize, self.quant_type, absmax)
+        values = self._from_codes(packed, absmax)
+        return Quantized({"data": packed, "quant_state": state}, values, self.blocksize, bounds)
 
     def snapshot(self) -> Snapshot:
         weight = self.layer.weight
@@ -162,12 +209,11 @@ class FourBit(QuantizedFormat):
     def _from_codes(self, packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
         rows, columns = self.shape
         data = packed.reshape(-1).view(torch.uint8)
-        codes = torch.empty(data.numel() * 2, dtype=torch.long, device=data.device)
-        codes[0::2] = (data >> 4).long()  # two codes a byte, high nibble first
-        codes[1::2] = (data & 0xF).long()
+        codes = torch.stack([data >> 4, data & 0xF], dim=1)  # two a byte, high nibble first
         table = torch.tensor(CODES[self.quant_type], dtype=torch.float32, device=data.device)
-        scales = absmax.float().reshape(-1).repeat_interleave(self.blocksize)[: rows * columns]
-        return (table[codes[: rows * columns]] * scales).reshape(rows, columns)
+        values = blocks_of(table[codes.reshape(-1)[: rows * columns].int()], self.blocksize)
+        values *= absmax.float().reshape(-1, 1)
+        return values.reshape(-1)[: rows * columns].reshape(rows, columns)
 
 
 class EightBit(QuantizedFormat):
@@ -194,7 +240,9 @@ class EightBit(QuantizedFormat):
 
     def _scales(self) -> torch.Tensor:
         weight, state = self.layer.weight, self.layer.state
-        scales: torch.Tensor | None = weight.SCB if getattr(weight, "SCB", None) is not None else state.SCB
+        scales: torch.Tensor | None = (
+            weight.SCB if getattr(weight, "SCB", None) is not None else state.SCB
+        )
         if scales is None:
             raise _not_quantized_yet(self.name)
         return scales
@@ -208,13 +256,16 @@ class EightBit(QuantizedFormat):
 
         guard.check_vector(merged, layer=self.name, tensor="weight", dtype=torch.float16)
         half = merged.to(torch.float16)
-        codes, scales, _ = bnb_functional.int8_vectorwise_quant(half.clone())
+        codes, scales, _ = bnb_functional.int8_vectorwise_quant(half)  # threshold 0: A untouched
         values = codes.float() * (scales.float()[:, None] / 127.0)
         # Row-wise rounding to 1/127 of the row's absmax, the float16 cast before it, and
-        # the float32 products of (de)quantization.
-        row_scale = scales.double()[:, None]
-        bound = row_scale / 254 + (half.double() - merged.double()).abs() + 4 * U32 * row_scale
-        return Quantized({"CB": codes, "SCB": scales}, values, bound)
+        # the float32 products of (de)quantization. The float16 error is exact in float32
+        # up to one rounding of the difference, which the factor covers.
+        row_bound = scales.double() * (1 / 254 + 4 * U32)
+        float16_error = (half.float() - merged).abs_().mul_(1 + 4 * U32)
+        return Quantized(
+            {"CB": codes, "SCB": scales}, values, self.shape[1], row_bound, float16_error
+        )
 
     def snapshot(self) -> Snapshot:
         weight, state = self.layer.weight, self.layer.state

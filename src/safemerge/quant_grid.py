@@ -39,13 +39,13 @@ def largest_half_gap(quant_type: str) -> float:
     return max(high - low for low, high in itertools.pairwise(grid)) / 2
 
 
-def blockwise_bound(
+def block_bounds(
     ideal: torch.Tensor,
     blocksize: int,
     quant_type: str,
     stored_absmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-element bound on ``|dequantize(quantize(ideal)) - ideal|`` (float64, flat).
+    """Per-block bound on ``|dequantize(quantize(ideal)) - ideal|`` (float64, one per block).
 
     Args:
         ideal: the float32 values that were quantized, in bitsandbytes' flat order.
@@ -58,11 +58,27 @@ def blockwise_bound(
     a code (a value within rounding of a midpoint may go either way) and the float32
     product that dequantizes.
     """
-    flat = ideal.reshape(-1).to(torch.float64)
-    padding = (-flat.numel()) % blocksize
-    blocks = torch.nn.functional.pad(flat, (0, padding)).reshape(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    per_block = (largest_half_gap(quant_type) + 2 * U32) * absmax
+    absmax = blocks_of(ideal.reshape(-1).abs(), blocksize).amax(dim=1).to(torch.float64)
+    bounds = (largest_half_gap(quant_type) + 2 * U32) * absmax
     if stored_absmax is not None:
-        per_block = per_block + (stored_absmax.to(torch.float64).reshape(-1) - absmax).abs()
-    return per_block.repeat_interleave(blocksize)[: flat.numel()]
+        bounds = bounds + (stored_absmax.to(torch.float64).reshape(-1) - absmax).abs()
+    return bounds
+
+
+def blockwise_bound(
+    ideal: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    stored_absmax: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`block_bounds` repeated for every element of its block (float64, flat)."""
+    bounds = block_bounds(ideal, blocksize, quant_type, stored_absmax)
+    return bounds.repeat_interleave(blocksize)[: ideal.numel()]
+
+
+def blocks_of(flat: torch.Tensor, size: int) -> torch.Tensor:
+    """A flat tensor as rows of ``size`` (the last one padded with zeros)."""
+    padding = (-flat.numel()) % size
+    if padding:
+        flat = torch.nn.functional.pad(flat, (0, padding))
+    return flat.reshape(-1, size)

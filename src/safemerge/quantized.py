@@ -21,10 +21,11 @@ from safemerge import bnb, engine
 from safemerge.adapter import LoraAdapter
 from safemerge.errors import RestoreError, UnsupportedLayerError
 from safemerge.layers import LayerView
+from safemerge.quant_grid import blocks_of
 from safemerge.request import check_request, low_rank_delta, merged_bias
 
 #: Random inputs used to report how much the requantized layer's output moved.
-REPORT_INPUTS = 64
+REPORT_INPUTS = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +40,8 @@ class QuantizedFuseRecord:
         adapters, scale, coefficients: as in :class:`safemerge.FuseRecord`.
         original: every byte and state object of the quantized weight before the fuse.
         original_bias: a copy of the bias before the fuse, when the fuse changed it.
+        fused_fingerprint: checksum of the quantized weight after the fuse, to detect
+            later changes (another fuse) before an exact unfuse puts old bytes back.
         worst_error_of_bound: the largest ``|dequantized - ideal| / bound`` over all
             elements, ``ideal`` the float32 merge, ``bound`` the element's block bound.
         blocks: number of scale blocks in the weight (4-bit absmax blocks, 8-bit rows).
@@ -59,6 +62,7 @@ class QuantizedFuseRecord:
     coefficients: tuple[float, ...]
     original: bnb.Snapshot
     original_bias: torch.Tensor | None
+    fused_fingerprint: int
     worst_error_of_bound: float
     blocks: int
     blocks_changed: int
@@ -131,6 +135,7 @@ def fuse_quantized(
         if new_bias is not None and view.bias is not None:
             view.bias.detach().copy_(new_bias)
     return QuantizedFuseRecord(
+        fused_fingerprint=engine.fingerprint(quantized_format.data()),
         layer=label,
         kind=quantized_format.kind,
         shape=quantized_format.shape,
@@ -161,6 +166,11 @@ def unfuse_quantized(layer: Any, record: QuantizedFuseRecord, *, exact: bool = T
         weight = quantized_format.read()
         view = _view(layer, record.layer, weight, quantized_format)
         if exact:
+            if engine.fingerprint(quantized_format.data()) != record.fused_fingerprint:
+                raise RestoreError(
+                    f"layer {record.layer!r} changed since this record's fuse (another fuse or "
+                    f"unfuse): undo fuses in reverse order, each with its own record"
+                )
             quantized_format.restore(record.original)
             if record.original_bias is not None and view.bias is not None:
                 view.bias.detach().copy_(record.original_bias)
@@ -197,27 +207,20 @@ def _report(
     delta: engine.LowRankDelta,
     group: int,
 ) -> dict[str, Any]:
-    error = (result.values.to(torch.float64) - merged.to(torch.float64)).abs()
-    worst = (
-        float((error / result.bound.clamp_min(torch.finfo(torch.float64).tiny)).max())
-        if error.numel()
-        else 0.0
-    )
-    changed = (result.values != weight).reshape(-1)
-    padding = (-changed.numel()) % group
-    changed_blocks = torch.nn.functional.pad(changed, (0, padding)).reshape(-1, group).any(dim=1)
+    change = result.values - weight
+    changed_groups = blocks_of(change.reshape(-1) != 0, group).any(dim=1)
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(REPORT_INPUTS, weight.shape[1], generator=generator)
     adapter_effect = (inputs @ delta.right.T) @ delta.left.T
-    distortion = inputs @ (result.values - weight).T - adapter_effect
+    distortion = inputs @ change.T - adapter_effect
     effect_norm = float(torch.linalg.vector_norm(adapter_effect))
     output_error = (
         float(torch.linalg.vector_norm(distortion)) / effect_norm if effect_norm > 0 else math.inf
     )
     return {
-        "worst_error_of_bound": worst,
-        "blocks": int(changed_blocks.numel()),
-        "blocks_changed": int(changed_blocks.sum()),
-        "elements_changed": int(changed.sum()),
+        "worst_error_of_bound": result.worst_ratio(merged),
+        "blocks": int(changed_groups.numel()),
+        "blocks_changed": int(changed_groups.sum()),
+        "elements_changed": int((change != 0).sum()),
         "output_error": output_error,
     }

@@ -306,3 +306,55 @@ def test_int8_merge_overflowing_float16_is_refused() -> None:
         safemerge.fuse(layer, adapter, name="mlp")
     assert caught.value.dtype == torch.float16 and caught.value.overflow_count == 128
     assert_same_int8(layer, before)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_keeps_its_settings_and_works_for_more_fuses(
+    compute_dtype: torch.dtype, weight_dtype: torch.dtype
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(24, 64, generator=generator) * 0.02).to(weight_dtype)
+    layer = bnb.nn.Linear4bit(64, 24, bias=False, quant_type="fp4", compute_dtype=compute_dtype)
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="fp4", blocksize=32)
+    layer = layer.to("cpu")
+    state_dtype = layer.weight.quant_state.dtype
+    before = state_bits_without_bias(layer)
+    first = safemerge.fuse(layer, adapter_for(layer, seed=1))
+    second = safemerge.fuse(layer, adapter_for(layer, seed=2))
+    assert layer.weight.quant_state.dtype == state_dtype
+    assert (layer.weight.quant_state.blocksize, layer.weight.quant_state.quant_type) == (32, "fp4")
+    with torch.no_grad():
+        out = layer(torch.randn(2, 64).to(compute_dtype))
+    assert out.dtype == compute_dtype and bool(torch.isfinite(out).all())
+    with pytest.raises(safemerge.RestoreError, match="reverse order"):
+        safemerge.unfuse(layer, first)
+    safemerge.unfuse(layer, second)
+    safemerge.unfuse(layer, first)
+    assert all(
+        torch.equal(a, b) for a, b in zip(state_bits_without_bias(layer), before, strict=True)
+    )
+
+
+def state_bits_without_bias(layer: nn.Module) -> list[torch.Tensor]:
+    state = layer.weight.quant_state
+    return [
+        t.detach().clone().reshape(-1).view(torch.uint8) for t in (layer.weight.data, state.absmax)
+    ]
+
+
+def test_an_exception_during_int8_requantization_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from safemerge import bnb as bnb_io
+
+    layer = linear_8bit(8, 16)
+    before = int8_bits(layer)
+
+    def failing_quantize(self: object, merged: torch.Tensor) -> None:
+        raise KeyboardInterrupt("injected")
+
+    monkeypatch.setattr(bnb_io.EightBit, "quantize", failing_quantize)
+    with pytest.raises(KeyboardInterrupt):
+        safemerge.fuse(layer, adapter_for(layer))
+    assert_same_int8(layer, before)
