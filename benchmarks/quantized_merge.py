@@ -19,15 +19,13 @@ It is a benchmark, not a test: it always exits with status 0.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import math
-import time
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from fuse_throughput import interleaved_best_times  # the same turn-taking timer
 from torch import nn
 
 import safemerge
@@ -119,26 +117,24 @@ def measure(
     ).read()  # type: ignore[union-attr]
 
     def ours() -> nn.Module:
-        layer = quantized_layer(kind, nested, blocksize, template)
-        return layer
+        return quantized_layer(kind, nested, blocksize, template)
 
     def theirs() -> nn.Module:
         return peft_lora_layer(peft, quantized_layer(kind, nested, blocksize, template), adapter)
 
-    runs: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], object]]] = {
-        "safemerge": (ours, lambda layer: safemerge.fuse(layer, adapter)),
-        "peft": (theirs, lambda layer: layer.merge(safe_merge=True)),
-    }
-    best = dict.fromkeys(runs, math.inf)
     merged: dict[str, nn.Module] = {}
-    for _ in range(repeats):
-        for name, (prepare, run) in runs.items():
-            layer = prepare()
-            gc.collect()
-            started = time.perf_counter()
-            run(layer)
-            best[name] = min(best[name], time.perf_counter() - started)
-            merged[name] = layer
+
+    def fuse_ours(layer: nn.Module) -> None:
+        safemerge.fuse(layer, adapter)
+        merged["safemerge"] = layer
+
+    def merge_theirs(layer: nn.Module) -> None:
+        layer.merge(safe_merge=True)
+        merged["peft"] = layer
+
+    best = interleaved_best_times(
+        {"safemerge": (fuse_ours, ours), "peft": (merge_theirs, theirs)}, repeats
+    )
     peft_base = merged["peft"].get_base_layer()
     ours_error = error_of(merged["safemerge"], dequantized, adapter)
     peft_error = error_of(peft_base, dequantized, adapter)
