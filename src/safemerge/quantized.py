@@ -210,7 +210,7 @@ def _report(
     change = result.values - weight
     changed_groups = blocks_of(change.reshape(-1) != 0, group).any(dim=1)
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(REPORT_INPUTS, weight.shape[1], generator=generator)
+    inputs = torch.randn(REPORT_INPUTS, weight.shape[1], generator=generator).to(weight.device)
     adapter_effect = (inputs @ delta.right.T) @ delta.left.T
     distortion = inputs @ change.T - adapter_effect
     effect_norm = float(torch.linalg.vector_norm(adapter_effect))

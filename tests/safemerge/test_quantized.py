@@ -358,3 +358,22 @@ def test_an_exception_during_int8_requantization_changes_nothing(
     with pytest.raises(KeyboardInterrupt):
         safemerge.fuse(layer, adapter_for(layer))
     assert_same_int8(layer, before)
+
+
+def test_int8_layer_takes_further_fuses_and_refuses_nan() -> None:
+    layer = linear_8bit(12, 40)
+    before = int8_bits(layer)
+    first = safemerge.fuse(layer, adapter_for(layer, seed=1))
+    second = safemerge.fuse(layer, adapter_for(layer, seed=2))
+    poisoned = adapter_for(layer, seed=3)
+    poisoned.lora_A[0, -1] = float("nan")
+    middle = int8_bits(layer)
+    with pytest.raises(NonFiniteMergeError) as caught:
+        safemerge.fuse(layer, poisoned)
+    assert caught.value.nan_count > 0
+    assert_same_int8(layer, middle)
+    with torch.no_grad():
+        assert bool(torch.isfinite(layer(torch.randn(2, 40))).all())
+    safemerge.unfuse(layer, second)
+    safemerge.unfuse(layer, first)
+    assert_same_int8(layer, before)
