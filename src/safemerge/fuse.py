@@ -14,6 +14,7 @@ from safemerge.layers import LayerView, view_layer
 from safemerge.quantized import QuantizedFuseRecord
 from safemerge.record import FuseRecord
 from safemerge.request import Adapters, check_request, low_rank_delta, merged_bias, weighted
+from safemerge.request import coefficients as coefficients_of
 
 
 def fuse(
@@ -57,7 +58,7 @@ def fuse(
     view = view_layer(layer, name)
     pairs = weighted(adapters)
     check_request(view, pairs, scale)
-    coefficients = tuple(weight * adapter.scale * scale for adapter, weight in pairs)
+    coefficients = coefficients_of(pairs, scale)
     with torch.no_grad():
         delta = low_rank_delta(view, pairs, coefficients)
         factor = _dora_factor(view, pairs, delta)

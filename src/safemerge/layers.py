@@ -94,8 +94,8 @@ def view_layer(layer: nn.Module, name: str | None = None) -> LayerView:
     class_name = type(layer).__name__
     if class_name in _QUANTIZED_CLASS_NAMES:
         raise UnsupportedLayerError(
-            f"layer {label!r} is a bitsandbytes {class_name}: quantized layers are not "
-            f"supported by this fuse path; dequantize the layer first"
+            f"layer {label!r} is a {class_name} from {type(layer).__module__}, not bitsandbytes': "
+            f"safemerge fuses bitsandbytes' own quantized layers only"
         )
     weight = getattr(layer, "weight", None)
     if not isinstance(weight, torch.Tensor):

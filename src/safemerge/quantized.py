@@ -23,6 +23,7 @@ from safemerge.errors import RestoreError, UnsupportedLayerError
 from safemerge.layers import LayerView
 from safemerge.quant_grid import blocks_of
 from safemerge.request import check_request, low_rank_delta, merged_bias
+from safemerge.request import coefficients as coefficients_of
 
 #: Random inputs used to report how much the requantized layer's output moved.
 REPORT_INPUTS = 16
@@ -121,7 +122,7 @@ def fuse_quantized(
         weight = quantized_format.read()
         view = _view(layer, label, weight, quantized_format)
         check_request(view, pairs, scale)
-        coefficients = tuple(weight_ * adapter.scale * scale for adapter, weight_ in pairs)
+        coefficients = coefficients_of(pairs, scale)
         delta = low_rank_delta(view, pairs, coefficients)
         new_bias = merged_bias(view, pairs, coefficients, sign=1.0)
         merged = _float32_merge(weight, delta, label)

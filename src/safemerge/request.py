@@ -39,6 +39,11 @@ def weighted(adapters: Adapters) -> list[tuple[LoraAdapter, float]]:
     return pairs
 
 
+def coefficients(pairs: Sequence[tuple[LoraAdapter, float]], scale: float) -> tuple[float, ...]:
+    """Per adapter, what multiplies ``B @ A``: its weight, its own scale, the overall scale."""
+    return tuple(weight * adapter.scale * scale for adapter, weight in pairs)
+
+
 def check_request(view: LayerView, pairs: list[tuple[LoraAdapter, float]], scale: float) -> None:
     if not math.isfinite(scale):
         raise AdapterConfigError(f"scale must be finite; got scale={scale}")
