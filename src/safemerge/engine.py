@@ -319,31 +319,68 @@ def unfuse_matrix(
     block_rows: int,
     factor: OutputFactor | None = None,
     correction: Correction | None = None,
-) -> torch.Tensor:
+    in_place: bool = False,
+) -> torch.Tensor | None:
     """Undo :func:`fuse_matrix`: exactly with ``correction``, arithmetically without.
 
     ``block_rows`` must be the fuse's, so that every block's arithmetic repeats exactly.
+    ``in_place`` (exact unfuse only) restores ``fused`` itself and returns None; an
+    exception midway fuses the restored blocks again, which gives back their fused bits
+    exactly (the fuse is a deterministic function of the original). Otherwise the result
+    is a new tensor.
 
     Raises:
         NonFiniteMergeError: an arithmetic unfuse would leave a non-finite element.
     """
+    if in_place and correction is None:
+        raise ValueError(
+            "an in-place unfuse needs the correction (only an exact unfuse can roll back)"
+        )
     dtype = fused.dtype
     rows, columns = fused.shape
     blocks = _Blocks(fused, delta, block_rows, factor)
-    result = torch.empty(rows, columns, dtype=dtype, device=fused.device)
+    result = fused if in_place else torch.empty(rows, columns, dtype=dtype, device=fused.device)
+    restored_rows = 0
+    try:
+        for start, stop in blocks.ranges():
+            product = blocks.product(start, stop)
+            target = result[start:stop]
+            if correction is not None:
+                unfused = blocks.unmerge(
+                    start, stop, fused[start:stop], product, blocks.cast_block(start, stop)
+                )
+                target.copy_(correction.apply(start * columns, unfused))
+                restored_rows = stop
+                continue
+            compute = partial(blocks.unmerge, start, stop, fused[start:stop], product)
+            if not _guarded_into(target, blocks, start, stop, compute):
+                raise guard.refusal(
+                    blocks.all_unmerged(),
+                    layer=layer,
+                    tensor="weight",
+                    dtype=dtype,
+                    shape=weight_shape,
+                )
+    except BaseException:
+        if in_place:
+            _refuse_rows(blocks, restored_rows)
+        raise
+    return None if in_place else result
+
+
+def _refuse_rows(blocks: _Blocks, rows: int) -> None:
+    """Fuse ``matrix[:rows]`` again after an in-place unfuse failed midway (exact: the
+    same arithmetic as the original fuse, from the same original values)."""
     for start, stop in blocks.ranges():
+        if start >= rows:
+            return
         product = blocks.product(start, stop)
-        target = result[start:stop]
-        if correction is not None:
-            blocks.unmerge(start, stop, fused[start:stop], product, target)
-            target.copy_(correction.apply(start * columns, target))
-            continue
-        compute = partial(blocks.unmerge, start, stop, fused[start:stop], product)
-        if not _guarded_into(target, blocks, start, stop, compute):
-            raise guard.refusal(
-                blocks.all_unmerged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape
-            )
-    return result
+        fused = blocks.cast_block(start, stop)
+        if fused.dtype in _CAST_SHOWS_OVERFLOW:
+            blocks.merge(start, stop, product, fused)
+        else:
+            fused.copy_(blocks.merge(start, stop, product, blocks.float32_block(start, stop)))
+        blocks.matrix[start:stop].copy_(fused)
 
 
 def output_norms(matrix: torch.Tensor, delta: LowRankDelta, *, along_rows: bool) -> torch.Tensor:

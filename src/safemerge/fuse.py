@@ -122,15 +122,17 @@ def unfuse(
             along_rows = not view.transposed
             values = record.dora_factor.to(view.weight.device)
             factor = engine.OutputFactor(values, along_rows)
+        matrix, in_place = _writable_matrix(view, exact)
         with engine.pinned_threads(record.num_threads):
             restored = engine.unfuse_matrix(
-                view.matrix,
+                matrix,
                 delta,
                 layer=view.name,
                 weight_shape=view.weight.shape,
                 block_rows=record.block_rows,
                 factor=factor,
                 correction=record.correction if exact else None,
+                in_place=in_place,
             )
         if exact and record.original_bias is not None:
             new_bias: torch.Tensor | None = record.original_bias
@@ -152,10 +154,10 @@ def _dora_factor(
 
 
 def _writable_matrix(view: LayerView, exact_unfuse: bool) -> tuple[torch.Tensor, bool]:
-    """The weight as M, and whether the fuse may write into it directly.
+    """The weight as M, and whether a fuse or unfuse may write into it directly.
 
-    In place needs the exact correction (it is what rolls a failure back) and M to be a
-    view of the weight's own storage (a conv weight in channels_last is not).
+    In place needs the exact correction (it is what makes a failure reversible) and M to
+    be a view of the weight's own storage (a conv weight in channels_last is not).
     """
     try:
         matrix = view.weight.detach().view(view.matrix_shape)

@@ -462,8 +462,9 @@ def test_a_refusal_in_the_last_block_rolls_back_the_blocks_written_before_it(
     assert caught.value.first_index[0] == 39
 
 
-def _peak_growth_of_a_fuse(exact_unfuse: bool) -> tuple[int, int]:
-    """Peak RSS growth (bytes) of fusing into a 64 MiB float32 weight, in a fresh process."""
+def _peak_growth_of_a_fuse(exact_unfuse: bool) -> tuple[int, int, int]:
+    """Peak RSS growth (bytes) of fusing into a 64 MiB float32 weight, in a fresh process;
+    the correction's size; and the further peak growth of unfusing it."""
     import subprocess
 
     # VmHWM is this process's own peak RSS (ru_maxrss would start at the parent's).
@@ -481,32 +482,72 @@ adapter = safemerge.LoraAdapter(torch.randn(16, 4096) * 0.01, torch.randn(4096, 
 before = peak()
 record = safemerge.fuse(layer, adapter, exact_unfuse={exact_unfuse})
 after = peak()
-print((after - before) * 1024, record.nbytes)
+safemerge.unfuse(layer, record, exact={exact_unfuse})
+print((after - before) * 1024, record.nbytes, (peak() - after) * 1024)
 """
     completed = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
-    growth, correction_bytes = (int(value) for value in completed.stdout.split())
-    return growth, correction_bytes
+    growth, correction_bytes, unfuse_growth = (int(value) for value in completed.stdout.split())
+    return growth, correction_bytes, unfuse_growth
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_in_place_fuse_holds_no_full_size_copy() -> None:
+def test_in_place_fuse_and_unfuse_hold_no_full_size_copy() -> None:
     weight_bytes = 4096 * 4096 * 4
-    growth, correction_bytes = _peak_growth_of_a_fuse(exact_unfuse=True)
+    growth, correction_bytes, unfuse_growth = _peak_growth_of_a_fuse(exact_unfuse=True)
     assert correction_bytes <= weight_bytes / 8
     # Blocks of 2 MiB, their temporaries and the correction; a copy would be 64 MiB.
     assert growth < weight_bytes / 2, f"peak grew by {growth / 2**20:.1f} MiB for a 64 MiB weight"
+    assert unfuse_growth < weight_bytes / 2, f"unfuse: {unfuse_growth / 2**20:.1f} MiB more"
     # The measurement can tell: without a correction the fuse needs a new full-size buffer.
-    buffered_growth, _ = _peak_growth_of_a_fuse(exact_unfuse=False)
+    buffered_growth, _, _ = _peak_growth_of_a_fuse(exact_unfuse=False)
     assert buffered_growth >= weight_bytes, f"{buffered_growth / 2**20:.1f} MiB"
 
 
 def test_record_summary_states_what_undoing_costs() -> None:
     layer = make_layer("linear", torch.bfloat16, 64, 32)
-    record = fuse(layer, [make_adapter(layer, rank=4), make_adapter(layer, rank=2, seed=1)], name="mlp.up")
+    record = fuse(
+        layer, [make_adapter(layer, rank=4), make_adapter(layer, rank=2, seed=1)], name="mlp.up"
+    )
     summary = record.summary()
     assert summary.startswith("mlp.up (linear, bfloat16 32x64): fused rank 4+2 in ")
     assert f"exact-unfuse correction {record.nbytes:,} bytes" in summary
     assert f"{record.nbytes / record.weight_nbytes:.1%} of the weight" in summary
-    assert "no exact-unfuse correction" in fuse(layer, make_adapter(layer), exact_unfuse=False).summary()
+    assert (
+        "no exact-unfuse correction"
+        in fuse(layer, make_adapter(layer), exact_unfuse=False).summary()
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_an_exception_midway_through_an_exact_unfuse_leaves_the_layer_fused(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    import safemerge.engine as engine
+    from safemerge.correction import Correction
+
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 64 * 4 * 8)  # 8 rows a block: many blocks
+    layer = make_layer("linear", dtype, 64, 64)
+    adapter = make_adapter(layer, magnitude=torch.rand(64) + 0.5)
+    original = snapshot(layer)
+    storage = layer.weight.untyped_storage().data_ptr()
+    record = fuse(layer, adapter)
+    fused = snapshot(layer)
+    apply = Correction.apply
+    calls = []
+
+    def failing_apply(self: Correction, offset: int, unfused: torch.Tensor) -> torch.Tensor:
+        calls.append(offset)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("injected")
+        return apply(self, offset, unfused)
+
+    monkeypatch.setattr(Correction, "apply", failing_apply)
+    with pytest.raises(KeyboardInterrupt):
+        unfuse(layer, record)
+    assert_unchanged(layer, fused)  # blocks already restored were fused again, exactly
+    monkeypatch.setattr(Correction, "apply", apply)
+    unfuse(layer, record)
+    assert_unchanged(layer, original)
+    assert layer.weight.untyped_storage().data_ptr() == storage
