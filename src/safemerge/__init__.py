@@ -8,7 +8,7 @@ from safemerge.errors import (
     SafemergeError,
     UnsupportedLayerError,
 )
-from safemerge.fuse import fuse, unfuse
+from safemerge.fuse import fuse, fuse_weight, unfuse, unfuse_weight
 from safemerge.quantized import QuantizedFuseRecord
 from safemerge.record import FuseRecord
 from safemerge.reference import expected_fuse
@@ -27,5 +27,7 @@ __all__ = [
     "__version__",
     "expected_fuse",
     "fuse",
+    "fuse_weight",
     "unfuse",
+    "unfuse_weight",
 ]

@@ -9,8 +9,9 @@ from torch import nn
 
 from safemerge import bnb, engine, quantized
 from safemerge.adapter import LoraAdapter
-from safemerge.errors import RestoreError
+from safemerge.errors import RestoreError, UnsupportedLayerError
 from safemerge.layers import LayerView, view_layer
+from safemerge.numerics import SUPPORTED_DTYPES
 from safemerge.quantized import QuantizedFuseRecord
 from safemerge.record import FuseRecord
 from safemerge.request import Adapters, check_request, low_rank_delta, merged_bias, weighted
@@ -52,10 +53,64 @@ def fuse(
         AdapterConfigError: an adapter does not fit the layer.
         UnsupportedLayerError: the layer kind or dtype is not supported.
     """
-    started = time.perf_counter()
     if bnb.is_bnb_layer(layer):
         return quantized.fuse_quantized(layer, weighted(adapters), scale=scale, name=name)
-    view = view_layer(layer, name)
+    return _fuse_view(view_layer(layer, name), adapters, scale=scale, exact_unfuse=exact_unfuse)
+
+
+def fuse_weight(
+    weight: torch.Tensor,
+    adapters: Adapters,
+    *,
+    scale: float = 1.0,
+    name: str = "weight",
+    exact_unfuse: bool = True,
+) -> FuseRecord:
+    """:func:`fuse` for a bare weight tensor: ``(out, in)``, or ``(in, out)`` when the
+    adapters have ``fan_in_fan_out=True``. The tensor is updated in place (a Parameter
+    or a plain tensor alike) with the same guard, atomicity and exact unfuse.
+    """
+    return _fuse_view(
+        _weight_view(weight, adapters, name), adapters, scale=scale, exact_unfuse=exact_unfuse
+    )
+
+
+def unfuse_weight(weight: torch.Tensor, record: FuseRecord, *, exact: bool = True) -> None:
+    """:func:`unfuse` for a weight fused with :func:`fuse_weight`."""
+    view = LayerView(
+        record.layer,
+        record.kind,
+        weight,
+        None,
+        _matrix_shape(weight),
+        record.kind == "fan_in_fan_out",
+    )
+    _unfuse_view(view, record, exact=exact)
+
+
+def _weight_view(weight: torch.Tensor, adapters: Adapters, name: str) -> LayerView:
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise UnsupportedLayerError(
+            f"{name!r}: fuse_weight takes a 2-D weight tensor; got "
+            f"{type(weight).__name__ if not isinstance(weight, torch.Tensor) else f'shape {tuple(weight.shape)}'}"
+        )
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedLayerError(
+            f"{name!r} has dtype {weight.dtype}; supported: {SUPPORTED_DTYPES}"
+        )
+    transposed = any(adapter.fan_in_fan_out for adapter, _ in weighted(adapters))
+    kind = "fan_in_fan_out" if transposed else "linear"
+    return LayerView(name, kind, weight, None, _matrix_shape(weight), transposed)
+
+
+def _matrix_shape(weight: torch.Tensor) -> tuple[int, int]:
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def _fuse_view(
+    view: LayerView, adapters: Adapters, *, scale: float, exact_unfuse: bool
+) -> FuseRecord:
+    started = time.perf_counter()
     pairs = weighted(adapters)
     check_request(view, pairs, scale)
     coefficients = coefficients_of(pairs, scale)
@@ -113,7 +168,10 @@ def unfuse(
     if isinstance(record, QuantizedFuseRecord):
         quantized.unfuse_quantized(layer, record, exact=exact)
         return
-    view = view_layer(layer, record.layer)
+    _unfuse_view(view_layer(layer, record.layer), record, exact=exact)
+
+
+def _unfuse_view(view: LayerView, record: FuseRecord, *, exact: bool) -> None:
     _check_record(view, record, exact)
     with torch.no_grad():
         delta = low_rank_delta(view, list(record.adapters), record.coefficients)

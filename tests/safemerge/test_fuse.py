@@ -551,3 +551,41 @@ def test_an_exception_midway_through_an_exact_unfuse_leaves_the_layer_fused(
     unfuse(layer, record)
     assert_unchanged(layer, original)
     assert layer.weight.untyped_storage().data_ptr() == storage
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e5m2])
+def test_fuse_weight_on_a_bare_tensor_is_the_layer_fuse(dtype: torch.dtype) -> None:
+    layer = make_layer("linear", dtype, 40, 24)
+    adapter = make_adapter(layer)
+    tensor = layer.weight.detach().clone()  # a plain tensor, not a Parameter
+    before = bits(tensor)
+    record = safemerge.fuse_weight(tensor, adapter, scale=0.5, name="w")
+    fuse(layer, adapter, scale=0.5)
+    assert torch.equal(bits(tensor), bits(layer.weight))
+    assert record.layer == "w" and record.exact
+    safemerge.unfuse_weight(tensor, record)
+    assert torch.equal(bits(tensor), before)
+
+
+def test_fuse_weight_transposed_and_refusals() -> None:
+    generator = torch.Generator().manual_seed(0)
+    stored = torch.randn(30, 20, generator=generator).half()  # (in, out), GPT-2 style
+    adapter = LoraAdapter(
+        torch.randn(4, 30, generator=generator),
+        torch.randn(20, 4, generator=generator),
+        fan_in_fan_out=True,
+    )
+    before = bits(stored)
+    record = safemerge.fuse_weight(stored, adapter)
+    expected = (
+        before.view(torch.float16).double() + (adapter.lora_B.double() @ adapter.lora_A.double()).T
+    )
+    assert float((stored.double() - expected).abs().max()) < 0.05
+    safemerge.unfuse_weight(stored, record)
+    assert torch.equal(bits(stored), before)
+    adapter.lora_A[-1, -1] = float("inf")
+    with pytest.raises(NonFiniteMergeError):
+        safemerge.fuse_weight(stored, adapter)
+    assert torch.equal(bits(stored), before)
+    with pytest.raises(safemerge.UnsupportedLayerError, match="2-D"):
+        safemerge.fuse_weight(torch.zeros(3, 3, 3), adapter)
