@@ -1,6 +1,8 @@
 """safemerge: guarded, exact and testable merging of LoRA adapters into model weights."""
 
+from safemerge import numerics
 from safemerge.adapter import LoraAdapter
+from safemerge.bounds import merge_bound
 from safemerge.errors import (
     AdapterConfigError,
     NonFiniteMergeError,
@@ -28,6 +30,8 @@ __all__ = [
     "expected_fuse",
     "fuse",
     "fuse_weight",
+    "merge_bound",
+    "numerics",
     "unfuse",
     "unfuse_weight",
 ]
