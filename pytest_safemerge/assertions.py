@@ -25,7 +25,7 @@ def assert_within_bound(
         return
     ratio = torch.where(torch.isnan(error), torch.full_like(error, float("inf")), error / bound)
     worst = int(ratio.reshape(-1).argmax())
-    index = _unravel(worst, tuple(actual.shape))
+    index = safemerge.numerics.unravel(worst, tuple(actual.shape))
     count, total = int(outside.sum()), actual.numel()
     raise AssertionError(
         f"{what} is not within its error bound.\n"
@@ -71,7 +71,7 @@ def assert_roundtrip(original: torch.Tensor, restored: torch.Tensor, *, max_ulps
     raise AssertionError(
         f"the round trip did not restore the weight{' exactly' if max_ulps == 0 else f' within {max_ulps} ulps'}.\n"
         f"Changed elements: {count} / {total} ({100.0 * count / max(total, 1):.1f}%)\n"
-        f"Greatest change: {int(steps.reshape(-1)[worst])} ulps at index {_unravel(worst, tuple(original.shape))} "
+        f"Greatest change: {int(steps.reshape(-1)[worst])} ulps at index {safemerge.numerics.unravel(worst, tuple(original.shape))} "
         f"(original {float(original.detach().reshape(-1)[worst].float()):.9g}, restored "
         f"{float(restored.detach().reshape(-1)[worst].float()):.9g})"
     )
@@ -89,7 +89,7 @@ def assert_atomic(before: torch.Tensor, after: torch.Tensor) -> None:
         raise AssertionError(
             f"the weight changed although the merge was refused (write before check?).\n"
             f"Changed elements: {int(changed.sum())} / {before.numel()}; first at index "
-            f"{_unravel(first, tuple(before.shape))}"
+            f"{safemerge.numerics.unravel(first, tuple(before.shape))}"
         )
 
 
@@ -104,11 +104,3 @@ def _assert_same_form(expected: torch.Tensor, actual: torch.Tensor, what: str) -
             f"{what} has shape {tuple(actual.shape)}, dtype {actual.dtype}, device {actual.device}; "
             f"expected {tuple(expected.shape)}, {expected.dtype}, {expected.device}"
         )
-
-
-def _unravel(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    index = []
-    for size in reversed(shape):
-        index.append(flat_index % size)
-        flat_index //= size
-    return tuple(reversed(index))

@@ -33,7 +33,7 @@ from hypothesis.errors import InvalidArgument
 from hypothesis.strategies import SearchStrategy
 
 import safemerge
-from safemerge.numerics import SUPPORTED_DTYPES, int_view, overflow_threshold
+from safemerge.numerics import SUPPORTED_DTYPES, int_view, overflow_threshold, unravel
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -162,14 +162,6 @@ def _seeded_normal(
     if dtype != torch.float32:
         values = values.clamp(-_dtype_max(dtype), _dtype_max(dtype))
     return values.to(dtype)
-
-
-def _index(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    out = []
-    for size in reversed(shape):
-        out.append(flat % size)
-        flat //= size
-    return tuple(reversed(out))
 
 
 # --- bit patterns ---------------------------------------------------------------------------
@@ -510,7 +502,7 @@ def _planted(
     if flat is None:
         flat = draw(st.integers(0, numel - 1))
     target.view(-1)[flat] = value
-    index = _index(flat, tuple(target.shape))
+    index = unravel(flat, tuple(target.shape))
     scale = draw(st.sampled_from((1.0, 0.5, -1.0, 2.0, 1e-3)))
     detail = f"{kind} at {_describe(name, index, numel, flat)}"
     return AdversarialAdapter(safemerge.LoraAdapter(lora_A, lora_B), kind, scale, detail)

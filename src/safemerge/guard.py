@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from safemerge.errors import NonFiniteMergeError
-from safemerge.numerics import overflow_threshold
+from safemerge.numerics import overflow_threshold, unravel
 
 
 def block_fits(merged: torch.Tensor, threshold: float) -> bool:
@@ -57,7 +57,7 @@ def refusal(
             if bool(bad.any()):
                 first_flat = offset + int(bad.nonzero()[0, 0])
         offset += flat.numel()
-    first_index = _unravel(first_flat if first_flat is not None else 0, shape)
+    first_index = unravel(first_flat if first_flat is not None else 0, shape)
     return NonFiniteMergeError(
         layer=layer,
         tensor=tensor,
@@ -75,11 +75,3 @@ def check_vector(merged: torch.Tensor, *, layer: str, tensor: str, dtype: torch.
     """Raise NonFiniteMergeError unless a small float32 ``merged`` tensor fits ``dtype``."""
     if not block_fits(merged, overflow_threshold(dtype)):
         raise refusal([merged], layer=layer, tensor=tensor, dtype=dtype, shape=merged.shape)
-
-
-def _unravel(flat_index: int, shape: Sequence[int]) -> tuple[int, ...]:
-    index: list[int] = []
-    for size in reversed(tuple(shape)):
-        index.append(flat_index % size)
-        flat_index //= size
-    return tuple(reversed(index))

@@ -6,6 +6,7 @@ Pure math on torch tensors; nothing here knows about layers or adapters.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -76,6 +77,15 @@ def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     exponent = torch.floor(torch.log2(magnitude.clamp_min(info.smallest_normal)))
     exponent = exponent.clamp_min(smallest_normal_exponent)
     return torch.exp2(exponent - mantissa)
+
+
+def unravel(flat_index: int, shape: Sequence[int]) -> tuple[int, ...]:
+    """The index into a tensor of ``shape`` of its ``flat_index``-th element (row-major)."""
+    index: list[int] = []
+    for size in reversed(tuple(shape)):
+        index.append(flat_index % size)
+        flat_index //= size
+    return tuple(reversed(index))
 
 
 def int_view(tensor: torch.Tensor) -> torch.Tensor:
