@@ -164,6 +164,23 @@ def _seeded_normal(
     return values.to(dtype)
 
 
+def _seeded_factors(
+    draw: st.DrawFn,
+    out_features: int,
+    in_features: int,
+    rank: int,
+    dtype: torch.dtype = torch.float32,
+    stds: SearchStrategy[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lora_A`` (rank, in) and ``lora_B`` (out, rank) from one drawn seed, each with a
+    drawn standard deviation."""
+    generator = _generator(draw(_seeds))
+    stds = stds if stds is not None else st.sampled_from(_STDS)
+    lora_A = _seeded_normal((rank, in_features), draw(stds), dtype, generator)
+    lora_B = _seeded_normal((out_features, rank), draw(stds), dtype, generator)
+    return lora_A, lora_B
+
+
 # --- bit patterns ---------------------------------------------------------------------------
 
 
@@ -396,9 +413,7 @@ def _lora_adapters(
         alpha = draw(alpha)
     if rslora is None:
         rslora = draw(st.booleans())
-    generator = _generator(draw(_seeds))
-    lora_A = _seeded_normal((rank, in_features), draw(st.sampled_from(_STDS)), dtype, generator)
-    lora_B = _seeded_normal((out_features, rank), draw(st.sampled_from(_STDS)), dtype, generator)
+    lora_A, lora_B = _seeded_factors(draw, out_features, in_features, rank, dtype)
     return safemerge.LoraAdapter(lora_A, lora_B, alpha=alpha, use_rslora=rslora)
 
 
@@ -487,13 +502,7 @@ def _planted(
 ) -> AdversarialAdapter:
     value = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}[kind]
     rank = draw(_ranks(out_features, in_features, max_rank))
-    generator = _generator(draw(_seeds))
-    lora_A = _seeded_normal(
-        (rank, in_features), draw(st.sampled_from(_STDS)), torch.float32, generator
-    )
-    lora_B = _seeded_normal(
-        (out_features, rank), draw(st.sampled_from(_STDS)), torch.float32, generator
-    )
+    lora_A, lora_B = _seeded_factors(draw, out_features, in_features, rank)
     name = draw(st.sampled_from(("lora_A", "lora_B")))
     target = lora_A if name == "lora_A" else lora_B
     numel = target.numel()
@@ -513,10 +522,8 @@ def _fp16_product_overflow(
     draw: st.DrawFn, out_features: int, in_features: int, weight_dtype: torch.dtype, max_rank: int
 ) -> AdversarialAdapter:
     rank = draw(st.integers(1, max_rank))
-    generator = _generator(draw(_seeds))
     stds = st.sampled_from((1.0, 0.0, 100.0))
-    lora_A = _seeded_normal((rank, in_features), draw(stds), torch.float32, generator)
-    lora_B = _seeded_normal((out_features, rank), draw(stds), torch.float32, generator)
+    lora_A, lora_B = _seeded_factors(draw, out_features, in_features, rank, stds=stds)
     # Both factors representable in float16 (an adapter stored in float16 keeps them);
     # 256 * 256 = 65536 > 65504 already.
     big = st.floats(256, 2048).map(lambda v: _representable(v, torch.float16))
@@ -601,13 +608,7 @@ def _non_contiguous(
     draw: st.DrawFn, out_features: int, in_features: int, weight_dtype: torch.dtype, max_rank: int
 ) -> AdversarialAdapter:
     rank = draw(st.integers(2, max(2, max_rank)))
-    generator = _generator(draw(_seeds))
-    a_values = _seeded_normal(
-        (rank, in_features), draw(st.sampled_from(_STDS)), torch.float32, generator
-    )
-    b_values = _seeded_normal(
-        (out_features, rank), draw(st.sampled_from(_STDS)), torch.float32, generator
-    )
+    a_values, b_values = _seeded_factors(draw, out_features, in_features, rank)
     layout = draw(st.sampled_from(("transposed", "strided")))
     if layout == "transposed" and in_features > 1:
         lora_A = a_values.t().contiguous().t()
