@@ -225,7 +225,12 @@ def _guarded_into(
     stop: int,
     compute: Callable[[torch.Tensor], torch.Tensor],
 ) -> bool:
-    """Write ``compute``'s block into ``target``; False (target untouched) if it does not fit."""
+    """Write ``compute``'s block into ``target``, and whether it fits ``target``'s dtype.
+
+    Dtypes whose cast shows overflow are computed straight into ``target`` and checked
+    there (the caller discards ``target`` on False); the float8 types go through the float32
+    block, checked against their range before ``target`` is written.
+    """
     if target.dtype in _CAST_SHOWS_OVERFLOW:
         compute(target)
         return guard.block_fits(target, overflow_threshold(target.dtype))
@@ -376,10 +381,8 @@ def _refuse_rows(blocks: _Blocks, rows: int) -> None:
             return
         product = blocks.product(start, stop)
         fused = blocks.cast_block(start, stop)
-        if fused.dtype in _CAST_SHOWS_OVERFLOW:
-            blocks.merge(start, stop, product, fused)
-        else:
-            fused.copy_(blocks.merge(start, stop, product, blocks.float32_block(start, stop)))
+        # These blocks passed the guard when they were first fused: the check repeats it.
+        _guarded_into(fused, blocks, start, stop, partial(blocks.merge, start, stop, product))
         blocks.matrix[start:stop].copy_(fused)
 
 

@@ -163,19 +163,20 @@ def unfuse_quantized(layer: Any, record: QuantizedFuseRecord, *, exact: bool = T
             f"the record is for a {record.kind} layer {record.layer!r} of shape {record.shape}, "
             f"not this {type(layer).__name__}"
         )
+    if engine.fingerprint(quantized_format.data()) != record.fused_fingerprint:
+        raise RestoreError(
+            f"layer {record.layer!r} changed since this record's fuse (another fuse or "
+            f"unfuse): undo fuses in reverse order, each with its own record"
+        )
     with torch.no_grad():
+        if exact:
+            quantized_format.restore(record.original)
+            bias = getattr(layer, "bias", None)
+            if record.original_bias is not None and isinstance(bias, torch.Tensor):
+                bias.detach().copy_(record.original_bias)
+            return
         weight = quantized_format.read()
         view = _view(layer, record.layer, weight, quantized_format)
-        if exact:
-            if engine.fingerprint(quantized_format.data()) != record.fused_fingerprint:
-                raise RestoreError(
-                    f"layer {record.layer!r} changed since this record's fuse (another fuse or "
-                    f"unfuse): undo fuses in reverse order, each with its own record"
-                )
-            quantized_format.restore(record.original)
-            if record.original_bias is not None and view.bias is not None:
-                view.bias.detach().copy_(record.original_bias)
-            return
         delta = low_rank_delta(view, list(record.adapters), [-c for c in record.coefficients])
         new_bias = merged_bias(view, list(record.adapters), record.coefficients, sign=-1.0)
         result = quantized_format.quantize(_float32_merge(weight, delta, record.layer))
