@@ -11,6 +11,9 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# Plugin tests drive pytest through pytester (tests/pytest_safemerge).
+pytest_plugins = ["pytester"]
+
 _COMMON = {
     "deadline": None,
     "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
