@@ -512,7 +512,8 @@ def _planted(
         flat = draw(st.integers(0, numel - 1))
     target.view(-1)[flat] = value
     index = unravel(flat, tuple(target.shape))
-    scale = draw(st.sampled_from((1.0, 0.5, -1.0, 2.0, 1e-3)))
+    # Any scale, zero and float32-subnormal products included: 0 * NaN and 0 * Inf are NaN.
+    scale = draw(st.sampled_from((1.0, 0.5, -1.0, 2.0, 1e-3, 0.0, -0.0, 1e-38, 1e-30, 1e30)))
     detail = f"{kind} at {_describe(name, index, numel, flat)}"
     return AdversarialAdapter(safemerge.LoraAdapter(lora_A, lora_B), kind, scale, detail)
 

@@ -20,44 +20,12 @@ from safemerge.fuse import fuse, unfuse
 from safemerge.layers import view_layer
 from safemerge.numerics import int_view
 from safemerge.reference import expected_fuse
+from safemerge.synthetic import random_adapter, tiny_model
 
 
-def tiny_model(dtype: torch.dtype = torch.bfloat16, *, seed: int = 0) -> dict[str, nn.Module]:
-    """A two-block, Llama-shaped toy: attention and MLP projections, embeddings, a conv stem."""
-    generator = torch.Generator().manual_seed(seed)
-    layers: dict[str, nn.Module] = {
-        "embed_tokens": nn.Embedding(512, 64),
-        "stem.conv": nn.Conv2d(3, 64, 3),
-    }
-    for block in range(2):
-        for name, (in_features, out_features) in {
-            "q_proj": (64, 64),
-            "k_proj": (64, 16),
-            "v_proj": (64, 16),
-            "o_proj": (64, 64),
-            "gate_proj": (64, 172),
-            "up_proj": (64, 172),
-            "down_proj": (172, 64),
-        }.items():
-            layers[f"layers.{block}.{name}"] = nn.Linear(in_features, out_features, bias=False)
-    with torch.no_grad():
-        for layer in layers.values():
-            for parameter in layer.parameters():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-            layer.to(dtype)
-    return layers
-
-
-def tiny_adapter(layer: nn.Module, *, rank: int = 8, seed: int = 0) -> LoraAdapter:
-    """A random, well-behaved LoRA adapter that fits ``layer``."""
-    view = view_layer(layer)
-    generator = torch.Generator().manual_seed(seed)
-    kernel = view.kernel_size
-    lora_A = (
-        torch.randn(rank, view.in_features, *kernel, generator=generator) / view.in_features**0.5
-    )
-    lora_B = torch.randn(view.out_features, rank, *(1 for _ in kernel), generator=generator) * 1e-2
-    return LoraAdapter(lora_A, lora_B, alpha=2 * rank)
+def tiny_adapter(layer: nn.Module, *, seed: int = 0) -> LoraAdapter:
+    """A rank-8 adapter (alpha 16) whose delta is small next to the tiny model's weights."""
+    return random_adapter(layer, rank=8, alpha=16, std=1e-2, seed=seed)
 
 
 @dataclass(frozen=True)
