@@ -5,11 +5,14 @@ from safemerge.adapter import LoraAdapter
 from safemerge.bounds import merge_bound
 from safemerge.errors import (
     AdapterConfigError,
+    AdapterFormatError,
+    CheckpointError,
     NonFiniteMergeError,
     RestoreError,
     SafemergeError,
     UnsupportedLayerError,
 )
+from safemerge.files import Checkpoint, TensorInfo, open_checkpoint
 from safemerge.fuse import fuse, fuse_weight, unfuse, unfuse_weight
 from safemerge.quantized import QuantizedFuseRecord
 from safemerge.record import FuseRecord
@@ -19,12 +22,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfigError",
+    "AdapterFormatError",
+    "Checkpoint",
+    "CheckpointError",
     "FuseRecord",
     "LoraAdapter",
     "NonFiniteMergeError",
     "QuantizedFuseRecord",
     "RestoreError",
     "SafemergeError",
+    "TensorInfo",
     "UnsupportedLayerError",
     "__version__",
     "expected_fuse",
@@ -32,6 +39,7 @@ __all__ = [
     "fuse_weight",
     "merge_bound",
     "numerics",
+    "open_checkpoint",
     "unfuse",
     "unfuse_weight",
 ]

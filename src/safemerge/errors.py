@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -99,3 +100,67 @@ def _advice(dtype: torch.dtype) -> str:
     if wider is None:
         return fixes + "."
     return f"{fixes}; or keep this layer in a wider dtype ({wider})."
+
+
+class CheckpointError(SafemergeError, ValueError):
+    """A model or adapter file cannot be read safely; nothing was loaded from it.
+
+    Attributes:
+        path: the file (or directory) at fault.
+        reason: a short code for tests and reports: ``"missing"``, ``"no-safetensors"``,
+            ``"ambiguous"``, ``"pickled"``, ``"corrupt"``, ``"truncated"``, ``"unsafe-path"``,
+            ``"missing-shard"``, ``"missing-tensor"``, ``"unlisted-tensor"``,
+            ``"duplicate"`` or ``"bad-index"``.
+        key: the tensor name (or index entry) concerned, when there is one.
+    """
+
+    def __init__(
+        self, message: str, *, path: str | Path, reason: str, key: str | None = None
+    ) -> None:
+        self.path = Path(str(path))
+        self.reason = reason
+        self.key = key
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _rebuild_checkpoint_error, (str(self), self.path, self.reason, self.key)
+
+
+class AdapterFormatError(SafemergeError, ValueError):
+    """An adapter file's keys do not map, one to one and with fitting shapes, onto the base.
+
+    Attributes:
+        path: the adapter file or directory.
+        problems: ``(key, what is wrong)`` for every offending key, in file order.
+    """
+
+    def __init__(
+        self, path: str | Path, problems: Sequence[tuple[str, str]], *, cap: int = 20
+    ) -> None:
+        self.path = Path(str(path))
+        self.problems = tuple(problems)
+        shown = "\n".join(f"  {key}: {what}" for key, what in self.problems[:cap])
+        more = len(self.problems) - cap
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        super().__init__(
+            f"adapter {self.path} does not fit the base model: {len(self.problems)} "
+            f"key(s) refused, nothing was loaded:\n{shown}{tail}\n"
+            f"Check that the adapter was trained for this base model (same architecture and "
+            f"weight names) and that the file is complete."
+        )
+        self.cap = cap
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _rebuild_adapter_format_error, (self.path, self.problems, self.cap)
+
+
+def _rebuild_checkpoint_error(
+    message: str, path: Path, reason: str, key: str | None
+) -> CheckpointError:
+    return CheckpointError(message, path=path, reason=reason, key=key)
+
+
+def _rebuild_adapter_format_error(
+    path: Path, problems: Sequence[tuple[str, str]], cap: int
+) -> AdapterFormatError:
+    return AdapterFormatError(path, problems, cap=cap)
