@@ -10,7 +10,13 @@ import torch
 
 import safemerge
 
-__all__ = ["assert_atomic", "assert_fused_close", "assert_roundtrip", "assert_within_bound"]
+__all__ = [
+    "assert_atomic",
+    "assert_fused_close",
+    "assert_roundtrip",
+    "assert_unchanged",
+    "assert_within_bound",
+]
 
 
 def assert_within_bound(
@@ -42,17 +48,19 @@ def assert_fused_close(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
+    *,
+    what: str = "the fused weight",
 ) -> None:
     """``fused`` is ``weight + scale * lora_B @ lora_A`` (an ``(out, in)`` weight) within the
     forward error bound of a float32 merge and the final cast to ``weight.dtype``."""
     __tracebackhide__ = True
     if fused.shape != weight.shape or fused.dtype != weight.dtype:
         raise AssertionError(
-            f"the fused weight changed form: shape {tuple(fused.shape)} dtype {fused.dtype}, "
+            f"{what} changed form: shape {tuple(fused.shape)} dtype {fused.dtype}, "
             f"expected shape {tuple(weight.shape)} dtype {weight.dtype}"
         )
     reference, bound = safemerge.merge_bound(weight, [(lora_B, lora_A, scale)], weight.dtype)
-    assert_within_bound(fused, reference, bound, what="the fused weight")
+    assert_within_bound(fused, reference, bound, what=what)
 
 
 def assert_roundtrip(original: torch.Tensor, restored: torch.Tensor, *, max_ulps: int = 0) -> None:
@@ -80,16 +88,31 @@ def assert_roundtrip(original: torch.Tensor, restored: torch.Tensor, *, max_ulps
 def assert_atomic(before: torch.Tensor, after: torch.Tensor) -> None:
     """A refused merge left the weight bit-identical (NaN payloads and -0.0 included)."""
     __tracebackhide__ = True
-    _assert_same_form(before, after, "after the refusal, the weight")
+    assert_unchanged(
+        before,
+        after,
+        what="the weight",
+        why="although the merge was refused (write before check?)",
+    )
+
+
+def assert_unchanged(
+    before: torch.Tensor, after: torch.Tensor, *, what: str = "the tensor", why: str = ""
+) -> None:
+    """``after`` holds every bit of ``before`` (NaN payloads and -0.0 included)."""
+    __tracebackhide__ = True
+    _assert_same_form(before, after, what)
     old = safemerge.numerics.int_view(before.detach().contiguous())
     new = safemerge.numerics.int_view(after.detach().contiguous())
     changed = old != new
     if bool(changed.any()):
         first = int(changed.reshape(-1).nonzero()[0, 0])
+        index = safemerge.numerics.unravel(first, tuple(before.shape))
         raise AssertionError(
-            f"the weight changed although the merge was refused (write before check?).\n"
+            f"{what} changed{' ' + why if why else ''}.\n"
             f"Changed elements: {int(changed.sum())} / {before.numel()}; first at index "
-            f"{safemerge.numerics.unravel(first, tuple(before.shape))}"
+            f"{index} (before {float(before.detach().reshape(-1)[first].float()):.9g}, after "
+            f"{float(after.detach().reshape(-1)[first].float()):.9g})"
         )
 
 

@@ -1,6 +1,134 @@
-"""The pytest entry point of safemerge (options, fixtures and the suite grow here).
+"""The pytest entry point of safemerge: options, the built-in suite's collection, fixtures,
+the terminal summary and the JSON report.
 
-Imports nothing heavy at module top: pytest loads every installed plugin on every run.
+Imports nothing heavy at module top (pytest loads every installed plugin on every run):
+torch and safemerge are imported only when the suite runs or a fixture is used.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_safemerge.fixtures import (
+    safemerge_adapter_factory,
+    safemerge_fuse,
+    safemerge_impl,
+    safemerge_layer_factory,
+    safemerge_settings,
+)
+from pytest_safemerge.options import SETTINGS_KEY, add_options, read_settings
+from pytest_safemerge.results import ROWS_KEY, collect_row, summary_lines, write_report
+
+__all__ = [
+    "safemerge_adapter_factory",
+    "safemerge_fuse",
+    "safemerge_impl",
+    "safemerge_layer_factory",
+    "safemerge_settings",
+]
+
+SUITE_DIR = Path(__file__).parent / "suite"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    settings = read_settings(config)
+    config.stash[SETTINGS_KEY] = settings
+    config.stash[ROWS_KEY] = []
+    config.pluginmanager.register(_RowCollector(config.stash[ROWS_KEY]), "safemerge-rows")
+    if settings.active:
+        # Fail on a bad --safemerge-impl or --safemerge-model now, as a usage error,
+        # rather than as an error in every test.
+        from pytest_safemerge import models
+        from pytest_safemerge.implementations import load_implementation
+
+        load_implementation(settings.impl)
+        if settings.model is not None:
+            models.plan_for(config, settings)
+
+
+class _RowCollector:
+    """Gathers the suite's rows from test reports; under pytest-xdist the controller
+    receives every worker's reports, so it gathers them all."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        collect_row(report, self.rows)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if SETTINGS_KEY in config.stash and config.stash[SETTINGS_KEY].model is not None:
+        from pytest_safemerge import models
+
+        models.release(config)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Add the built-in suite to whatever was collected (before -k and -m deselect)."""
+    settings = config.stash[SETTINGS_KEY]
+    if not settings.active:
+        return
+    modules = []
+    if settings.suite or settings.impl is not None:
+        modules.append("test_contract.py")
+    if settings.model is not None:
+        modules.append("test_model.py")
+    for module in modules:
+        node = pytest.Module.from_parent(
+            session, path=SUITE_DIR / module, nodeid=f"safemerge/{module}"
+        )
+        items.extend(session.genitems(node))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    settings = config.stash[SETTINGS_KEY]
+    if not settings.active:
+        return []
+    from pytest_safemerge import models
+    from pytest_safemerge.implementations import DEFAULT_SPEC
+
+    lines = [f"safemerge: implementation under test {settings.impl or DEFAULT_SPEC}"]
+    if settings.model is not None:
+        lines.extend(models.plan_for(config, settings).describe())
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    rows = config.stash.get(ROWS_KEY, [])
+    if not rows:
+        return
+    terminalreporter.section("safemerge")
+    for line in summary_lines(rows):
+        terminalreporter.write_line(line)
+    settings = config.stash[SETTINGS_KEY]
+    if settings.report:
+        terminalreporter.write_line(f"report written to {settings.report}")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    settings = config.stash.get(SETTINGS_KEY, None)
+    if settings is None or not settings.report or hasattr(config, "workerinput"):
+        return
+    import safemerge
+    from pytest_safemerge.implementations import DEFAULT_SPEC
+
+    header = {
+        "safemerge_version": safemerge.__version__,
+        "implementation": settings.impl or DEFAULT_SPEC,
+        "model": settings.model,
+        "adapter": settings.adapter,
+        "quant": settings.quant,
+    }
+    write_report(settings.report, config.stash.get(ROWS_KEY, []), header)

@@ -1,0 +1,223 @@
+"""The properties of the tensor-level contract, one function each, shared by the
+generated-case suite and the model suite.
+
+Each check takes the implementation, one :class:`Checked` case and the summary row to
+fill; it raises AssertionError naming the property (``[accuracy] ...``) and saying how
+badly it broke.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import target
+
+import safemerge
+from pytest_safemerge import assertions
+from pytest_safemerge.implementations import Call, Implementation
+from pytest_safemerge.results import Row
+from pytest_safemerge.strategies import MergeCase
+
+
+class Checked:
+    """One case handed to the implementation: inputs on the device under test, and what
+    they held before the call."""
+
+    def __init__(self, case: MergeCase, device: str) -> None:
+        self.case = case
+        self.weight = case.weight.to(device).clone()
+        self.original = case.weight.clone()
+        # Keep the adapter's strides (non-contiguous cases stay non-contiguous on the CPU).
+        self.lora_A = case.adapter.lora_A.to(device)
+        self.lora_B = case.adapter.lora_B.to(device)
+        self.scale = float(case.scale * case.adapter.scale)
+        self.reference, self.bound = safemerge.merge_bound(
+            self.original, [(case.adapter.lora_B, case.adapter.lora_A, self.scale)], self.original.dtype
+        )
+
+    @property
+    def threshold(self) -> float:
+        return safemerge.numerics.overflow_threshold(self.original.dtype)
+
+    def comfortably_finite(self) -> bool:
+        """The exact merge fits the dtype with room for every rounding on the way."""
+        return bool(((self.reference.abs() + self.bound) < self.threshold).all())
+
+    def surely_overflows(self) -> bool:
+        """Some element of the exact merge is beyond the dtype's range by more than the
+        merge's rounding could account for (or is NaN)."""
+        beyond = (self.reference.abs() - self.bound) >= self.threshold
+        return bool((beyond | torch.isnan(self.reference)).any())
+
+    def fraction(self, result: torch.Tensor) -> float:
+        error = (result.detach().cpu().to(torch.float64) - self.reference).abs()
+        ratio = torch.where(error == 0, torch.zeros_like(error), error / self.bound)
+        return float(ratio.max()) if ratio.numel() else 0.0
+
+
+def _non_finite_summary(result: torch.Tensor) -> str:
+    values = result.detach().cpu().float()
+    return (
+        f"{int(torch.isnan(values).sum())} NaN, {int(torch.isposinf(values).sum())} +Inf, "
+        f"{int(torch.isneginf(values).sum())} -Inf of {values.numel()} elements"
+    )
+
+
+def _fail(prop: str, message: str) -> None:
+    __tracebackhide__ = True
+    raise AssertionError(f"[{prop}] {message}")
+
+
+def _check_not_silently_non_finite(prop: str, checked: Checked, call: Call) -> None:
+    """A call that did not refuse must not have produced a non-finite or overflowed value."""
+    __tracebackhide__ = True
+    if call.refused or call.result is None:
+        return
+    result = call.result.detach().cpu()
+    if not bool(torch.isfinite(result.float()).all()):
+        _fail(
+            prop,
+            f"fuse returned without refusing a merge that is not finite in {result.dtype}: "
+            f"the weight now holds {_non_finite_summary(result)}",
+        )
+    if checked.surely_overflows():
+        _fail(
+            prop,
+            f"fuse returned without refusing a merge beyond {checked.original.dtype}'s range "
+            f"(|exact| up to {float(checked.reference.abs().max()):.6g}, threshold "
+            f"{checked.threshold:.6g}): the cast saturated or overflowed silently",
+        )
+
+
+def check_accurate(implementation: Implementation, checked: Checked, row: Row) -> None:
+    """Within the bound of a float32 merge and one rounding; a finite merge is not refused."""
+    __tracebackhide__ = True
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    if call.refused:
+        if checked.comfortably_finite():
+            _fail(
+                "accuracy",
+                f"fuse refused a merge whose exact result fits {checked.original.dtype} "
+                f"(largest |exact| {float(checked.reference.abs().max()):.6g}): "
+                f"{type(call.error).__name__}: {call.error}",
+            )
+        return
+    _check_not_silently_non_finite("accuracy", checked, call)
+    assert call.result is not None
+    result = call.result.detach().cpu()
+    if not checked.comfortably_finite():
+        return  # near the dtype's limit: only refusal and finiteness are checked
+    fraction = checked.fraction(result) if result.shape == checked.original.shape else 0.0
+    row.observe(fraction)
+    target(fraction, label="error as a fraction of the bound")
+    assertions.assert_fused_close(
+        result, checked.original, checked.case.adapter.lora_A, checked.case.adapter.lora_B,
+        checked.scale, what="[accuracy] the fused weight",
+    )
+
+
+def check_form(implementation: Implementation, checked: Checked, row: Row) -> None:
+    """dtype, shape and device kept; fuse returns a Tensor or None."""
+    __tracebackhide__ = True
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    if call.refused:
+        return
+    if call.returned is not None and not isinstance(call.returned, torch.Tensor):
+        _fail("form", f"fuse returned a {type(call.returned).__name__}; expected a Tensor or None")
+    assert call.result is not None
+    expected = (tuple(checked.weight.shape), checked.weight.dtype, checked.weight.device)
+    actual = (tuple(call.result.shape), call.result.dtype, call.result.device)
+    if actual != expected:
+        _fail(
+            "form",
+            f"the merged weight has shape {actual[0]}, dtype {actual[1]}, device "
+            f"{actual[2]}; expected shape {expected[0]}, dtype {expected[1]}, device {expected[2]}",
+        )
+
+
+def check_adapters_unmodified(implementation: Implementation, checked: Checked, row: Row) -> None:
+    """lora_A and lora_B hold the same bits after the call, refused or not."""
+    __tracebackhide__ = True
+    before = [(name, tensor.clone()) for name, tensor in (("lora_A", checked.lora_A), ("lora_B", checked.lora_B))]
+    implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    for (name, old), new in zip(before, (checked.lora_A, checked.lora_B), strict=True):
+        assertions.assert_unchanged(old, new, what=f"[adapters unmodified] {name}")
+
+
+def check_refused(implementation: Implementation, checked: Checked, row: Row) -> None:
+    """The call raised: the merge is not finite in the dtype."""
+    __tracebackhide__ = True
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    if not call.refused:
+        assert call.result is not None
+        _fail(
+            "refusal",
+            f"fuse did not refuse a merge that is not finite in {checked.original.dtype} "
+            f"({checked.case.kind}: {checked.case.detail}; scale {checked.scale!r}); "
+            f"the weight it produced holds {_non_finite_summary(call.result)}",
+        )
+
+
+def check_atomic(implementation: Implementation, checked: Checked, row: Row) -> None:
+    """A refusal left every bit of the weight as it was."""
+    __tracebackhide__ = True
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    if call.refused:
+        assertions.assert_atomic(checked.original, checked.weight.detach().cpu())
+
+
+def check_round_trip(implementation: Implementation, checked: Checked, row: Row) -> None:
+    """unfuse(fuse(W)) is W within both merges' bounds, or exactly when claimed."""
+    __tracebackhide__ = True
+    fused = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    if fused.refused or not checked.comfortably_finite():
+        return
+    assert fused.result is not None
+    merged = fused.result
+    merged_cpu = merged.detach().cpu().clone()
+    restored_call = implementation.unfuse(merged, checked.lora_A, checked.lora_B, checked.scale)
+    if restored_call.refused:
+        _fail(
+            "round trip",
+            f"unfuse refused to undo a fuse it accepted: "
+            f"{type(restored_call.error).__name__}: {restored_call.error}",
+        )
+    assert restored_call.result is not None
+    restored = restored_call.result.detach().cpu()
+    if implementation.exact_unfuse:
+        assertions.assert_roundtrip(checked.original, restored, max_ulps=0)
+        row.observe(0.0)
+        return
+    # |W'' - W| <= |W'' - (W' - d)| + |W' - (W + d)|: the unfuse's bound, computed on
+    # the fused weight, plus the fuse's.
+    _, unfuse_bound = safemerge.merge_bound(
+        merged_cpu,
+        [(checked.case.adapter.lora_B, checked.case.adapter.lora_A, -checked.scale)],
+        merged_cpu.dtype,
+    )
+    bound = checked.bound + unfuse_bound
+    error = (restored.to(torch.float64) - checked.original.to(torch.float64)).abs()
+    row.observe(float(torch.where(error == 0, torch.zeros_like(error), error / bound).max()))
+    assertions.assert_within_bound(
+        restored, checked.original.to(torch.float64), bound, what="[round trip] the unfused weight"
+    )
+
+
+def check_in_place_agreement(implementation: Implementation, checked: Checked, row: Row) -> None:
+    """A returned tensor agrees with the weight written in place."""
+    __tracebackhide__ = True
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    if call.refused or not isinstance(call.returned, torch.Tensor) or not call.wrote_in_place:
+        return
+    if call.returned is checked.weight:
+        return
+    returned = call.returned.detach().cpu()
+    written = checked.weight.detach().cpu()
+    if (returned.shape, returned.dtype) != (written.shape, written.dtype):
+        _fail(
+            "in-place agreement",
+            f"fuse wrote the weight in place and returned a tensor of another form "
+            f"({tuple(returned.shape)} {returned.dtype})",
+        )
+    assertions.assert_unchanged(
+        written, returned, what="[in-place agreement] the returned tensor (against the weight written in place)"
+    )

@@ -1,0 +1,167 @@
+"""The conformance suite for the tensor-level contract, as a class to subclass.
+
+``pytest --safemerge-impl=MODULE:OBJECT`` (or ``--safemerge-suite``) runs it against that
+implementation (safemerge's engine by default). To run it inside your own test tree,
+subclass it and override the ``safemerge_impl`` fixture::
+
+    from pytest_safemerge.suite import ConformanceSuite
+
+    class TestMyMerge(ConformanceSuite):
+        @pytest.fixture(scope="session")
+        def safemerge_impl(self):
+            return MyMerger()
+
+Each test is one property, checked over Hypothesis-generated ordinary and adversarial
+cases; a failure shows the shrunk case and says which property broke and how badly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, given, note, settings
+
+from pytest_safemerge.implementations import Implementation, load_implementation
+from pytest_safemerge.options import Settings
+from pytest_safemerge.results import Row, start_row
+from pytest_safemerge.strategies import MergeCase, merge_cases
+from pytest_safemerge.suite import checks
+from pytest_safemerge.suite.checks import Checked
+
+#: Cases whose merge is finite and must be accurate (ordinary, and adversarial kinds a
+#: careless merge gets wrong without producing a non-finite value).
+ACCURATE_KINDS = ("random", "fp16-product-overflow", "subnormal", "cancellation", "non-contiguous")
+#: Cases every correct implementation refuses, whatever the weight and the scale.
+REFUSED_KINDS = ("nan", "+inf", "-inf", "cast-overflow")
+EVERY_KIND = (*ACCURATE_KINDS, *REFUSED_KINDS)
+ROUND_TRIP_KINDS = ("random", "subnormal", "cancellation", "non-contiguous")
+#: The summary's name of each property; failures are prefixed with it, e.g. "[accuracy]".
+PROPERTY_NAMES = {
+    "test_fuse_is_accurate": "accuracy",
+    "test_fuse_keeps_form": "form",
+    "test_fuse_leaves_adapters_unmodified": "adapters unmodified",
+    "test_fuse_refuses_non_finite": "refusal",
+    "test_refusal_leaves_weight_unchanged": "atomicity",
+    "test_unfuse_round_trip": "round trip",
+    "test_in_place_agrees_with_returned": "in-place agreement",
+}
+#: Below this many examples a property cannot be expected to meet every kind it draws.
+_EXPLORATION_MINIMUM = 40
+
+
+class ConformanceSuite:
+    """The properties every merge implementation must have (DESIGN.md, the plugin's contract)."""
+
+    @pytest.fixture
+    def implementation(self, safemerge_impl: Any, safemerge_settings: Settings) -> Implementation:
+        return as_implementation(safemerge_impl, safemerge_settings)
+
+    @pytest.fixture
+    def explore(
+        self, request: pytest.FixtureRequest, implementation: Implementation, safemerge_settings: Settings
+    ) -> Callable[..., None]:
+        """Run a property over generated cases, filling this test's row of the summary."""
+        prop = PROPERTY_NAMES[request.node.originalname]
+        row = start_row(request.node, "tensor contract", prop, implementation.spec)
+        examples = safemerge_settings.examples
+        device = safemerge_settings.device
+
+        def run(
+            check: Callable[[Implementation, Checked, Row], None],
+            kinds: Sequence[str],
+            *,
+            must_see: Sequence[str] = (),
+        ) -> None:
+            @settings(
+                settings.default,
+                max_examples=examples,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+            )
+            @given(merge_cases(kinds=kinds))
+            def property_holds(case: MergeCase) -> None:
+                row.example(case.kind)
+                event(f"kind: {case.kind}")
+                event(f"dtype: {case.weight.dtype}")
+                checked = Checked(case, device)
+                note(f"case kind {case.kind!r}: {case.detail or 'ordinary'}")
+                note(
+                    f"weight {tuple(checked.weight.shape)} {checked.weight.dtype}, "
+                    f"scale passed {checked.scale!r}"
+                )
+                check(implementation, checked, row)
+
+            # Named after the test: Hypothesis keys its example database and its
+            # derandomized seed on the function's name, and prints it with a failure.
+            property_holds.hypothesis.inner_test.__name__ = request.node.originalname
+            property_holds()
+            _assert_explored(row, must_see, examples)
+
+        return run
+
+    def test_fuse_is_accurate(self, implementation: Implementation, explore: Any) -> None:
+        """Within the forward error bound of a float32 merge and one rounding to the dtype
+        (a merge computed in float16 or bfloat16 fails it); a finite merge is not refused."""
+
+        explore(checks.check_accurate, ACCURATE_KINDS, must_see=ACCURATE_KINDS)
+
+    def test_fuse_keeps_form(self, implementation: Implementation, explore: Any) -> None:
+        """The merged weight keeps its dtype, shape and device; fuse returns a Tensor or None."""
+
+        explore(checks.check_form, ACCURATE_KINDS)
+
+    def test_fuse_leaves_adapters_unmodified(self, implementation: Implementation, explore: Any) -> None:
+        """lora_A and lora_B hold the same bits after the call, refused or not."""
+
+        explore(checks.check_adapters_unmodified, EVERY_KIND)
+
+    def test_fuse_refuses_non_finite(self, implementation: Implementation, explore: Any) -> None:
+        """NaN, +Inf or -Inf anywhere in the adapter (at any scale, zero and tiny included),
+        and float32-finite sums beyond the dtype's range, are refused by raising."""
+
+        explore(checks.check_refused, REFUSED_KINDS, must_see=REFUSED_KINDS)
+
+    def test_refusal_leaves_weight_unchanged(self, implementation: Implementation, explore: Any) -> None:
+        """After a refusal the weight holds every bit it held before (no write before check)."""
+
+        explore(checks.check_atomic, REFUSED_KINDS, must_see=REFUSED_KINDS)
+
+    def test_unfuse_round_trip(self, implementation: Implementation, explore: Any) -> None:
+        """unfuse(fuse(W)) is W within the two merges' bounds, or to the bit when the
+        implementation claims ``exact_unfuse``."""
+        if not implementation.has_unfuse:
+            pytest.skip(f"{implementation.spec} has no unfuse")
+
+        explore(checks.check_round_trip, ROUND_TRIP_KINDS)
+
+    def test_in_place_agrees_with_returned(self, implementation: Implementation, explore: Any) -> None:
+        """A fuse that both returns a tensor and writes the weight leaves the same bits in both."""
+
+        explore(checks.check_in_place_agreement, ACCURATE_KINDS)
+
+
+def as_implementation(target: Any, settings: Settings) -> Implementation:
+    """``target`` under its ``--safemerge-impl`` name, or its class's for an override."""
+    if isinstance(target, Implementation):
+        return target
+    named = load_implementation(settings.impl)
+    if target is named.target:
+        return named
+    kind = target if isinstance(target, type) else type(target)
+    return Implementation(f"{kind.__module__}.{kind.__qualname__}", target)
+
+
+def _assert_explored(row: Row, kinds: Sequence[str], examples: int) -> None:
+    """The property met every kind it is about (an unexplored property proves nothing)."""
+    __tracebackhide__ = True
+    if examples < _EXPLORATION_MINIMUM:
+        return
+    seen = row.data["kinds"]
+    missing = [kind for kind in kinds if not seen.get(kind)]
+    if missing:
+        raise AssertionError(
+            f"the property never met the case kinds {missing} in {examples} examples "
+            f"(met: {seen}); raise --safemerge-examples"
+        )
