@@ -93,8 +93,7 @@ def load_implementation(spec: str | None) -> Implementation:
             target = getattr(target, part)
         except AttributeError:
             raise pytest.UsageError(
-                f"--safemerge-impl={spec}: module {module_name!r} has no attribute "
-                f"{attribute!r}"
+                f"--safemerge-impl={spec}: module {module_name!r} has no attribute {attribute!r}"
             ) from None
     if not callable(getattr(target, "fuse", None)):
         raise pytest.UsageError(

@@ -174,13 +174,9 @@ def _convert(option: Option, raw: object) -> Any:
             f"{', e.g. ' + option.flag + '=' + str(option.default) if option.default else ''}"
         ) from None
     if option.name == "quant" and text not in QUANT_CHOICES:
-        raise pytest.UsageError(
-            f"{option.flag}={text!r}: choose one of {', '.join(QUANT_CHOICES)}"
-        )
+        raise pytest.UsageError(f"{option.flag}={text!r}: choose one of {', '.join(QUANT_CHOICES)}")
     if option.name == "dtype" and text not in DTYPE_CHOICES:
-        raise pytest.UsageError(
-            f"{option.flag}={text!r}: choose one of {', '.join(DTYPE_CHOICES)}"
-        )
+        raise pytest.UsageError(f"{option.flag}={text!r}: choose one of {', '.join(DTYPE_CHOICES)}")
     if option.name == "impl" and ":" not in text:
         raise pytest.UsageError(
             f"{option.flag}={text!r}: expected MODULE:OBJECT, e.g. "

@@ -110,7 +110,9 @@ def write_report(path: str, rows: list[dict[str, Any]], header: dict[str, Any]) 
     document = {
         **header,
         "summary": {o: outcomes.count(o) for o in ("passed", "failed", "skipped")},
-        "results": [_finite_json(row) for row in sorted(rows, key=lambda r: (r["group"], r["name"]))],
+        "results": [
+            _finite_json(row) for row in sorted(rows, key=lambda r: (r["group"], r["name"]))
+        ],
     }
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:

@@ -31,7 +31,9 @@ class Checked:
         self.lora_B = case.adapter.lora_B.to(device)
         self.scale = float(case.scale * case.adapter.scale)
         self.reference, self.bound = safemerge.merge_bound(
-            self.original, [(case.adapter.lora_B, case.adapter.lora_A, self.scale)], self.original.dtype
+            self.original,
+            [(case.adapter.lora_B, case.adapter.lora_A, self.scale)],
+            self.original.dtype,
         )
 
     @property
@@ -110,8 +112,12 @@ def check_accurate(implementation: Implementation, checked: Checked, row: Row) -
     row.observe(fraction)
     target(fraction, label="error as a fraction of the bound")
     assertions.assert_fused_close(
-        result, checked.original, checked.case.adapter.lora_A, checked.case.adapter.lora_B,
-        checked.scale, what="[accuracy] the fused weight",
+        result,
+        checked.original,
+        checked.case.adapter.lora_A,
+        checked.case.adapter.lora_B,
+        checked.scale,
+        what="[accuracy] the fused weight",
     )
 
 
@@ -137,7 +143,10 @@ def check_form(implementation: Implementation, checked: Checked, row: Row) -> No
 def check_adapters_unmodified(implementation: Implementation, checked: Checked, row: Row) -> None:
     """lora_A and lora_B hold the same bits after the call, refused or not."""
     __tracebackhide__ = True
-    before = [(name, tensor.clone()) for name, tensor in (("lora_A", checked.lora_A), ("lora_B", checked.lora_B))]
+    before = [
+        (name, tensor.clone())
+        for name, tensor in (("lora_A", checked.lora_A), ("lora_B", checked.lora_B))
+    ]
     implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
     for (name, old), new in zip(before, (checked.lora_A, checked.lora_B), strict=True):
         assertions.assert_unchanged(old, new, what=f"[adapters unmodified] {name}")
@@ -219,5 +228,7 @@ def check_in_place_agreement(implementation: Implementation, checked: Checked, r
             f"({tuple(returned.shape)} {returned.dtype})",
         )
     assertions.assert_unchanged(
-        written, returned, what="[in-place agreement] the returned tensor (against the weight written in place)"
+        written,
+        returned,
+        what="[in-place agreement] the returned tensor (against the weight written in place)",
     )

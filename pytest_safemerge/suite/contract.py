@@ -60,7 +60,10 @@ class ConformanceSuite:
 
     @pytest.fixture
     def explore(
-        self, request: pytest.FixtureRequest, implementation: Implementation, safemerge_settings: Settings
+        self,
+        request: pytest.FixtureRequest,
+        implementation: Implementation,
+        safemerge_settings: Settings,
     ) -> Callable[..., None]:
         """Run a property over generated cases, filling this test's row of the summary."""
         prop = PROPERTY_NAMES[request.node.originalname]
@@ -112,7 +115,9 @@ class ConformanceSuite:
 
         explore(checks.check_form, ACCURATE_KINDS)
 
-    def test_fuse_leaves_adapters_unmodified(self, implementation: Implementation, explore: Any) -> None:
+    def test_fuse_leaves_adapters_unmodified(
+        self, implementation: Implementation, explore: Any
+    ) -> None:
         """lora_A and lora_B hold the same bits after the call, refused or not."""
 
         explore(checks.check_adapters_unmodified, EVERY_KIND)
@@ -123,7 +128,9 @@ class ConformanceSuite:
 
         explore(checks.check_refused, REFUSED_KINDS, must_see=REFUSED_KINDS)
 
-    def test_refusal_leaves_weight_unchanged(self, implementation: Implementation, explore: Any) -> None:
+    def test_refusal_leaves_weight_unchanged(
+        self, implementation: Implementation, explore: Any
+    ) -> None:
         """After a refusal the weight holds every bit it held before (no write before check)."""
 
         explore(checks.check_atomic, REFUSED_KINDS, must_see=REFUSED_KINDS)
@@ -136,7 +143,9 @@ class ConformanceSuite:
 
         explore(checks.check_round_trip, ROUND_TRIP_KINDS)
 
-    def test_in_place_agrees_with_returned(self, implementation: Implementation, explore: Any) -> None:
+    def test_in_place_agrees_with_returned(
+        self, implementation: Implementation, explore: Any
+    ) -> None:
         """A fuse that both returns a tensor and writes the weight leaves the same bits in both."""
 
         explore(checks.check_in_place_agreement, ACCURATE_KINDS)

@@ -190,7 +190,9 @@ def tiny_model(dtype: torch.dtype = torch.bfloat16, *, seed: int = 0) -> dict[st
     return layers
 
 
-def tiny_state_dict(dtype: torch.dtype = torch.bfloat16, *, seed: int = 0) -> dict[str, torch.Tensor]:
+def tiny_state_dict(
+    dtype: torch.dtype = torch.bfloat16, *, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """The tiny model's weights by name (``layers.0.q_proj.weight``, ...), plus a norm."""
     tensors = {
         f"{name}.{key}": value.detach().clone()
