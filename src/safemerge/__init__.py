@@ -2,6 +2,7 @@
 
 from safemerge import numerics
 from safemerge.adapter import LoraAdapter
+from safemerge.adapter_formats import AdapterSet, load_adapter, write_peft_adapter
 from safemerge.bounds import merge_bound
 from safemerge.errors import (
     AdapterConfigError,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfigError",
     "AdapterFormatError",
+    "AdapterSet",
     "Checkpoint",
     "CheckpointError",
     "FuseRecord",
@@ -37,9 +39,11 @@ __all__ = [
     "expected_fuse",
     "fuse",
     "fuse_weight",
+    "load_adapter",
     "merge_bound",
     "numerics",
     "open_checkpoint",
     "unfuse",
     "unfuse_weight",
+    "write_peft_adapter",
 ]
