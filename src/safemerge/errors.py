@@ -110,7 +110,7 @@ class CheckpointError(SafemergeError, ValueError):
         reason: a short code for tests and reports: ``"missing"``, ``"no-safetensors"``,
             ``"ambiguous"``, ``"pickled"``, ``"corrupt"``, ``"truncated"``, ``"unsafe-path"``,
             ``"missing-shard"``, ``"missing-tensor"``, ``"unlisted-tensor"``,
-            ``"duplicate"`` or ``"bad-index"``.
+            ``"duplicate"``, ``"bad-index"`` or ``"unsupported-dtype"``.
         key: the tensor name (or index entry) concerned, when there is one.
     """
 

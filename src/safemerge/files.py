@@ -588,7 +588,7 @@ def _entry_fields(
             f"tensor {name!r} in {file} has dtype {entry.get('dtype')!r}, which safemerge cannot "
             f"read (known: {', '.join(_DTYPES)}); convert the tensor to a supported dtype",
             path=file,
-            reason="corrupt",
+            reason="unsupported-dtype",
             key=name,
         )
     shape = entry.get("shape")
