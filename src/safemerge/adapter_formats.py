@@ -277,7 +277,8 @@ def write_peft_adapter(
     )
     directory.mkdir(parents=True, exist_ok=True)
     files.save_tensors(directory / PEFT_WEIGHTS_NAME, tensors, {"format": "pt"})
-    files.save_json(directory / PEFT_CONFIG_NAME, written)
+    # Top-level keys sorted, as PEFT writes them; pattern order kept: PEFT takes the first match.
+    files.save_json(directory / PEFT_CONFIG_NAME, dict(sorted(written.items())))
     return directory
 
 
@@ -365,6 +366,7 @@ class _RawLayer:
     flat: bool = False
     embedding: bool = False
     component: str = ""  # the config section it takes its options from (diffusers metadata)
+    aliases: tuple[str, ...] = ()  # other names its alpha may be stored under
     tensors: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
     alpha: float | None = None
     use_rslora: bool = False
@@ -693,12 +695,13 @@ def _parse_diffusers(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str,
             if module.endswith("to_out"):
                 module += ".0"
         role = "A" if match.group("side") == "down" else "B"
-        _add_part(layers, problems, _RawLayer(module=module, label=stem), role, key, tensor)
+        raw = _RawLayer(module=module, label=stem, aliases=(stem + match.group("sep"), module))
+        _add_part(layers, problems, raw, role, key, tensor)
     metadata_alphas = _metadata_alphas(metadata, problems)
     used: set[str] = set()
     complete = _pairs_complete(layers.values(), problems)
     for layer in complete:
-        for name in (layer.label, layer.module):
+        for name in (layer.label, *layer.aliases):
             if name in alpha_keys:
                 layer.alpha = _scalar_alpha(*alpha_keys[name], problems)
                 used.add(name)
@@ -707,7 +710,7 @@ def _parse_diffusers(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str,
                 layer.alpha = metadata_alphas[name]
                 break
         _kohya_defaults(layer)
-    known = {layer.label for layer in layers.values()} | {layer.module for layer in layers.values()}
+    known = {name for layer in layers.values() for name in (layer.label, *layer.aliases)}
     for name, (key, _) in alpha_keys.items():
         if name not in used and name not in known:
             problems.append((key, "an alpha for a layer with no lora down/up pair in the file"))

@@ -283,8 +283,8 @@ def save_tensors(
 
 
 def save_json(path: str | os.PathLike[str], value: Any) -> None:
-    """Write ``value`` as indented JSON, atomically, like :func:`save_tensors`."""
-    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    """Write ``value`` as indented JSON, atomically, like :func:`save_tensors`; key order kept."""
+    text = json.dumps(value, indent=2) + "\n"
 
     def write(temp: Path) -> None:
         temp.write_text(text, encoding="utf-8")
