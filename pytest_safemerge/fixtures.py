@@ -53,7 +53,7 @@ def safemerge_fuse() -> Iterator[Callable[..., Any]]:
 
     def fuse(layer: Any, adapters: Any, *, scale: float = 1.0, name: str | None = None) -> Any:
         label = name or type(layer).__name__
-        digest = _digest(layer)
+        digest = layer_digest(layer)
         if _is_tensor(layer):
             record = safemerge.fuse_weight(layer, adapters, scale=scale, name=label)
         else:
@@ -72,7 +72,7 @@ def safemerge_fuse() -> Iterator[Callable[..., Any]]:
         except safemerge.SafemergeError as error:
             problems.append(f"{label}: could not be unfused exactly: {error}")
             continue
-        if _digest(layer) != digest:
+        if layer_digest(layer) != digest:
             problems.append(f"{label}: after the exact unfuse it does not hold its original bits")
     if problems:
         pytest.fail(
@@ -88,7 +88,7 @@ def _is_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
 
-def _digest(layer: Any) -> str:
+def layer_digest(layer: Any) -> str:
     """SHA-256 of every tensor a layer holds (its weight's quantization state included)."""
     import torch
 

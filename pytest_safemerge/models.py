@@ -66,8 +66,14 @@ class ModelPlan:
             )
         return lines
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.checkpoint.info(name).shape)
+    def read(self, name: str, settings: Settings) -> Any:
+        """One weight, read now, in ``--safemerge-dtype`` (its own by default) on the device."""
+        import torch
+
+        tensor = self.checkpoint.read(name)
+        if settings.dtype is not None:
+            tensor = tensor.to(getattr(torch, settings.dtype))
+        return tensor.to(settings.device)
 
 
 def plan_for(config: pytest.Config, settings: Settings) -> ModelPlan:

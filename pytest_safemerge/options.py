@@ -44,6 +44,11 @@ OPTIONS: tuple[Option, ...] = (
         kind="bool",
     ),
     Option(
+        "only",
+        "run only the built-in suite: deselect every other collected test",
+        kind="bool",
+    ),
+    Option(
         "impl",
         "MODULE:OBJECT, the merge implementation under test: an object with "
         "fuse(weight, lora_A, lora_B, scale) and optionally unfuse(...) and exact_unfuse=True "
@@ -119,6 +124,7 @@ class Settings:
     """The plugin's options for this run, command line over ini."""
 
     suite: bool
+    only: bool
     impl: str | None
     model: str | None
     adapter: str | None
@@ -135,7 +141,7 @@ class Settings:
     @property
     def active(self) -> bool:
         """Whether the built-in suite is collected in this run."""
-        return self.suite or self.impl is not None or self.model is not None
+        return self.suite or self.only or self.impl is not None or self.model is not None
 
 
 SETTINGS_KEY = pytest.StashKey[Settings]()

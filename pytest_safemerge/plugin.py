@@ -80,10 +80,13 @@ def pytest_collection_modifyitems(
     if not settings.active:
         return
     modules = []
-    if settings.suite or settings.impl is not None:
+    if settings.suite or settings.impl is not None or (settings.only and settings.model is None):
         modules.append("test_contract.py")
     if settings.model is not None:
         modules.append("test_model.py")
+    if settings.only and items:
+        config.hook.pytest_deselected(items=list(items))
+        items.clear()
     for module in modules:
         node = pytest.Module.from_parent(
             session, path=SUITE_DIR / module, nodeid=f"safemerge/{module}"
