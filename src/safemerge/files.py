@@ -222,9 +222,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a safetensors checkpoint lazily: headers now, tensor data on :meth:`Checkpoint.read`.
 
     Args:
-        path: a ``.safetensors`` file; or a directory holding ``model.safetensors``, or
-            shards listed by ``model.safetensors.index.json`` (or a single other
-            ``*.safetensors`` file / ``*.safetensors.index.json``).
+        path: a ``.safetensors`` file; a ``*.safetensors.index.json`` listing shards; or a
+            directory holding ``model.safetensors``, or shards listed by
+            ``model.safetensors.index.json`` (or one other ``*.safetensors`` file or
+            ``*.safetensors.index.json``).
 
     Returns:
         The :class:`Checkpoint`, with every header checked against its file's size.
@@ -249,6 +250,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         assert single is not None
         header = _read_header(single)
         return Checkpoint(path, header.tensors, header.metadata)
+    if path.name.endswith(".safetensors.index.json"):
+        return _open_sharded(path.parent, path)
     header = _read_header(path)
     return Checkpoint(path, header.tensors, header.metadata)
 

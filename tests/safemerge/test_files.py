@@ -117,6 +117,8 @@ def test_sharded_checkpoint_in_index_order(tmp_path: Path) -> None:
         assert torch.equal(checkpoint.read("b.weight"), torch.ones(2, 3))
         assert torch.equal(checkpoint.read("a.weight"), torch.zeros(5))
         assert checkpoint.total_bytes == 4 * (6 + 5 + 1)
+    with open_checkpoint(directory / files.INDEX_NAME) as checkpoint:
+        assert checkpoint.path == directory and len(checkpoint) == 3
 
 
 def test_read_returns_a_copy_of_its_own(tmp_path: Path) -> None:
