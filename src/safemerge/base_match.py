@@ -1,0 +1,199 @@
+"""Matching adapter layers to a base model's weights, and checking that their shapes fit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from safemerge.adapter import LoraAdapter
+from safemerge.adapter_keys import RawLayer
+from safemerge.errors import AdapterConfigError
+from safemerge.files import Checkpoint
+
+
+def base_shapes(
+    base: Checkpoint | Mapping[str, torch.Tensor | Sequence[int]],
+) -> dict[str, tuple[int, ...]]:
+    """Weight name to shape, for a Checkpoint or a mapping of name to shape or tensor."""
+    if isinstance(base, Checkpoint):
+        return {name: base.info(name).shape for name in base.names}
+    if not isinstance(base, Mapping):
+        raise TypeError(
+            f"base must be a Checkpoint (safemerge.open_checkpoint) or a mapping of weight "
+            f"name to shape; got {type(base).__name__}"
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, value in base.items():
+        if isinstance(value, torch.Tensor):
+            shapes[name] = tuple(int(size) for size in value.shape)
+        else:
+            shapes[name] = tuple(int(size) for size in value)
+    return shapes
+
+
+class BaseIndex:
+    """The base's modules (``<module>.weight``), found by dotted or kohya-flattened name."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.names = set(shapes)
+        modules = [name.removesuffix(".weight") for name in shapes if name.endswith(".weight")]
+        self.exact: dict[str, list[str]] = {module: [module] for module in modules}
+        self.by_suffix: dict[str, list[str]] = {}
+        self.flat_exact: dict[str, list[str]] = {}
+        self.flat_by_suffix: dict[str, list[str]] = {}
+        for module in modules:
+            pieces = module.split(".")
+            for i in range(1, len(pieces)):
+                self.by_suffix.setdefault(".".join(pieces[i:]), []).append(module)
+            flat = module.replace(".", "_")
+            self.flat_exact.setdefault(flat, []).append(module)
+            flat_pieces = flat.split("_")
+            for i in range(1, len(flat_pieces)):
+                self.flat_by_suffix.setdefault("_".join(flat_pieces[i:]), []).append(module)
+
+    def resolve(self, module: str) -> list[str]:
+        """Base modules that ``module`` names: itself; else the base carrying an extra
+        leading prefix; else the adapter carrying one (its longest suffix found)."""
+        if module in self.exact:
+            return self.exact[module]
+        if module in self.by_suffix:
+            return self.by_suffix[module]
+        pieces = module.split(".")
+        for i in range(1, len(pieces)):
+            found = self.exact.get(".".join(pieces[i:]))
+            if found:
+                return found
+        return []
+
+    def resolve_flat(self, flat: str) -> list[str]:
+        """Base modules whose name, with '.' read as '_', is ``flat`` (or ends with '_' + it)."""
+        return self.flat_exact.get(flat) or self.flat_by_suffix.get(flat, [])
+
+
+def unmatched(raw: RawLayer) -> str:
+    """What to say of a layer that matches no base weight."""
+    if raw.flat:
+        return (
+            f"no base weight matches: no module name, with '.' read as '_', is (or ends "
+            f"with) {raw.module!r}; is this adapter for another model (or another part of it)?"
+        )
+    return (
+        f"no base weight matches: looked for {raw.module + '.weight'!r} (with or without a "
+        f"leading prefix); is this adapter for another model?"
+    )
+
+
+def ambiguous(candidates: Sequence[str]) -> str:
+    """What to say of a layer that matches several base weights."""
+    shown = ", ".join(repr(f"{module}.weight") for module in candidates[:5])
+    more = f" and {len(candidates) - 5} more" if len(candidates) > 5 else ""
+    return (
+        f"ambiguous: matches {len(candidates)} base weights ({shown}{more}); rename the "
+        f"adapter's keys to the full module path"
+    )
+
+
+def build_adapter(
+    raw: RawLayer,
+    base_shape: tuple[int, ...],
+    weight_name: str,
+    module: str,
+    index: BaseIndex,
+) -> tuple[LoraAdapter, str] | str:
+    """The adapter and its layer kind, or what is wrong with it."""
+    lora_A = raw.tensors["A"][1]
+    lora_B = raw.tensors["B"][1]
+    rank = int(lora_A.shape[0])
+    if raw.expected_rank is not None and raw.expected_rank[0] != rank:
+        return (
+            f"rank {rank} in the file (lora_A shape {tuple(lora_A.shape)}) but "
+            f"{raw.expected_rank[1]}; the config does not belong to these weights"
+        )
+    bias = raw.tensors.get("bias", (None, None))[1]
+    magnitude = raw.tensors.get("magnitude", (None, None))[1]
+    if bias is not None and not raw.allow_bias:
+        return "has a lora_B.bias but the config says lora_bias=false"
+    if magnitude is not None and not raw.allow_magnitude:
+        return "has a lora_magnitude_vector but the config says use_dora=false"
+    if magnitude is None and raw.require_magnitude:
+        return "the config says use_dora=true but the layer has no lora_magnitude_vector"
+    kind, fan_in_fan_out = _layer_kind(raw, lora_A, lora_B, base_shape)
+    if kind is None:
+        return _shape_mismatch(raw, lora_A, lora_B, base_shape, weight_name)
+    if bias is not None and f"{module}.bias" not in index.names:
+        if not bool((bias == 0).all()):
+            return (
+                f"has a lora_B.bias but base weight {weight_name!r} has no bias "
+                f"({module + '.bias'!r}) to add it to"
+            )
+        bias = None  # an all-zero LoRA bias adds nothing: PEFT writes one for every layer
+    try:
+        adapter = LoraAdapter(
+            lora_A,
+            lora_B,
+            raw.alpha,
+            use_rslora=raw.use_rslora,
+            lora_bias=bias,
+            magnitude=magnitude,
+            fan_in_fan_out=fan_in_fan_out,
+        )
+    except AdapterConfigError as error:
+        return str(error)
+    return adapter, kind
+
+
+def _layer_kind(
+    raw: RawLayer, lora_A: torch.Tensor, lora_B: torch.Tensor, base_shape: tuple[int, ...]
+) -> tuple[str | None, bool]:
+    """``(kind, fan_in_fan_out)`` if the adapter fits the base weight's shape, else ``(None, False)``."""
+    if lora_A.ndim < 2 or lora_B.ndim < 2:
+        return None, False
+    out_features, in_features = int(lora_B.shape[0]), int(lora_A.shape[1])
+    if raw.embedding:
+        fits = base_shape == (in_features, out_features)
+        return ("embedding" if fits else None), False
+    if lora_A.ndim > 2:
+        kernel = tuple(int(size) for size in lora_A.shape[2:])
+        fits = base_shape == (out_features, in_features, *kernel)
+        return (f"conv{lora_A.ndim - 2}d" if fits else None), False
+    stored_out_in = base_shape == (out_features, in_features)
+    stored_in_out = base_shape == (in_features, out_features)
+    if raw.fan_in_fan_out and stored_in_out:
+        return "fan_in_fan_out", True
+    if stored_out_in:
+        # With fan_in_fan_out set, PEFT still treats an nn.Linear (out, in) as such.
+        return "linear", False
+    return None, False
+
+
+def _shape_mismatch(
+    raw: RawLayer,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    base_shape: tuple[int, ...],
+    weight_name: str,
+) -> str:
+    shapes = f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
+    if lora_A.ndim < 2 or lora_B.ndim < 2:
+        return f"shape mismatch: {shapes} are not matrices"
+    out_features, in_features = int(lora_B.shape[0]), int(lora_A.shape[1])
+    if raw.embedding:
+        need = f"an embedding weight ({in_features}, {out_features})"
+    elif lora_A.ndim > 2:
+        kernel = tuple(int(size) for size in lora_A.shape[2:])
+        need = f"a conv weight {(out_features, in_features, *kernel)}"
+    elif raw.fan_in_fan_out:
+        need = f"a weight ({in_features}, {out_features}) stored (in, out), or ({out_features}, {in_features})"
+    else:
+        need = f"a weight ({out_features}, {in_features})"
+    hint = ""
+    if not raw.embedding and lora_A.ndim == 2 and base_shape == (in_features, out_features):
+        hint = (
+            "; the base stores it as (in, out), GPT-2 Conv1D style: if so, set "
+            "fan_in_fan_out=true in the adapter config"
+        )
+    return (
+        f"shape mismatch: base weight {weight_name!r} is {base_shape} but the adapter "
+        f"({shapes}) needs {need}{hint}"
+    )
