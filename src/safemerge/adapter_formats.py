@@ -139,7 +139,10 @@ def load_adapter(
     sources: dict[str, str] = {}
     problems = list(parsed.problems)
     for raw in parsed.layers:
-        candidates = index.resolve_flat(raw.module) if raw.flat else index.resolve(raw.module)
+        if raw.flat:
+            candidates = index.resolve_flat(raw.module, raw.component)
+        else:
+            candidates = index.resolve(raw.module)
         if not candidates:
             problems.append((raw.label, unmatched(raw)))
             continue

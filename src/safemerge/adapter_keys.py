@@ -36,7 +36,9 @@ _PEFT_PARTS = {
     "lora_embedding_B": "B",
     "lora_magnitude_vector": "magnitude",
 }
-_KOHYA_KEY = re.compile(r"^lora_(?:unet|te\d?)_(?P<flat>.+?)\.(?P<part>[^.]+(?:\.weight)?)$")
+_KOHYA_KEY = re.compile(
+    r"^lora_(?P<component>unet|te\d?)_(?P<flat>.+?)\.(?P<part>[^.]+(?:\.weight)?)$"
+)
 _KOHYA_PARTS = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
 _DIFFUSERS_KEY = re.compile(
     r"^(?P<stem>.+?)(?P<sep>\.lora|\.lora_linear_layer|_lora)\.(?P<side>down|up)\.weight$"
@@ -102,7 +104,9 @@ class RawLayer:
     label: str  # how messages name it: the file's key stem
     flat: bool = False
     embedding: bool = False
-    component: str = ""  # the config section it takes its options from (diffusers metadata)
+    # PEFT: the config section it takes its options from (diffusers metadata);
+    # kohya: the model part its key names ("unet", "te1", "te2", "te3").
+    component: str = ""
     aliases: tuple[str, ...] = ()  # other names its alpha may be stored under
     tensors: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
     alpha: float | None = None
@@ -355,7 +359,8 @@ def parse_kohya(tensors: Mapping[str, torch.Tensor]) -> ParsedKeys:
         if role == "alpha":
             alphas[stem] = (key, tensor)
             continue
-        raw = RawLayer(module=match.group("flat"), label=stem, flat=True)
+        component = {"te": "te1"}.get(match.group("component"), match.group("component"))
+        raw = RawLayer(module=match.group("flat"), label=stem, flat=True, component=component)
         _add_part(layers, problems, raw, role, key, tensor)
     for stem, (key, _) in alphas.items():
         if stem not in layers:

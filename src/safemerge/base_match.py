@@ -11,6 +11,15 @@ from safemerge.adapter_keys import RawLayer
 from safemerge.errors import AdapterConfigError
 from safemerge.files import Checkpoint
 
+# Where each part of a diffusion model that kohya's prefixes name lives in a combined base
+# (diffusers pipeline components, or the original single-file layout).
+_COMPONENT_PREFIXES: dict[str, tuple[str, ...]] = {
+    "unet": ("unet.", "model.diffusion_model.", "diffusion_model."),
+    "te1": ("text_encoder.", "conditioner.embedders.0.", "cond_stage_model."),
+    "te2": ("text_encoder_2.", "conditioner.embedders.1."),
+    "te3": ("text_encoder_3.",),
+}
+
 
 def base_shapes(
     base: Checkpoint | Mapping[str, torch.Tensor | Sequence[int]],
@@ -46,11 +55,10 @@ class BaseIndex:
             pieces = module.split(".")
             for i in range(1, len(pieces)):
                 self.by_suffix.setdefault(".".join(pieces[i:]), []).append(module)
-            flat = module.replace(".", "_")
-            self.flat_exact.setdefault(flat, []).append(module)
-            flat_pieces = flat.split("_")
-            for i in range(1, len(flat_pieces)):
-                self.flat_by_suffix.setdefault("_".join(flat_pieces[i:]), []).append(module)
+            self.flat_exact.setdefault(_flat(module), []).append(module)
+            # Only suffixes starting at a '.': "q_proj" must not find "...k_q_proj".
+            for i in range(1, len(pieces)):
+                self.flat_by_suffix.setdefault(_flat(".".join(pieces[i:])), []).append(module)
 
     def resolve(self, module: str) -> list[str]:
         """Base modules that ``module`` names: itself; else the base carrying an extra
@@ -66,9 +74,26 @@ class BaseIndex:
                 return found
         return []
 
-    def resolve_flat(self, flat: str) -> list[str]:
-        """Base modules whose name, with '.' read as '_', is ``flat`` (or ends with '_' + it)."""
-        return self.flat_exact.get(flat) or self.flat_by_suffix.get(flat, [])
+    def resolve_flat(self, flat: str, component: str = "") -> list[str]:
+        """Base modules whose name, with '.' read as '_', is ``flat``, or ends with it after
+        a '.'; those under another model part than kohya's ``component`` left out."""
+        candidates = self.flat_exact.get(flat) or self.flat_by_suffix.get(flat, [])
+        if not component or not candidates:
+            return candidates
+        own = _COMPONENT_PREFIXES.get(component, ())
+        others = tuple(
+            prefix
+            for name, prefixes in _COMPONENT_PREFIXES.items()
+            if name != component
+            for prefix in prefixes
+        )
+        kept = [m for m in candidates if not m[: len(m) - len(flat)].startswith(others)]
+        preferred = [m for m in kept if m[: len(m) - len(flat)].startswith(own)]
+        return preferred if len(kept) > 1 and preferred else kept
+
+
+def _flat(module: str) -> str:
+    return module.replace(".", "_")
 
 
 def unmatched(raw: RawLayer) -> str:

@@ -131,7 +131,7 @@ class AdapterFormatError(SafemergeError, ValueError):
 
     Attributes:
         path: the adapter file or directory.
-        problems: ``(key, what is wrong)`` for every offending key, in file order.
+        problems: ``(key, what is wrong)`` for every offending key, in the order found.
     """
 
     def __init__(

@@ -793,3 +793,38 @@ def test_adapter_for_the_real_model(tmp_path: Path) -> None:
     )
     with open_checkpoint(path) as checkpoint:
         assert load_adapter(deeper, base=checkpoint).layers.keys() == layers.keys()
+
+
+def test_kohya_prefix_picks_the_model_part(tmp_path: Path) -> None:
+    # SDXL: both text encoders have the same module names; lora_te1_/lora_te2_ tell them apart.
+    q = "text_model.encoder.layers.0.self_attn.q_proj"
+    base = {
+        f"text_encoder.{q}.weight": (8, 6),
+        f"text_encoder_2.{q}.weight": (8, 6),
+        "unet.mid_block.attentions.0.proj_in.weight": (8, 6),
+        "unet.mid_block.attentions.0.k_proj_in.weight": (8, 6),
+    }
+    flat = q.replace(".", "_")
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, seed in (
+        ("lora_te1_", 1),
+        ("lora_te2_", 2),
+        ("lora_unet_mid_block_attentions_0_", 3),
+    ):
+        name = prefix + (flat if prefix.startswith("lora_te") else "proj_in")
+        lora_A, lora_B = _ab(2, 6, 8, seed)
+        tensors[f"{name}.lora_down.weight"] = lora_A
+        tensors[f"{name}.lora_up.weight"] = lora_B
+    path = tmp_path / "sdxl.safetensors"
+    save_tensors(path, tensors)
+    loaded = load_adapter(path, base=base)
+    assert loaded.sources == {
+        f"text_encoder.{q}.weight": flat,
+        f"text_encoder_2.{q}.weight": flat,
+        "unet.mid_block.attentions.0.proj_in.weight": "mid_block_attentions_0_proj_in",
+    }
+    assert torch.equal(loaded.layers[f"text_encoder_2.{q}.weight"].lora_A, _ab(2, 6, 8, 2)[0])
+    # Without the part's own copy, a te2 key does not fall back on text_encoder's weights.
+    del base[f"text_encoder_2.{q}.weight"]
+    problems = _problems(_format_error(path, base))
+    assert set(problems) == {f"lora_te2_{flat}"}
