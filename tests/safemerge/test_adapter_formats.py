@@ -828,3 +828,31 @@ def test_kohya_prefix_picks_the_model_part(tmp_path: Path) -> None:
     del base[f"text_encoder_2.{q}.weight"]
     problems = _problems(_format_error(path, base))
     assert set(problems) == {f"lora_te2_{flat}"}
+
+
+def test_written_dora_adapter_loads_in_peft(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 6)
+            self.q = nn.Linear(6, 8)
+            self.conv = nn.Conv2d(3, 4, 3)
+
+    layers = {
+        "embed.weight": LoraAdapter(*_ab(2, 10, 6), alpha=4.0, magnitude=torch.rand(6)),
+        "q.weight": LoraAdapter(*_ab(2, 6, 8), alpha=4.0, magnitude=torch.rand(8)),
+        "conv.weight": LoraAdapter(
+            torch.randn(2, 3, 3, 3), torch.randn(4, 2, 1, 1), alpha=4.0, magnitude=torch.rand(4)
+        ),
+    }
+    directory = write_peft_adapter(tmp_path / "a", layers, kinds={"embed.weight": "embedding"})
+    assert json.loads((directory / "adapter_config.json").read_text())["use_dora"] is True
+    inner = peft.PeftModel.from_pretrained(Toy(), directory).base_model.model
+    for name, adapter in layers.items():
+        magnitude = inner.get_submodule(name.removesuffix(".weight")).lora_magnitude_vector
+        assert adapter.magnitude is not None
+        assert torch.equal(magnitude["default"].weight.reshape(-1), adapter.magnitude)
+    loaded = load_adapter(directory, base=Toy().state_dict())
+    assert all(adapter.is_dora for adapter in loaded.layers.values())
