@@ -326,8 +326,10 @@ def _peft_role(part: str, param: str | None) -> str | None:
 
 
 def _apply_peft_options(layer: RawLayer, options: _PeftOptions) -> None:
-    rank_key = pattern_key(options.rank_pattern, layer.module)
-    alpha_key = pattern_key(options.alpha_pattern, layer.module)
+    # A component's config names modules inside that component ("unet.x.q" is "x.q").
+    module = layer.module.removeprefix(f"{layer.component}.") if layer.component else layer.module
+    rank_key = pattern_key(options.rank_pattern, module)
+    alpha_key = pattern_key(options.alpha_pattern, module)
     if rank_key is None:
         layer.expected_rank = (options.r, f"{options.where} says r={options.r}")
     else:

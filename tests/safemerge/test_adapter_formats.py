@@ -308,8 +308,10 @@ def test_diffusers_style_metadata_config_per_component(tmp_path: Path) -> None:
     metadata = {
         "unet.r": 2,
         "unet.lora_alpha": 2,
-        "text_encoder.r": 4,
+        "text_encoder.r": 8,
         "text_encoder.lora_alpha": 16,
+        # Patterns name modules inside the component: "layers.1.q", not "text_encoder.layers.1.q".
+        "text_encoder.rank_pattern": {"^layers.1.q": 4},
     }
     path = tmp_path / "pytorch_lora_weights.safetensors"
     save_tensors(path, tensors, {"lora_adapter_metadata": json.dumps(metadata)})
