@@ -78,16 +78,16 @@ def cast_overflow_case(matrix: torch.Tensor) -> MergeCase | None:
 
 
 def contract_form(
-    weight: torch.Tensor, adapter: safemerge.LoraAdapter
+    weight: torch.Tensor, adapter: safemerge.LoraAdapter, kind: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(matrix, lora_A, lora_B)`` with ``matrix + scale * lora_B @ lora_A`` the merge."""
+    """``(matrix, lora_A, lora_B)`` with ``matrix + scale * lora_B @ lora_A`` the merge;
+    ``kind`` is the layer kind the adapter was read for (``AdapterSet.kinds``)."""
     matrix = as_matrix(weight)
     lora_A = adapter.lora_A.reshape(adapter.rank, -1)
     lora_B = adapter.lora_B.reshape(adapter.lora_B.shape[0], adapter.rank)
-    plain = (int(lora_B.shape[0]), int(lora_A.shape[1])) == tuple(matrix.shape)
-    if plain and not adapter.fan_in_fan_out:
-        return matrix, lora_A, lora_B
-    return matrix, lora_B.T, lora_A.T
+    if kind in ("embedding", "fan_in_fan_out") or adapter.fan_in_fan_out:
+        return matrix, lora_B.T, lora_A.T
+    return matrix, lora_A, lora_B
 
 
 def output_check(

