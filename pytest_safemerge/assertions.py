@@ -16,6 +16,7 @@ __all__ = [
     "assert_roundtrip",
     "assert_unchanged",
     "assert_within_bound",
+    "assert_within_quant_bound",
 ]
 
 
@@ -61,6 +62,31 @@ def assert_fused_close(
         )
     reference, bound = safemerge.merge_bound(weight, [(lora_B, lora_A, scale)], weight.dtype)
     assert_within_bound(fused, reference, bound, what=what)
+
+
+def assert_within_quant_bound(
+    layer: object,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+) -> None:
+    """A bitsandbytes layer (``Linear4bit``, ``Linear8bitLt``) holds the quantization of
+    ``weight + scale * lora_B @ lora_A`` (``weight``: the float32 values the layer held
+    before the merge, ``(out, in)``), element by element within its block's bound.
+
+    ``|values - exact| <= |values - y| + |y - exact|`` with ``y`` the float32 merge: the
+    quantizer's bound of ``y``'s block (``safemerge.quantization_bound``) plus the float32
+    merge's own bound, counted twice, since it also moves the block absmax the quantizer's
+    bound scales with (by at most that much, times a half-gap below 1).
+    """
+    __tracebackhide__ = True
+    exact, merge = safemerge.merge_bound(
+        weight.detach().float().cpu(), [(lora_B, lora_A, scale)], torch.float32
+    )
+    values, quantization = safemerge.quantization_bound(layer, exact.float())
+    bound = quantization.cpu().to(torch.float64) + 2 * merge
+    assert_within_bound(values.cpu(), exact, bound, what="the quantized weight")
 
 
 def assert_roundtrip(original: torch.Tensor, restored: torch.Tensor, *, max_ulps: int = 0) -> None:

@@ -1,6 +1,6 @@
 """safemerge: guarded, exact and testable merging of LoRA adapters into model weights."""
 
-from safemerge import numerics
+from safemerge import numerics, synthetic
 from safemerge.adapter import LoraAdapter
 from safemerge.adapter_formats import AdapterSet, load_adapter, write_peft_adapter
 from safemerge.bounds import merge_bound
@@ -15,7 +15,7 @@ from safemerge.errors import (
 )
 from safemerge.files import Checkpoint, TensorInfo, open_checkpoint
 from safemerge.fuse import fuse, fuse_weight, unfuse, unfuse_weight
-from safemerge.quantized import QuantizedFuseRecord
+from safemerge.quantized import QuantizedFuseRecord, quantization_bound
 from safemerge.record import FuseRecord
 from safemerge.reference import expected_fuse
 
@@ -43,6 +43,8 @@ __all__ = [
     "merge_bound",
     "numerics",
     "open_checkpoint",
+    "quantization_bound",
+    "synthetic",
     "unfuse",
     "unfuse_weight",
     "write_peft_adapter",

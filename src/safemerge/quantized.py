@@ -151,6 +151,34 @@ def fuse_quantized(
     )
 
 
+def quantization_bound(
+    layer: Any, ideal: torch.Tensor, *, name: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight a bitsandbytes layer holds and how far it may be from ``ideal``.
+
+    Returns ``(values, bound)``, both ``(out, in)``: the layer's weight dequantized to
+    float32, and per element the bound on ``|quantize(ideal) - ideal|`` with the layer's
+    own settings (4-bit: ``h * s'`` of the element's block plus the nested absmax's
+    error; int8: ``SCB'/254 + |fp16(y) - y|`` of its row). A layer holding the
+    quantization of ``ideal`` has ``|values - ideal| <= bound`` everywhere.
+
+    Raises:
+        UnsupportedLayerError: ``layer`` is not a Linear4bit or Linear8bitLt.
+        NonFiniteMergeError: ``ideal`` does not fit the quantized format.
+    """
+    label = name or type(layer).__name__
+    quantized_format = bnb.format_of(layer, label)
+    if quantized_format is None:
+        raise UnsupportedLayerError(
+            f"layer {label!r} ({type(layer).__name__}) is not a bitsandbytes Linear4bit or "
+            f"Linear8bitLt"
+        )
+    with torch.no_grad():
+        values = quantized_format.read()
+        bound = quantized_format.quantize(ideal.detach().to(values.device, torch.float32)).bound
+    return values, bound
+
+
 def unfuse_quantized(layer: Any, record: QuantizedFuseRecord, *, exact: bool = True) -> None:
     """Undo :func:`fuse_quantized`: the original bytes back, or (``exact=False``) subtract
     the same delta and requantize (not an inverse: requantization rounds again)."""

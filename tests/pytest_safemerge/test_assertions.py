@@ -11,6 +11,7 @@ from pytest_safemerge.assertions import (
     assert_fused_close,
     assert_roundtrip,
     assert_within_bound,
+    assert_within_quant_bound,
 )
 
 
@@ -76,3 +77,21 @@ def test_nan_is_never_within_a_bound() -> None:
         assert_within_bound(
             torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 1.0]), torch.ones(2)
         )
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int8"])
+def test_assert_within_quant_bound_accepts_a_fuse_and_catches_a_lost_delta(
+    quant_type: str,
+) -> None:
+    from safemerge import synthetic
+
+    base = synthetic.random_layer("linear", 128, 24, seed=1)
+    layer = synthetic.quantized_linear(base.weight, quant_type, blocksize=64)
+    before, _ = safemerge.quantization_bound(layer, base.weight.detach())
+    adapter = synthetic.random_adapter(layer, rank=4, std=0.5, seed=2)
+    safemerge.fuse(layer, adapter, scale=1.0)
+    args = (layer, before, adapter.lora_A, adapter.lora_B, adapter.scale)
+    assert_within_quant_bound(*args)
+    # A merge that lost the adapter (say, a requantize of the old weight) is caught.
+    with pytest.raises(AssertionError, match="the quantized weight is not within its error bound"):
+        assert_within_quant_bound(layer, before, adapter.lora_A, adapter.lora_B, 3.0)
