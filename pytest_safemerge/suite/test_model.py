@@ -28,13 +28,23 @@ from pytest_safemerge.suite.contract import as_implementation
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     settings = metafunc.config.stash[SETTINGS_KEY]
     plan = models.plan_for(metafunc.config, settings)
+    reasons = {
+        "model_layer": "no weight of the model was selected",
+        "adapter_layer": "no --safemerge-adapter given, or it did not load",
+        "quant_layer": "no --safemerge-quant given",
+    }
     for fixture, names in (
         ("model_layer", plan.layers),
         ("adapter_layer", plan.adapter_layers),
         ("quant_layer", plan.quant_layers),
     ):
-        if fixture in metafunc.fixturenames:
+        if fixture not in metafunc.fixturenames:
+            continue
+        if names:
             metafunc.parametrize(fixture, names, ids=names)
+        else:
+            skipped = pytest.param(None, marks=pytest.mark.skip(reason=reasons[fixture]))
+            metafunc.parametrize(fixture, [skipped], ids=["none"])
 
 
 @pytest.fixture(scope="session")
