@@ -77,19 +77,6 @@ def cast_overflow_case(matrix: torch.Tensor) -> MergeCase | None:
     return MergeCase(matrix, safemerge.LoraAdapter(lora_A, lora_B), 1.0, "cast-overflow", detail)
 
 
-def contract_form(
-    weight: torch.Tensor, adapter: safemerge.LoraAdapter, kind: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(matrix, lora_A, lora_B)`` with ``matrix + scale * lora_B @ lora_A`` the merge;
-    ``kind`` is the layer kind the adapter was read for (``AdapterSet.kinds``)."""
-    matrix = as_matrix(weight)
-    lora_A = adapter.lora_A.reshape(adapter.rank, -1)
-    lora_B = adapter.lora_B.reshape(adapter.lora_B.shape[0], adapter.rank)
-    if kind in ("embedding", "fan_in_fan_out") or adapter.fan_in_fan_out:
-        return matrix, lora_B.T, lora_A.T
-    return matrix, lora_A, lora_B
-
-
 def output_check(
     fused: torch.Tensor,
     matrix: torch.Tensor,

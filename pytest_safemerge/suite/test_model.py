@@ -117,7 +117,9 @@ def test_adapter_layer(
         )
     weight = plan.read(adapter_layer, safemerge_settings)
     kind = plan.adapter.kinds.get(adapter_layer, "linear")
-    matrix, lora_A, lora_B = layer_cases.contract_form(weight, adapter, kind)
+    if adapter.fan_in_fan_out:
+        kind = "fan_in_fan_out"
+    matrix, lora_A, lora_B = safemerge.matrix_form(weight, adapter.lora_A, adapter.lora_B, kind)
     scale = adapter.scale * safemerge_settings.scale
     case = MergeCase(matrix, safemerge.LoraAdapter(lora_A, lora_B), scale, "adapter")
     checked = Checked(case, safemerge_settings.device)

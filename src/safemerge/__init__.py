@@ -15,6 +15,7 @@ from safemerge.errors import (
 )
 from safemerge.files import Checkpoint, TensorInfo, open_checkpoint
 from safemerge.fuse import fuse, fuse_weight, unfuse, unfuse_weight
+from safemerge.layers import matrix_form
 from safemerge.quantized import QuantizedFuseRecord, quantization_bound
 from safemerge.record import FuseRecord
 from safemerge.reference import expected_fuse
@@ -40,6 +41,7 @@ __all__ = [
     "fuse",
     "fuse_weight",
     "load_adapter",
+    "matrix_form",
     "merge_bound",
     "numerics",
     "open_checkpoint",

@@ -117,22 +117,9 @@ def load_adapter(
             tensor, an unsupported PEFT option, no config for a PEFT file.
         CheckpointError: a missing, pickled, truncated or corrupt file.
     """
-    path = Path(path)
-    weights_file, config_file = _adapter_files(path)
-    tensors, metadata = files.read_tensors(weights_file)
+    raw_adapter = read_raw_adapter(path)
+    path, parsed = raw_adapter.path, raw_adapter.parsed
     shapes = base_shapes(base)
-    format_name = detect_format(path, tensors)
-    parsed: ParsedKeys
-    if format_name == "peft":
-        config = _peft_config(path, weights_file, config_file, metadata)
-        parsed = parse_peft(tensors, config)
-    elif format_name == "kohya":
-        config = dict(metadata)
-        parsed = parse_kohya(tensors)
-    else:
-        config = dict(metadata)
-        parsed = parse_diffusers(tensors, metadata)
-    refuse_zero_rank(path, parsed.layers)
     index = BaseIndex(shapes)
     layers: dict[str, LoraAdapter] = {}
     kinds: dict[str, str] = {}
@@ -168,14 +155,49 @@ def load_adapter(
     if problems:
         raise AdapterFormatError(path, problems, cap=_PROBLEM_CAP)
     return AdapterSet(
-        format=format_name,
+        format=raw_adapter.format,
         path=path,
         layers=layers,
-        config=config,
-        digest=files.file_digest([weights_file]),
+        config=raw_adapter.config,
+        digest=raw_adapter.digest,
         kinds=kinds,
         sources=sources,
     )
+
+
+@dataclass(frozen=True, eq=False)
+class RawAdapter:
+    """An adapter file parsed into its layers, before they are matched to a base model."""
+
+    format: str
+    path: Path
+    config: dict[str, Any]
+    parsed: ParsedKeys
+    digest: str
+
+
+def read_raw_adapter(path: str | os.PathLike[str]) -> RawAdapter:
+    """Read and parse an adapter file (see :func:`load_adapter`) without a base model.
+
+    Raises:
+        AdapterConfigError, CheckpointError: as :func:`load_adapter`.
+    """
+    path = Path(path)
+    weights_file, config_file = _adapter_files(path)
+    tensors, metadata = files.read_tensors(weights_file)
+    format_name = detect_format(path, tensors)
+    parsed: ParsedKeys
+    if format_name == "peft":
+        config = _peft_config(path, weights_file, config_file, metadata)
+        parsed = parse_peft(tensors, config)
+    elif format_name == "kohya":
+        config = dict(metadata)
+        parsed = parse_kohya(tensors)
+    else:
+        config = dict(metadata)
+        parsed = parse_diffusers(tensors, metadata)
+    refuse_zero_rank(path, parsed.layers)
+    return RawAdapter(format_name, path, config, parsed, files.file_digest([weights_file]))
 
 
 def write_peft_adapter(

@@ -144,3 +144,22 @@ def _fan_in_fan_out_advice(view: LayerView, adapter: LoraAdapter) -> str:
         f"layer {view.name!r} stores its weight as (in, out) (GPT-2 Conv1D style, weight "
         f"shape {tuple(view.weight.shape)}); create the adapter with fan_in_fan_out=True"
     )
+
+
+def matrix_form(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's weight and adapter as ``(M, A, B)`` with the merge ``M + scale * B @ A``.
+
+    ``M`` is a view of ``weight`` as a matrix (a convolution's kernel folded into its
+    columns); an embedding's or a ``fan_in_fan_out`` layer's delta is stored transposed,
+    so there ``A = lora_B^T`` and ``B = lora_A^T``. ``kind`` is the layer kind
+    (``AdapterSet.kinds``: "linear", "embedding", "fan_in_fan_out", "conv2d", ...).
+    """
+    matrix = weight.reshape(weight.shape[0], -1)
+    rank = int(lora_A.shape[0])
+    down = lora_A.reshape(rank, -1)
+    up = lora_B.reshape(lora_B.shape[0], rank)
+    if kind in ("embedding", "fan_in_fan_out"):
+        return matrix, up.T, down.T
+    return matrix, down, up
