@@ -115,7 +115,7 @@ def _scan_layer(raw: Any) -> LayerScan:
     scale = alpha / (math.sqrt(rank) if raw.use_rslora else rank)
     shapes = {role: list(tensor.shape) for role, (_, tensor) in raw.tensors.items()}
     scan = LayerScan(raw.label, raw.module, rank, alpha, scale, shapes)
-    for role, (key, tensor) in raw.tensors.items():
+    for key, tensor in raw.tensors.values():
         counts = _non_finite_counts(tensor)
         if counts:
             scan.non_finite[key] = counts
