@@ -164,3 +164,73 @@ def _rebuild_adapter_format_error(
     path: Path, problems: Sequence[tuple[str, str]], cap: int
 ) -> AdapterFormatError:
     return AdapterFormatError(path, problems, cap=cap)
+
+
+class ModelWriteError(SafemergeError, ValueError):
+    """A merged model cannot be written; nothing was left under its path.
+
+    Attributes:
+        path: the model directory that was to be written.
+        reason: a short code for tests and reports: ``"exists"`` (the output is already
+            there), ``"plan-mismatch"`` (a tensor differs from the plan, or is missing or
+            extra), ``"bad-plan"`` (a bad shard size, a name twice, nothing to write),
+            ``"same-as-input"`` (the output would overwrite an input) or ``"disk-space"``.
+        key: the tensor concerned, when there is one.
+    """
+
+    def __init__(
+        self, message: str, *, path: str | Path, reason: str, key: str | None = None
+    ) -> None:
+        self.path = Path(str(path))
+        self.reason = reason
+        self.key = key
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _rebuild_model_write_error, (str(self), self.path, self.reason, self.key)
+
+
+class ModelFuseError(SafemergeError, ValueError):
+    """A whole-model fuse was refused, or failed and was rolled back; the model is unchanged.
+
+    Attributes:
+        problems: ``(layer, what is wrong)`` for every offending layer, in model order.
+        path: the base model's file or directory, when fusing files.
+        rolled_back: layers fused and then restored, bit for bit, in reverse order.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        problems: Sequence[tuple[str, str]],
+        path: str | Path | None = None,
+        rolled_back: Sequence[str] = (),
+    ) -> None:
+        self.problems = tuple(problems)
+        self.path = None if path is None else Path(str(path))
+        self.rolled_back = tuple(rolled_back)
+        super().__init__(message)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The offending layers' names."""
+        return tuple(layer for layer, _ in self.problems)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _rebuild_model_fuse_error, (str(self), self.problems, self.path, self.rolled_back)
+
+
+def _rebuild_model_write_error(
+    message: str, path: Path, reason: str, key: str | None
+) -> ModelWriteError:
+    return ModelWriteError(message, path=path, reason=reason, key=key)
+
+
+def _rebuild_model_fuse_error(
+    message: str,
+    problems: Sequence[tuple[str, str]],
+    path: Path | None,
+    rolled_back: Sequence[str],
+) -> ModelFuseError:
+    return ModelFuseError(message, problems=problems, path=path, rolled_back=rolled_back)

@@ -1,7 +1,8 @@
 """Model and adapter files: safetensors read lazily, written atomically; pickles refused.
 
-This is the only module that imports ``safetensors``. A checkpoint is one ``.safetensors``
-file, or a directory with ``model.safetensors`` or shards listed by
+This is the only module that imports ``safetensors``, and the only one that writes the
+format (:class:`ShardWriter` streams one file tensor by tensor). A checkpoint is one
+``.safetensors`` file, or a directory with ``model.safetensors`` or shards listed by
 ``model.safetensors.index.json``. Headers are read and checked when the checkpoint is
 opened (names, shapes, dtypes, and that every tensor's bytes lie inside its file), so a
 truncated or lying file fails at once; tensor data is read one tensor at a time, through
@@ -15,7 +16,9 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -51,6 +54,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "C64": torch.complex64,
 }
+_DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()}
 # safetensors refuses headers above 100 MB; a larger length means this is no safetensors file.
 _MAX_HEADER_BYTES = 100_000_000
 
@@ -728,6 +732,11 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     _fsync_directory(directory)
 
 
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Make a directory's entries (files created, renamed, removed in it) durable."""
+    _fsync_directory(Path(directory))
+
+
 def _fsync_directory(directory: Path) -> None:
     if os.name != "posix":  # directories cannot be opened for fsync elsewhere
         return
@@ -736,3 +745,193 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+# -- streaming writes ----------------------------------------------------------------------
+
+#: Bytes handed to one ``os.pwrite`` call (Linux writes at most about 2 GiB per call).
+_WRITE_CHUNK = 64 * 1024 * 1024
+
+
+def tensor_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
+    """Bytes of a tensor's data in a safetensors file."""
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    return numel * dtype.itemsize
+
+
+def copy_file(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Copy a file's bytes (following links) to a new file ``target``, fsynced.
+
+    Raises:
+        FileExistsError: ``target`` exists.
+    """
+    with Path(source).open("rb") as reader, Path(target).open("xb") as writer:
+        shutil.copyfileobj(reader, writer, _WRITE_CHUNK)
+        writer.flush()
+        os.fsync(writer.fileno())
+
+
+class ShardWriter:
+    """One safetensors file written as its tensors arrive, in any order, never all in memory.
+
+    The shapes and dtypes are known up front, so the header (names, dtypes, shapes, data
+    offsets, metadata) is written first and each tensor's bytes go straight to their place.
+    In the data, tensors are laid out by decreasing element size (as safetensors does), so
+    every tensor starts aligned to its element size. The file is created new (never
+    replaced) and is complete only after :meth:`close`; use :meth:`abort` (or the context
+    manager, on an exception) to give up, and remove the file yourself.
+
+    Args:
+        path: the file to create; it must not exist.
+        entries: ``(name, shape, dtype)`` of every tensor the file will hold.
+        metadata: the header's ``__metadata__`` (strings to strings).
+
+    Raises:
+        ValueError: a name given twice, or a dtype safetensors cannot store.
+        TypeError: metadata that is not strings to strings.
+        FileExistsError: ``path`` exists.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        entries: Iterable[tuple[str, Iterable[int], torch.dtype]],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        if sys.byteorder != "little":  # safetensors is little-endian; tensors are written raw
+            raise NotImplementedError("writing safetensors needs a little-endian machine")
+        self.path = Path(path)
+        planned: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for name, shape, dtype in entries:
+            if name in planned:
+                raise ValueError(f"tensor {name!r} is listed twice for {self.path}")
+            if dtype not in _DTYPE_NAMES:
+                raise ValueError(
+                    f"tensor {name!r} has dtype {dtype}, which safetensors cannot store "
+                    f"(known: {', '.join(str(d) for d in _DTYPE_NAMES)})"
+                )
+            planned[name] = (tuple(int(size) for size in shape), dtype)
+        self._planned = planned
+        # Stable sort by element size, largest first: every offset is then a multiple of
+        # each later tensor's element size, and the data starts 8-aligned.
+        layout = sorted(planned, key=lambda name: -planned[name][1].itemsize)
+        self._spans: dict[str, tuple[int, int]] = {}
+        position = 0
+        for name in layout:
+            shape, dtype = planned[name]
+            end = position + tensor_nbytes(shape, dtype)
+            self._spans[name] = (position, end)
+            position = end
+        self.data_bytes = position
+        header: dict[str, Any] = {}
+        checked = _checked_metadata(metadata)
+        if checked:
+            header["__metadata__"] = checked
+        for name, (shape, dtype) in planned.items():
+            header[name] = {
+                "dtype": _DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": list(self._spans[name]),
+            }
+        text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        text += b" " * (-len(text) % 8)  # pad so the data starts 8-aligned
+        self._data_start = 8 + len(text)
+        self._written: set[str] = set()
+        self._descriptor: int | None = os.open(
+            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+        )
+        try:
+            self._pwrite(struct.pack("<Q", len(text)) + text, 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The tensors this file holds, in the order given."""
+        return tuple(self._planned)
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The tensors not written yet."""
+        return tuple(name for name in self._planned if name not in self._written)
+
+    @property
+    def file_bytes(self) -> int:
+        """The size the complete file will have."""
+        return self._data_start + self.data_bytes
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor's bytes (copied to the CPU first if needed).
+
+        Raises:
+            KeyError: ``name`` is not planned for this file.
+            ValueError: it was written already, or its shape or dtype differ from the plan;
+                or the file is closed.
+        """
+        if self._descriptor is None:
+            raise ValueError(f"{self.path} is closed; cannot write tensor {name!r}")
+        if name not in self._planned:
+            raise KeyError(f"tensor {name!r} is not planned for {self.path}")
+        if name in self._written:
+            raise ValueError(f"tensor {name!r} was already written to {self.path}")
+        shape, dtype = self._planned[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(
+                f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)} but {self.path}'s "
+                f"header says {dtype} {shape}"
+            )
+        begin, end = self._spans[name]
+        if end > begin:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._pwrite(memoryview(data.numpy().data), self._data_start + begin)
+        self._written.add(name)
+
+    def close(self) -> None:
+        """Check every tensor was written, flush the file to disk (fsync) and close it.
+
+        Raises:
+            ValueError: tensors were not written (the file stays open; :meth:`abort` it).
+        """
+        if self._descriptor is None:
+            return
+        missing = self.missing
+        if missing:
+            shown = ", ".join(repr(name) for name in missing[:5])
+            raise ValueError(
+                f"{self.path} is incomplete: {len(missing)} tensor(s) not written ({shown})"
+            )
+        descriptor, self._descriptor = self._descriptor, None
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    def abort(self) -> None:
+        """Close the file without checks (it stays, incomplete, for the caller to remove)."""
+        descriptor, self._descriptor = self._descriptor, None
+        if descriptor is not None:
+            os.close(descriptor)
+
+    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        assert self._descriptor is not None
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._descriptor, view[done : done + _WRITE_CHUNK], offset + done)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

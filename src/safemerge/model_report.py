@@ -1,0 +1,147 @@
+"""What a whole-model fuse did: one result per tensor, totals, and the process's peak memory."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from safemerge.quantized import QuantizedFuseRecord
+from safemerge.record import FuseRecord
+
+#: ``LayerResult.kind`` of a tensor written as read (``"cast"`` when only its dtype changed).
+UNCHANGED = "unchanged"
+CAST = "cast"
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One tensor of a whole-model fuse: what was done to it, how accurately, how fast.
+
+    Attributes:
+        name: the tensor's name (``"...q_proj.weight"``).
+        kind: the layer kind fused into (``"linear"``, ``"embedding"``, ``"conv2d"``,
+            ``"fan_in_fan_out"``, ``"linear4bit"``...), ``"bias"`` for a bias a LoRA bias
+            was added to, or ``"unchanged"`` / ``"cast"`` for a tensor only copied.
+        shape: its shape (the logical ``(out, in)`` shape for a quantized layer).
+        dtype: its dtype as written (or as held, for an in-memory module).
+        worst_error_of_bound: the largest ``|fused - exact| / bound`` over every element
+            of the fused weight (at most 1 for a correct fuse; the bound is
+            :func:`safemerge.merge_bound`'s); None where no bound was checked (a tensor
+            not fused, or a bias).
+        seconds: time spent on it (read, cast, fuse, check; not the write).
+        adapters: how many adapters were fused into it (0 when not fused).
+        position: its 1-based position among the model's tensors.
+        total: how many tensors the model has (for progress displays).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    worst_error_of_bound: float | None
+    seconds: float
+    adapters: int = 0
+    position: int = 0
+    total: int = 0
+
+    @property
+    def fused(self) -> bool:
+        """Whether adapters were fused into this tensor."""
+        return self.adapters > 0
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+
+@dataclass(frozen=True, eq=False)
+class ModelFuseReport:
+    """The result of :func:`safemerge.fuse_model` or :func:`safemerge.fuse_files`.
+
+    Attributes:
+        layers: one :class:`LayerResult` per tensor processed, in model order (for
+            ``fuse_model``, the fused layers only).
+        parameters: elements of every tensor processed (written, for ``fuse_files``).
+        fused_parameters: elements of the weights adapters were fused into.
+        tensors_written: tensors written to disk (0 for ``fuse_model``).
+        seconds: wall time of the whole call.
+        peak_rss_bytes: the process's peak resident memory (``VmHWM``) at the end, since
+            the process started; 0 where the system does not say.
+        output: the written model directory (None for ``fuse_model``).
+        shard_count: weight files written (0 for ``fuse_model``).
+        written_bytes: bytes of tensor data written.
+        metadata: the provenance written into every shard's safetensors metadata.
+        copied: files copied beside the weights, relative to the base directory.
+        records: per fused layer, the record :func:`safemerge.unfuse_model` (or
+            :func:`safemerge.unfuse`) needs to restore it exactly (``fuse_model`` only).
+    """
+
+    layers: tuple[LayerResult, ...]
+    parameters: int
+    fused_parameters: int
+    tensors_written: int
+    seconds: float
+    peak_rss_bytes: int
+    output: Path | None = None
+    shard_count: int = 0
+    written_bytes: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+    copied: tuple[str, ...] = ()
+    records: dict[str, FuseRecord | QuantizedFuseRecord] = field(default_factory=dict)
+
+    @property
+    def fused(self) -> tuple[LayerResult, ...]:
+        """The results of the tensors adapters were fused into."""
+        return tuple(layer for layer in self.layers if layer.fused)
+
+    @property
+    def parameters_per_second(self) -> float:
+        return self.parameters / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def worst_error_of_bound(self) -> float:
+        """The largest per-layer ``worst_error_of_bound`` (0.0 when no bound was checked)."""
+        checked = [layer.worst_error_of_bound for layer in self.layers]
+        return max((value for value in checked if value is not None), default=0.0)
+
+    def summary(self) -> str:
+        """A few lines for logs and the command line."""
+        fused = self.fused
+        where = f" into {self.output} ({self.shard_count} file(s))" if self.output else ""
+        lines = [
+            f"fused {len(fused)} layer(s) ({self.fused_parameters:,} parameters) of "
+            f"{self.parameters:,} parameters{where} in {self.seconds:.2f} s "
+            f"({self.parameters_per_second:,.0f} parameters/s); worst error "
+            f"{self.worst_error_of_bound:.3f} of its bound; peak memory "
+            f"{self.peak_rss_bytes / 2**20:,.0f} MiB"
+        ]
+        if self.tensors_written:
+            lines.append(
+                f"wrote {self.tensors_written} tensor(s), {self.written_bytes:,} bytes"
+                + (f"; copied {len(self.copied)} other file(s)" if self.copied else "")
+            )
+        return "\n".join(lines)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size (``VmHWM``) in bytes; 0 if unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    if sys.platform != "win32" and hasattr(os, "getpid"):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+    return 0

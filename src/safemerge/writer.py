@@ -1,0 +1,373 @@
+"""Writing a model directory safely: streamed shards, an index, then one rename into place.
+
+Everything is written into a temporary directory beside the target (same file system),
+named ``.<target>.safemerge-tmp-<hex>``; every file is fsynced, then the directory is
+renamed to the target's name and the parent directory is fsynced. So the target's name
+holds nothing or a complete model, even if the process is killed; on an exception
+(KeyboardInterrupt included) the temporary directory is removed. A killed run leaves its
+temporary directory behind, under a name :func:`leftover_temporaries` finds.
+
+Tensor bytes are written through :class:`safemerge.files.ShardWriter`: the shapes and
+dtypes are planned up front, so each shard's header is written first and each tensor
+goes to disk as soon as it is produced; memory stays of the order of the largest tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from safemerge import files
+from safemerge.errors import ModelWriteError
+
+#: Hugging Face's default largest shard (``max_shard_size="5GB"`` in transformers).
+DEFAULT_SHARD_SIZE = 5 * 2**30
+#: Marks the temporary directory a write builds before renaming it into place.
+TEMP_MARKER = ".safemerge-tmp-"
+#: Marks the old model moved aside while ``overwrite=True`` renames the new one in.
+OLD_MARKER = ".safemerge-old-"
+#: Files of a model directory that hold weights: never copied beside merged weights, since
+#: they would be the base's, unmerged (pickles, other frameworks' exports, indexes).
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".pkl",
+    ".pickle",
+    ".onnx",
+    ".onnx_data",
+    ".msgpack",
+    ".h5",
+    ".gguf",
+    ".tflite",
+    ".ot",
+)
+
+#: One planned tensor: ``(name, shape, dtype)``.
+PlanEntry = tuple[str, Sequence[int], torch.dtype]
+
+
+@dataclass(frozen=True)
+class WrittenModel:
+    """What :func:`write_model` wrote.
+
+    Attributes:
+        path: the model directory.
+        files: the weight files (shards, or ``model.safetensors``), final paths, in order.
+        index: ``model.safetensors.index.json``, or None for a single file.
+        total_size: bytes of tensor data, all shards together.
+        tensors: number of tensors written.
+        copied: files copied from ``copy_from``, relative to it.
+    """
+
+    path: Path
+    files: tuple[Path, ...]
+    index: Path | None
+    total_size: int
+    tensors: int
+    copied: tuple[str, ...]
+
+    @property
+    def shard_count(self) -> int:
+        return len(self.files)
+
+
+def write_model(
+    directory: str | os.PathLike[str],
+    tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+    *,
+    plan: Sequence[PlanEntry] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    metadata: Mapping[str, str] | None = None,
+    copy_from: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> WrittenModel:
+    """Write named tensors as a safetensors model directory, all of it or nothing.
+
+    Shards are ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json``
+    (Hugging Face's layout, with ``"metadata": {"total_size": ...}``); a model that fits
+    in one shard is written as ``model.safetensors`` with no index. Tensors fill shards in
+    plan order; a shard is closed when the next tensor would take it past ``shard_size``,
+    and a tensor larger than ``shard_size`` gets a shard of its own.
+
+    Args:
+        directory: the model directory to create; it must not exist unless ``overwrite``.
+        tensors: ``(name, tensor)`` pairs in plan order (a generator is consumed lazily,
+            one tensor at a time), or a mapping.
+        plan: ``(name, shape, dtype)`` of every tensor, in the order ``tensors`` yields
+            them. Without it, ``tensors`` is read whole into memory first to make one.
+        shard_size: the largest shard, in bytes of tensor data.
+        metadata: each shard's safetensors metadata; ``"format": "pt"`` is added unless
+            given (transformers needs it).
+        copy_from: a model directory whose other files (``config.json``, tokenizer files,
+            subdirectories...) are copied alongside: everything except weight files
+            (:data:`WEIGHT_SUFFIXES`, ``*.index.json``) and hidden directories.
+        overwrite: replace an existing ``directory``, only once the new one is complete
+            (the old one is renamed aside, the new one renamed in, the old one deleted).
+
+    Returns:
+        A :class:`WrittenModel`.
+
+    Raises:
+        ModelWriteError: ``directory`` exists (reason ``"exists"``); a tensor not as
+            planned, missing or extra (``"plan-mismatch"``); a bad ``shard_size`` or plan
+            (``"bad-plan"``). Nothing is left under ``directory`` (or the old model is).
+        Any exception ``tensors`` raises while producing a tensor, after removing the
+        temporary directory.
+    """
+    target = Path(directory)
+    if plan is None:
+        items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+        plan = [(name, tuple(tensor.shape), tensor.dtype) for name, tensor in items]
+        source: Iterable[tuple[str, torch.Tensor]] = items
+    else:
+        source = tensors.items() if isinstance(tensors, Mapping) else tensors
+    shards = plan_shards(target, plan, shard_size)
+    check_output(target, overwrite=overwrite)
+    header_metadata = {"format": "pt", **(metadata or {})}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = _new_temporary(target, TEMP_MARKER)
+    try:
+        names = _shard_names(len(shards))
+        total = _write_shards(temp, names, shards, source, header_metadata)
+        index = None
+        if len(shards) > 1:
+            weight_map = {
+                entry[0]: name for name, shard in zip(names, shards, strict=True) for entry in shard
+            }
+            index = target / files.INDEX_NAME
+            files.save_json(
+                temp / files.INDEX_NAME,
+                {"metadata": {"total_size": total}, "weight_map": weight_map},
+            )
+        copied = _copy_others(Path(copy_from), temp) if copy_from is not None else ()
+        files.fsync_directory(temp)
+        _move_into_place(temp, target, overwrite)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return WrittenModel(
+        path=target,
+        files=tuple(target / name for name in names),
+        index=index,
+        total_size=total,
+        tensors=sum(len(shard) for shard in shards),
+        copied=copied,
+    )
+
+
+def plan_shards(
+    directory: str | os.PathLike[str], plan: Sequence[PlanEntry], shard_size: int
+) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
+    """Split a plan into shards of at most ``shard_size`` bytes of data (a larger tensor alone).
+
+    Raises:
+        ModelWriteError: ``shard_size`` not positive, a name twice, or an empty plan.
+    """
+    directory = Path(directory)
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ModelWriteError(
+            f"shard_size must be a positive number of bytes; got shard_size={shard_size!r}",
+            path=directory,
+            reason="bad-plan",
+        )
+    shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = []
+    seen: set[str] = set()
+    filled = 0
+    for name, shape, dtype in plan:
+        if name in seen:
+            raise ModelWriteError(
+                f"tensor {name!r} appears twice in the plan for {directory}; every name "
+                f"must be unique",
+                path=directory,
+                reason="bad-plan",
+                key=name,
+            )
+        seen.add(name)
+        size = files.tensor_nbytes(shape, dtype)
+        if not shards or (filled + size > shard_size and shards[-1]):
+            shards.append([])
+            filled = 0
+        shards[-1].append((name, tuple(int(s) for s in shape), dtype))
+        filled += size
+    if not shards:
+        raise ModelWriteError(
+            f"nothing to write to {directory}: the plan lists no tensors",
+            path=directory,
+            reason="bad-plan",
+        )
+    return shards
+
+
+def leftover_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Temporary directories that killed writes of ``directory`` left beside it.
+
+    ``.<name>.safemerge-tmp-*`` are incomplete models (safe to delete);
+    ``.<name>.safemerge-old-*`` is a previous model moved aside by ``overwrite=True``
+    when the run was killed before deleting it (or before the new one was renamed in:
+    then ``directory`` is missing and this is the model to rename back).
+    """
+    target = Path(directory)
+    if not target.parent.is_dir():
+        return []
+    prefixes = (f".{target.name}{TEMP_MARKER}", f".{target.name}{OLD_MARKER}")
+    return sorted(entry for entry in target.parent.iterdir() if entry.name.startswith(prefixes))
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether a model directory's file holds weights (not to be copied beside merged ones)."""
+    lowered = name.lower()
+    return lowered.endswith(WEIGHT_SUFFIXES) or lowered.endswith(".index.json")
+
+
+# -- the steps ----------------------------------------------------------------------------
+
+
+def check_output(directory: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    """Refuse an output path that exists (unless ``overwrite``), or that is not a directory.
+
+    Raises:
+        ModelWriteError: with reason ``"exists"``.
+    """
+    target = Path(directory)
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not overwrite:
+        raise ModelWriteError(
+            f"output {target} already exists; refusing to write over it. Choose another "
+            f"output, remove it, or pass overwrite=True (it is replaced only once the new "
+            f"model is complete)",
+            path=target,
+            reason="exists",
+        )
+    if target.is_symlink() or not target.is_dir():
+        raise ModelWriteError(
+            f"output {target} exists and is not a directory (a file or a link); refusing to "
+            f"replace it with a model directory: remove it yourself if you mean to",
+            path=target,
+            reason="exists",
+        )
+
+
+def _new_temporary(target: Path, marker: str) -> Path:
+    while True:
+        temp = target.parent / f".{target.name}{marker}{secrets.token_hex(4)}"
+        try:
+            temp.mkdir()
+        except FileExistsError:
+            continue
+        return temp
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [files.SINGLE_NAME]
+    return [f"model-{number:05d}-of-{count:05d}.safetensors" for number in range(1, count + 1)]
+
+
+def _write_shards(
+    temp: Path,
+    names: Sequence[str],
+    shards: Sequence[Sequence[tuple[str, tuple[int, ...], torch.dtype]]],
+    source: Iterable[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str],
+) -> int:
+    """Stream ``source`` into the shards, checking it against the plan; total data bytes."""
+    produced = iter(source)
+    total = 0
+    for name, shard in zip(names, shards, strict=True):
+        with files.ShardWriter(temp / name, shard, metadata) as writer:
+            for planned, shape, dtype in shard:
+                tensor_name, tensor = _next_tensor(produced, temp, planned)
+                if tensor_name != planned:
+                    raise _mismatch(
+                        temp, tensor_name, f"came where the plan has {planned!r} (plan order)"
+                    )
+                if not isinstance(tensor, torch.Tensor):
+                    raise _mismatch(temp, planned, f"is a {type(tensor).__name__}, not a tensor")
+                if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                    raise _mismatch(
+                        temp,
+                        planned,
+                        f"is {tensor.dtype} {tuple(tensor.shape)} but the plan says "
+                        f"{dtype} {shape}",
+                    )
+                writer.write(planned, tensor)
+                del tensor
+            total += writer.data_bytes
+    extra = next(produced, None)
+    if extra is not None:
+        raise _mismatch(temp, str(extra[0]), "was produced after every planned tensor")
+    return total
+
+
+def _next_tensor(
+    produced: Iterator[tuple[str, torch.Tensor]], temp: Path, planned: str
+) -> tuple[str, torch.Tensor]:
+    try:
+        return next(produced)
+    except StopIteration:
+        raise _mismatch(temp, planned, "was planned but never produced") from None
+
+
+def _mismatch(temp: Path, name: str, what: str) -> ModelWriteError:
+    target = temp.parent / temp.name.split(TEMP_MARKER)[0].removeprefix(".")
+    return ModelWriteError(
+        f"cannot write {target}: tensor {name!r} {what}. Nothing was written; this is a "
+        f"bug in the code producing the tensors",
+        path=target,
+        reason="plan-mismatch",
+        key=name,
+    )
+
+
+def _copy_others(source: Path, temp: Path) -> tuple[str, ...]:
+    """Copy every regular file of ``source`` that is no weight file, keeping subdirectories."""
+    if not source.is_dir():
+        return ()
+    copied: list[str] = []
+    for path in sorted(_other_files(source)):
+        relative = path.relative_to(source)
+        destination = temp / relative
+        if destination.parent != temp and not destination.parent.exists():
+            destination.parent.mkdir(parents=True)
+        files.copy_file(path, destination)
+        copied.append(relative.as_posix())
+    for folder in sorted({(temp / name).parent for name in copied}, reverse=True):
+        files.fsync_directory(folder)
+    return tuple(copied)
+
+
+def _other_files(folder: Path) -> Iterator[Path]:
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            if not entry.name.startswith("."):  # .git, .cache, .ipynb_checkpoints...
+                yield from _other_files(entry)
+        elif entry.is_file() and not is_weight_file(entry.name):
+            yield entry
+
+
+def _move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
+    if not (overwrite and target.exists()):
+        os.rename(temp, target)
+        files.fsync_directory(target.parent)
+        return
+    old = _new_temporary(target, OLD_MARKER)
+    os.replace(target, old)  # replaces the empty placeholder directory just made
+    try:
+        os.rename(temp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    files.fsync_directory(target.parent)
+    with contextlib.suppress(OSError):
+        shutil.rmtree(old)
