@@ -1,0 +1,338 @@
+"""safemerge.writer and files.ShardWriter: streamed shards, the index, all or nothing on disk."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import struct
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from safemerge import ModelWriteError, WrittenModel, open_checkpoint, write_model
+from safemerge.files import INDEX_NAME, SINGLE_NAME, ShardWriter
+from safemerge.writer import is_weight_file, leftover_temporaries, plan_shards
+
+# Mixed element sizes (odd element counts), so alignment in the data section is exercised.
+MIXED = {
+    "a.weight": torch.arange(7, dtype=torch.bfloat16),
+    "b.weight": torch.linspace(-1, 1, 15, dtype=torch.float32).reshape(3, 5),
+    "c.ids": torch.arange(3, dtype=torch.int64),
+    "d.mask": torch.tensor([True, False, True]),
+    "e.scale": torch.tensor(2.5, dtype=torch.float16),
+    "f.empty": torch.zeros(0, 4),
+    "g.fp8": torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn),
+}
+
+
+def _model(count: int = 6, numel: int = 100, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    return {
+        f"layers.{i}.weight": torch.arange(numel, dtype=torch.float32).to(dtype) + i
+        for i in range(count)
+    }
+
+
+def _equal(left: torch.Tensor, right: torch.Tensor) -> bool:
+    if left.dtype != right.dtype or left.shape != right.shape:
+        return False
+    if left.dtype.itemsize == 1 and left.is_floating_point():
+        return torch.equal(left.view(torch.uint8), right.view(torch.uint8))
+    return torch.equal(left, right)
+
+
+def _loaded(directory: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(directory) as checkpoint:
+        return {name: checkpoint.read(name) for name in checkpoint}
+
+
+def _assert_nothing_left(directory: Path) -> None:
+    assert not directory.exists()
+    assert leftover_temporaries(directory) == []
+
+
+def _data_offsets(file: Path) -> list[tuple[int, int, torch.dtype]]:
+    raw = file.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    header.pop("__metadata__", None)
+    sizes = {"BF16": 2, "F32": 4, "I64": 8, "BOOL": 1, "F16": 2, "F8_E4M3": 1}
+    return [
+        (8 + length + e["data_offsets"][0], sizes[e["dtype"]], e["dtype"]) for e in header.values()
+    ]
+
+
+# -- ShardWriter ---------------------------------------------------------------------------
+
+
+def test_shard_writer_takes_tensors_in_any_order_and_safetensors_reads_them(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    entries = [(name, tensor.shape, tensor.dtype) for name, tensor in MIXED.items()]
+    with ShardWriter(path, entries, {"format": "pt", "note": "hi"}) as shard:
+        for name in reversed(list(MIXED)):
+            shard.write(name, MIXED[name])
+    loaded = load_file(path)
+    assert set(loaded) == set(MIXED)
+    for name, tensor in MIXED.items():
+        assert _equal(loaded[name], tensor), name
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt", "note": "hi"}
+    # Every tensor starts at a multiple of its element size (in the file, header included).
+    for offset, size, dtype in _data_offsets(path):
+        assert offset % size == 0, dtype
+    assert path.stat().st_size == shard.file_bytes
+
+
+def test_shard_writer_refuses_what_the_plan_does_not_say(tmp_path: Path) -> None:
+    entries = [("a", (2, 3), torch.float32), ("b", (4,), torch.bfloat16)]
+    shard = ShardWriter(tmp_path / "x.safetensors", entries)
+    with pytest.raises(KeyError, match="'c' is not planned"):
+        shard.write("c", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"'a' is torch.float16 \(2, 3\) but .* header says"):
+        shard.write("a", torch.zeros(2, 3, dtype=torch.float16))
+    shard.write("a", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="already written"):
+        shard.write("a", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"incomplete: 1 tensor\(s\) not written \('b'\)"):
+        shard.close()
+    assert shard.missing == ("b",)
+    shard.abort()
+    with pytest.raises(FileExistsError):
+        ShardWriter(tmp_path / "x.safetensors", entries)
+    with pytest.raises(ValueError, match="listed twice"):
+        ShardWriter(tmp_path / "y.safetensors", [*entries, entries[0]])
+    with pytest.raises(TypeError, match="metadata maps str to str"):
+        ShardWriter(tmp_path / "z.safetensors", entries, {"n": 1})  # type: ignore[dict-item]
+
+
+# -- write_model: layout -------------------------------------------------------------------
+
+
+def test_a_model_that_fits_one_shard_is_model_safetensors_without_index(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    written = write_model(out, MIXED, metadata={"origin": "test"})
+    assert isinstance(written, WrittenModel)
+    assert sorted(p.name for p in out.iterdir()) == [SINGLE_NAME]
+    assert written.files == (out / SINGLE_NAME,) and written.index is None
+    assert written.shard_count == 1 and written.tensors == len(MIXED)
+    loaded = _loaded(out)
+    assert list(loaded) == list(MIXED)  # header order is plan order
+    assert all(_equal(loaded[name], tensor) for name, tensor in MIXED.items())
+    with safe_open(str(out / SINGLE_NAME), framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt", "origin": "test"}
+    assert (out / SINGLE_NAME).stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_shards_follow_the_size_limit_and_the_index_lists_every_tensor(tmp_path: Path) -> None:
+    tensors = _model(count=7, numel=100)  # 400 bytes each
+    tensors["big.weight"] = torch.ones(300)  # 1200 bytes: over the limit, a shard of its own
+    tensors["tail.weight"] = torch.ones(10)
+    out = tmp_path / "out"
+    written = write_model(out, tensors, shard_size=1000)
+    # Shards fill in order: 2 + 2 + 2 + 1 layers (the 8th would pass 1000), big alone, tail.
+    assert written.shard_count == 6
+    names = [f"model-0000{i}-of-00006.safetensors" for i in range(1, 7)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, INDEX_NAME])
+    index = json.loads((out / INDEX_NAME).read_text())
+    assert index["metadata"] == {"total_size": 7 * 400 + 1200 + 40}
+    assert written.total_size == index["metadata"]["total_size"]
+    assert list(index["weight_map"]) == list(tensors)
+    assert index["weight_map"]["big.weight"] == names[4]
+    for name in names:
+        shard = load_file(out / name)
+        size = sum(t.numel() * t.element_size() for t in shard.values())
+        assert size <= 1000 or len(shard) == 1
+        assert all(index["weight_map"][key] == name for key in shard)
+    loaded = _loaded(out)
+    assert list(loaded) == list(tensors)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+
+def test_plan_shards_packs_like_transformers() -> None:
+    plan = [("a", (100,), torch.float32), ("b", (100,), torch.float32), ("c", (1,), torch.float32)]
+    assert [len(s) for s in plan_shards("m", plan, 800)] == [2, 1]
+    assert [len(s) for s in plan_shards("m", plan, 804)] == [3]
+    assert [len(s) for s in plan_shards("m", plan, 10)] == [1, 1, 1]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ModelWriteError, match="shard_size must be a positive") as caught:
+            plan_shards("m", plan, bad)  # type: ignore[arg-type]
+        assert caught.value.reason == "bad-plan"
+    with pytest.raises(ModelWriteError, match="'a' appears twice") as caught:
+        plan_shards("m", [*plan, plan[0]], 800)
+    assert caught.value.key == "a"
+    with pytest.raises(ModelWriteError, match="plan lists no tensors"):
+        plan_shards("m", [], 800)
+
+
+def test_tensors_stream_through_one_at_a_time(tmp_path: Path) -> None:
+    tensors = _model(count=8, numel=1000)
+    plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    alive: list[weakref.ref[torch.Tensor]] = []
+    held: list[int] = []
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in tensors:
+            gc.collect()
+            held.append(sum(ref() is not None for ref in alive))
+            tensor = tensors[name].clone()
+            alive.append(weakref.ref(tensor))
+            yield name, tensor
+            del tensor
+
+    write_model(tmp_path / "out", produce(), plan=plan, shard_size=8000)
+    # When each tensor is produced, none of the earlier ones is still held by the writer.
+    assert held == [0] * len(tensors)
+    loaded = _loaded(tmp_path / "out")
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+
+# -- write_model: all or nothing -----------------------------------------------------------
+
+
+def test_an_existing_output_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ModelWriteError, match="already exists; refusing") as caught:
+        write_model(out, MIXED)
+    assert caught.value.reason == "exists" and caught.value.path == out
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(ModelWriteError, match="not a directory") as caught:
+        write_model(file, MIXED, overwrite=True)
+    assert file.read_text() == "x"
+
+
+def test_overwrite_replaces_the_old_model_only_once_the_new_one_is_complete(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    write_model(out, {"old.weight": torch.zeros(3)})
+
+    def failing() -> Iterator[tuple[str, torch.Tensor]]:
+        yield "new.weight", torch.ones(3)
+        raise RuntimeError("producer broke")
+
+    plan = [("new.weight", (3,), torch.float32), ("more.weight", (3,), torch.float32)]
+    with pytest.raises(RuntimeError, match="producer broke"):
+        write_model(out, failing(), plan=plan, overwrite=True)
+    assert list(_loaded(out)) == ["old.weight"]
+    assert leftover_temporaries(out) == []
+    write_model(out, {"new.weight": torch.ones(3)}, overwrite=True)
+    assert list(_loaded(out)) == ["new.weight"]
+    assert leftover_temporaries(out) == []
+
+
+@pytest.mark.parametrize("exception", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_an_exception_while_producing_leaves_nothing(
+    tmp_path: Path, exception: BaseException
+) -> None:
+    tensors = _model(count=6)
+    plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        for position, (name, tensor) in enumerate(tensors.items()):
+            if position == 4:
+                raise exception
+            yield name, tensor
+
+    out = tmp_path / "deeper" / "out"
+    with pytest.raises(type(exception)):
+        write_model(out, produce(), plan=plan, shard_size=500, copy_from=None)
+    _assert_nothing_left(out)
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("produced", "fragment"),
+    [
+        ([("b", torch.zeros(2))], "'b' came where the plan has 'a'"),
+        (
+            [("a", torch.zeros(3))],
+            r"'a' is torch.float32 \(3,\) but the plan says torch.float32 \(2,\)",
+        ),
+        ([("a", torch.zeros(2, dtype=torch.float16))], "is torch.float16"),
+        ([("a", torch.zeros(2))], "'b' was planned but never produced"),
+        (
+            [("a", torch.zeros(2)), ("b", torch.zeros(2)), ("c", torch.zeros(2))],
+            "'c' was produced after every planned tensor",
+        ),
+        ([("a", [0.0, 0.0])], "'a' is a list, not a tensor"),
+    ],
+)
+def test_tensors_that_differ_from_the_plan_are_refused(
+    tmp_path: Path, produced: list[tuple[str, Any]], fragment: str
+) -> None:
+    plan = [("a", (2,), torch.float32), ("b", (2,), torch.float32)]
+    out = tmp_path / "out"
+    with pytest.raises(ModelWriteError, match=fragment) as caught:
+        write_model(out, iter(produced), plan=plan)
+    assert caught.value.reason == "plan-mismatch"
+    assert caught.value.path == out
+    _assert_nothing_left(out)
+
+
+def test_leftover_temporaries_are_found_by_name(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (tmp_path / ".out.safemerge-tmp-1234abcd").mkdir()
+    (tmp_path / ".out.safemerge-old-5678").mkdir()
+    (tmp_path / ".other.safemerge-tmp-1").mkdir()
+    assert [p.name for p in leftover_temporaries(out)] == [
+        ".out.safemerge-old-5678",
+        ".out.safemerge-tmp-1234abcd",
+    ]
+    assert leftover_temporaries(tmp_path / "missing" / "out") == []
+
+
+# -- write_model: the other files of a model directory -------------------------------------
+
+
+def test_other_files_are_copied_and_weight_files_are_not(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    (base / "1_Pooling").mkdir(parents=True)
+    (base / ".git").mkdir()
+    (base / "onnx").mkdir()
+    copied = {
+        "config.json": '{"model_type": "bert"}',
+        "tokenizer.json": "{}",
+        "tokenizer_config.json": "{}",
+        "generation_config.json": "{}",
+        "vocab.txt": "a\nb\n",
+        "README.md": "# base",
+        ".gitattributes": "*.bin lfs",
+        "1_Pooling/config.json": "{}",
+    }
+    skipped = {
+        "model.safetensors": "old",
+        "model-00001-of-00002.safetensors": "old",
+        "model.safetensors.index.json": "{}",
+        "pytorch_model.bin": "pickle",
+        "pytorch_model.bin.index.json": "{}",
+        "tf_model.h5": "h5",
+        "flax_model.msgpack": "m",
+        "onnx/model.onnx": "o",
+        ".git/config": "git",
+    }
+    for name, text in {**copied, **skipped}.items():
+        (base / name).write_text(text)
+    out = tmp_path / "out"
+    written = write_model(out, {"w.weight": torch.ones(2)}, copy_from=base)
+    assert sorted(written.copied) == sorted(copied)
+    found = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert found == sorted([*copied, SINGLE_NAME])
+    for name, text in copied.items():
+        assert (out / name).read_text() == text
+    assert is_weight_file("Model-00001-of-00002.SAFETENSORS") and not is_weight_file("vocab.txt")
