@@ -18,6 +18,9 @@ from pytest_safemerge.implementations import Call, Implementation
 from pytest_safemerge.results import Row
 from pytest_safemerge.strategies import MergeCase
 
+#: float32's own overflow threshold: its max plus half an ulp there (2**103) rounds to Inf.
+_F32_THRESHOLD = float(torch.finfo(torch.float32).max) + 2.0**103
+
 
 class Checked:
     """One case handed to the implementation: inputs on the device under test, and what
@@ -64,13 +67,22 @@ class Checked:
 
     @property
     def threshold(self) -> float:
-        return safemerge.numerics.overflow_threshold(self.original.dtype)
+        """The smallest magnitude that does not fit the weight's dtype after rounding (for
+        float32, the one where the float32 sum itself becomes Inf)."""
+        return min(safemerge.numerics.overflow_threshold(self.original.dtype), _F32_THRESHOLD)
 
     def comfortably_finite(self) -> bool:
-        """The exact merge fits the dtype with room for every rounding on the way."""
+        """The exact merge fits the dtype with room for every rounding on the way, and so
+        does the float32 delta ``scale * B @ A`` that a correct merge computes first."""
         if self._comfortably_finite is None:
             reach = self.reference.abs() + self.bound
-            self._comfortably_finite = bool((reach < self.threshold).all())
+            adapter = self.case.adapter
+            delta = abs(self.scale) * (
+                adapter.lora_B.double().abs() @ adapter.lora_A.double().abs()
+            )
+            self._comfortably_finite = bool(
+                (reach < self.threshold).all() and (delta < _F32_THRESHOLD / 2).all()
+            )
         return self._comfortably_finite
 
     def surely_overflows(self) -> bool:
