@@ -14,11 +14,18 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from safemerge import __version__
-from safemerge.errors import AdapterConfigError, CheckpointError, SafemergeError
+from safemerge.errors import (
+    AdapterConfigError,
+    AdapterFormatError,
+    CheckpointError,
+    ModelWriteError,
+    SafemergeError,
+)
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
 
@@ -63,7 +70,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--scale", type=float, default=1.0, help="overall scale (lora_scale)")
     inspect.add_argument("--json", action="store_true", help="print the scan as JSON")
+    fuse = commands.add_parser(
+        "fuse",
+        help="fuse adapters into a safetensors model and write the merged model, all or nothing",
+    )
+    fuse.add_argument(
+        "base", help="the base model: a directory (shards + index) or a .safetensors file"
+    )
+    fuse.add_argument(
+        "adapters", nargs="+", metavar="ADAPTER", help="PEFT, kohya or diffusers adapters"
+    )
+    fuse.add_argument("--output", "-o", required=True, help="the merged model directory to create")
+    fuse.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        metavar="W",
+        help="one weight per adapter (default 1 each)",
+    )
+    fuse.add_argument("--scale", type=float, default=1.0, help="overall scale (lora_scale)")
+    fuse.add_argument(
+        "--dtype", choices=sorted(_DTYPES), help="output dtype (default: each tensor's own)"
+    )
+    fuse.add_argument(
+        "--shard-size",
+        type=_size,
+        default="5GB",
+        help="largest shard, e.g. 2GB, 500MB (default 5GB)",
+    )
+    fuse.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT once the new model is complete"
+    )
+    fuse.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    fuse.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+def _size(text: str) -> int:
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
+    number = text.strip().upper().rstrip()
+    for unit in sorted(units, key=len, reverse=True):
+        if unit and number.endswith(unit):
+            number, factor = number[: -len(unit)], units[unit]
+            break
+    else:
+        factor = 1
+    try:
+        value = float(number) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size; write e.g. 5GB or 500MB"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the shard size must be positive")
+    return int(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,7 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK if run_demo(_DTYPES[arguments.dtype]) else EXIT_CHECK_FAILED
         if arguments.command == "inspect":
             return _inspect(arguments)
-    except (CheckpointError, AdapterConfigError) as error:
+        if arguments.command == "fuse":
+            return _fuse(arguments)
+    except ModelWriteError as error:
+        _error(str(error))
+        return EXIT_USAGE if error.reason in ("exists", "same-as-input") else EXIT_INPUT
+    except (CheckpointError, AdapterConfigError, AdapterFormatError) as error:
         _error(str(error))
         return EXIT_INPUT
     except SafemergeError as error:
@@ -100,6 +174,116 @@ def _inspect(arguments: argparse.Namespace) -> int:
     else:
         print(_inspect_table(scan))
     return EXIT_OK if scan.safe else EXIT_CHECK_FAILED
+
+
+def _fuse(arguments: argparse.Namespace) -> int:
+    from safemerge.model import fuse_files
+
+    weights = arguments.weights or [1.0] * len(arguments.adapters)
+    if len(weights) != len(arguments.adapters):
+        _error(
+            f"--weights has {len(weights)} value(s) for {len(arguments.adapters)} adapter(s); "
+            f"give one weight per adapter, in the same order"
+        )
+        return EXIT_USAGE
+    progress = None if arguments.quiet or arguments.json else _ProgressBar()
+    report = fuse_files(
+        arguments.base,
+        list(zip(arguments.adapters, weights, strict=True)),
+        arguments.output,
+        scale=arguments.scale,
+        dtype=_DTYPES[arguments.dtype] if arguments.dtype else None,
+        shard_size=arguments.shard_size,
+        overwrite=arguments.overwrite,
+        progress=progress,
+    )
+    if progress is not None:
+        progress.finish()
+    if arguments.json:
+        print(json.dumps(_report_json(report), indent=2))
+    else:
+        print(_fuse_summary(report))
+    return EXIT_OK
+
+
+class _ProgressBar:
+    """One line on stderr, redrawn per tensor: ``[#####.....] 37/104 layers.3.q_proj.weight``."""
+
+    def __init__(self, width: int = 30) -> None:
+        self.width = width
+        self.drawn = False
+
+    def __call__(self, result: Any) -> None:
+        total = max(result.total, 1)
+        filled = self.width * result.position // total
+        bar = "#" * filled + "." * (self.width - filled)
+        line = f"[{bar}] {result.position}/{total} {result.name}"
+        if sys.stderr.isatty():
+            print(f"\r{line[:120]:<120}", end="", file=sys.stderr, flush=True)
+        elif result.position == total or result.position % max(total // 20, 1) == 0:
+            print(line, file=sys.stderr, flush=True)
+        self.drawn = True
+
+    def finish(self) -> None:
+        if self.drawn and sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+def _fuse_summary(report: Any) -> str:
+    fused = [layer for layer in report.layers if layer.fused]
+    rows = [("layer", "kind", "shape", "dtype", "worst err/bound", "time")]
+    for layer in fused:
+        worst = "-" if layer.worst_error_of_bound is None else f"{layer.worst_error_of_bound:.3f}"
+        rows.append(
+            (
+                layer.name,
+                layer.kind,
+                "x".join(str(size) for size in layer.shape),
+                str(layer.dtype).removeprefix("torch."),
+                worst,
+                f"{layer.seconds * 1000:.0f} ms",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    worst_all = max((layer.worst_error_of_bound or 0.0 for layer in fused), default=0.0)
+    lines += [
+        "",
+        f"fused {len(fused)} layers ({report.fused_parameters:,} parameters), worst error "
+        f"{worst_all:.3f} of its bound; wrote {report.tensors_written} tensors "
+        f"({report.parameters:,} parameters) in {report.shard_count} shard(s) to {report.output}",
+        f"time {report.seconds:.2f} s ({report.parameters / max(report.seconds, 1e-9) / 1e6:.1f} "
+        f"M parameters/s); peak memory {report.peak_rss_bytes / 2**20:.0f} MiB",
+    ]
+    return "\n".join(lines)
+
+
+def _report_json(report: Any) -> dict[str, Any]:
+    return {
+        "output": str(report.output),
+        "shards": report.shard_count,
+        "parameters": report.parameters,
+        "fused_parameters": report.fused_parameters,
+        "tensors_written": report.tensors_written,
+        "seconds": report.seconds,
+        "peak_rss_bytes": report.peak_rss_bytes,
+        "metadata": dict(report.metadata),
+        "layers": [
+            {
+                "name": layer.name,
+                "kind": layer.kind,
+                "shape": list(layer.shape),
+                "dtype": str(layer.dtype).removeprefix("torch."),
+                "worst_error_of_bound": layer.worst_error_of_bound,
+                "seconds": layer.seconds,
+                "adapters": layer.adapters,
+            }
+            for layer in report.layers
+            if layer.fused
+        ],
+    }
 
 
 def _inspect_table(scan: object) -> str:
