@@ -44,7 +44,7 @@ from safemerge.files import Checkpoint
 from safemerge.fuse import fuse, unfuse
 from safemerge.layer_bound import BoundCheck
 from safemerge.layers import LayerView, view_layer
-from safemerge.model_report import CAST, UNCHANGED, LayerResult, ModelFuseReport, peak_rss_bytes
+from safemerge.model_report import BIAS, CAST, UNCHANGED, LayerResult, ModelFuseReport, peak_rss_bytes
 from safemerge.numerics import SUPPORTED_DTYPES
 from safemerge.quantized import QuantizedFuseRecord
 from safemerge.record import FuseRecord
@@ -779,7 +779,7 @@ def _fuse_file_layer(
             bias,
             LayerResult(
                 file_layer.bias,
-                "bias",
+                BIAS,
                 tuple(bias.shape),
                 bias.dtype,
                 None,

@@ -15,6 +15,8 @@ from safemerge.record import FuseRecord
 #: ``LayerResult.kind`` of a tensor written as read (``"cast"`` when only its dtype changed).
 UNCHANGED = "unchanged"
 CAST = "cast"
+#: ``LayerResult.kind`` of a layer's bias that its adapters' LoRA biases were added to.
+BIAS = "bias"
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,9 @@ class LayerResult:
 
     @property
     def fused(self) -> bool:
-        """Whether adapters were fused into this tensor."""
-        return self.adapters > 0
+        """Whether adapters were fused into this weight (a layer's bias that got their LoRA
+        biases is not counted apart: its weight is)."""
+        return self.adapters > 0 and self.kind != BIAS
 
     @property
     def numel(self) -> int:
@@ -98,7 +101,7 @@ class ModelFuseReport:
 
     @property
     def fused(self) -> tuple[LayerResult, ...]:
-        """The results of the tensors adapters were fused into."""
+        """The results of the weights adapters were fused into: one per fused layer."""
         return tuple(layer for layer in self.layers if layer.fused)
 
     @property
