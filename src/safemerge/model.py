@@ -44,7 +44,14 @@ from safemerge.files import Checkpoint
 from safemerge.fuse import fuse, unfuse
 from safemerge.layer_bound import BoundCheck
 from safemerge.layers import LayerView, view_layer
-from safemerge.model_report import BIAS, CAST, UNCHANGED, LayerResult, ModelFuseReport, peak_rss_bytes
+from safemerge.model_report import (
+    BIAS,
+    CAST,
+    UNCHANGED,
+    LayerResult,
+    ModelFuseReport,
+    peak_rss_bytes,
+)
 from safemerge.numerics import SUPPORTED_DTYPES
 from safemerge.quantized import QuantizedFuseRecord
 from safemerge.record import FuseRecord
