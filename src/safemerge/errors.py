@@ -102,7 +102,29 @@ def _advice(dtype: torch.dtype) -> str:
     return f"{fixes}; or keep this layer in a wider dtype ({wider})."
 
 
-class CheckpointError(SafemergeError, ValueError):
+class _PathError(SafemergeError, ValueError):
+    """An error about a file or directory: its path, a short reason code, maybe a key."""
+
+    def __init__(
+        self, message: str, *, path: str | Path, reason: str, key: str | None = None
+    ) -> None:
+        self.path = Path(str(path))
+        self.reason = reason
+        self.key = key
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only arguments: pickling (pytest-xdist, multiprocessing) needs this.
+        return _rebuild_path_error, (type(self), str(self), self.path, self.reason, self.key)
+
+
+def _rebuild_path_error(
+    kind: type[_PathError], message: str, path: Path, reason: str, key: str | None
+) -> _PathError:
+    return kind(message, path=path, reason=reason, key=key)
+
+
+class CheckpointError(_PathError):
     """A model or adapter file cannot be read safely; nothing was loaded from it.
 
     Attributes:
@@ -114,16 +136,6 @@ class CheckpointError(SafemergeError, ValueError):
         key: the tensor name (or index entry) concerned, when there is one.
     """
 
-    def __init__(
-        self, message: str, *, path: str | Path, reason: str, key: str | None = None
-    ) -> None:
-        self.path = Path(str(path))
-        self.reason = reason
-        self.key = key
-        super().__init__(message)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return _rebuild_checkpoint_error, (str(self), self.path, self.reason, self.key)
 
 
 class AdapterFormatError(SafemergeError, ValueError):
@@ -154,19 +166,13 @@ class AdapterFormatError(SafemergeError, ValueError):
         return _rebuild_adapter_format_error, (self.path, self.problems, self.cap)
 
 
-def _rebuild_checkpoint_error(
-    message: str, path: Path, reason: str, key: str | None
-) -> CheckpointError:
-    return CheckpointError(message, path=path, reason=reason, key=key)
-
-
 def _rebuild_adapter_format_error(
     path: Path, problems: Sequence[tuple[str, str]], cap: int
 ) -> AdapterFormatError:
     return AdapterFormatError(path, problems, cap=cap)
 
 
-class ModelWriteError(SafemergeError, ValueError):
+class ModelWriteError(_PathError):
     """A merged model cannot be written; nothing was left under its path.
 
     Attributes:
@@ -178,16 +184,6 @@ class ModelWriteError(SafemergeError, ValueError):
         key: the tensor concerned, when there is one.
     """
 
-    def __init__(
-        self, message: str, *, path: str | Path, reason: str, key: str | None = None
-    ) -> None:
-        self.path = Path(str(path))
-        self.reason = reason
-        self.key = key
-        super().__init__(message)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return _rebuild_model_write_error, (str(self), self.path, self.reason, self.key)
 
 
 class ModelFuseError(SafemergeError, ValueError):
@@ -219,12 +215,6 @@ class ModelFuseError(SafemergeError, ValueError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return _rebuild_model_fuse_error, (str(self), self.problems, self.path, self.rolled_back)
-
-
-def _rebuild_model_write_error(
-    message: str, path: Path, reason: str, key: str | None
-) -> ModelWriteError:
-    return ModelWriteError(message, path=path, reason=reason, key=key)
 
 
 def _rebuild_model_fuse_error(

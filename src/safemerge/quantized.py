@@ -107,12 +107,7 @@ def fuse_quantized(
     """Fuse into a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``; see :func:`safemerge.fuse`."""
     started = time.perf_counter()
     label = name or type(layer).__name__
-    quantized_format = bnb.format_of(layer, label)
-    if quantized_format is None:
-        raise UnsupportedLayerError(
-            f"layer {label!r} is a bitsandbytes {type(layer).__name__}, which safemerge does not "
-            f"fuse; supported: Linear4bit (NF4/FP4) and Linear8bitLt"
-        )
+    quantized_format = _format_of(layer, label)
     if any(adapter.is_dora for adapter, _ in pairs):
         raise UnsupportedLayerError(
             f"layer {label!r}: DoRA adapters are not fused into quantized layers"
@@ -167,16 +162,21 @@ def quantization_bound(
         NonFiniteMergeError: ``ideal`` does not fit the quantized format.
     """
     label = name or type(layer).__name__
-    quantized_format = bnb.format_of(layer, label)
-    if quantized_format is None:
-        raise UnsupportedLayerError(
-            f"layer {label!r} ({type(layer).__name__}) is not a bitsandbytes Linear4bit or "
-            f"Linear8bitLt"
-        )
+    quantized_format = _format_of(layer, label)
     with torch.no_grad():
         values = quantized_format.read()
         bound = quantized_format.quantize(ideal.detach().to(values.device, torch.float32)).bound
     return values, bound
+
+
+def _format_of(layer: Any, label: str) -> bnb.QuantizedFormat:
+    quantized_format = bnb.format_of(layer, label)
+    if quantized_format is None:
+        raise UnsupportedLayerError(
+            f"layer {label!r} is a bitsandbytes {type(layer).__name__}, which safemerge does not "
+            f"fuse; supported: Linear4bit (NF4/FP4) and Linear8bitLt"
+        )
+    return quantized_format
 
 
 def unfuse_quantized(layer: Any, record: QuantizedFuseRecord, *, exact: bool = True) -> None:
