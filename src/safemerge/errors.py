@@ -137,7 +137,6 @@ class CheckpointError(_PathError):
     """
 
 
-
 class AdapterFormatError(SafemergeError, ValueError):
     """An adapter file's keys do not map, one to one and with fitting shapes, onto the base.
 
@@ -183,7 +182,6 @@ class ModelWriteError(_PathError):
             ``"same-as-input"`` (the output would overwrite an input) or ``"disk-space"``.
         key: the tensor concerned, when there is one.
     """
-
 
 
 class ModelFuseError(SafemergeError, ValueError):

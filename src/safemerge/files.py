@@ -90,6 +90,9 @@ class TensorInfo:
 class _Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    # Where each tensor's data starts in its file, and the file's size, when parsed.
+    offsets: dict[str, int]
+    file_bytes: int
 
 
 class Checkpoint:
@@ -100,9 +103,19 @@ class Checkpoint:
     :meth:`close`, to release the memory maps.
     """
 
-    def __init__(self, path: Path, tensors: Mapping[str, TensorInfo], metadata: Mapping[str, str]):
+    def __init__(
+        self,
+        path: Path,
+        tensors: Mapping[str, TensorInfo],
+        metadata: Mapping[str, str],
+        *,
+        offsets: Mapping[str, int] | None = None,
+        file_bytes: Mapping[Path, int] | None = None,
+    ):
         self._path = path
         self._tensors = dict(tensors)
+        self._offsets = dict(offsets or {})
+        self._file_bytes = dict(file_bytes or {})
         self._names = tuple(self._tensors)
         self._metadata = dict(metadata)
         self._handles: dict[Path, Any] = {}
@@ -143,8 +156,16 @@ class Checkpoint:
         except KeyError:
             raise KeyError(f"no tensor named {name!r} in checkpoint {self._path}") from None
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, *, mapped: bool = True) -> torch.Tensor:
         """Read tensor ``name`` into memory (a CPU copy of its own, not a view of the file).
+
+        Args:
+            name: the tensor.
+            mapped: read through a memory map of the file, kept open for further reads.
+                With ``mapped=False`` the bytes go straight from the file into the new
+                tensor: it is the only copy in memory, and no page of the file stays
+                counted in this process's resident memory (a map's pages do, as long as
+                the map lives): for streaming a whole model through in bounded memory.
 
         Raises:
             KeyError: no tensor of that name.
@@ -154,9 +175,11 @@ class Checkpoint:
         info = self.info(name)
         if self._closed:
             raise ValueError(f"checkpoint {self._path} is closed; open it again to read {name!r}")
+        if not mapped and name in self._offsets:
+            return self._read_unmapped(info, self._offsets[name])
         handle = self._handle(info.file)
         try:
-            mapped: torch.Tensor = handle.get_tensor(name)
+            in_map: torch.Tensor = handle.get_tensor(name)
         except Exception as error:  # safetensors raises its own SafetensorError, or OSError
             raise CheckpointError(
                 f"cannot read tensor {name!r} from {info.file}: {error}. The file is truncated "
@@ -167,8 +190,8 @@ class Checkpoint:
             ) from error
         # get_tensor returns a view of the memory map; the copy lets the map close and
         # keeps later changes to the file out of the tensor.
-        tensor = mapped.clone()
-        del mapped
+        tensor = in_map.clone()
+        del in_map
         if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
             raise CheckpointError(
                 f"tensor {name!r} in {info.file} is {tensor.dtype} {tuple(tensor.shape)} but its "
@@ -178,6 +201,35 @@ class Checkpoint:
                 reason="corrupt",
                 key=name,
             )
+        return tensor
+
+    def _read_unmapped(self, info: TensorInfo, offset: int) -> torch.Tensor:
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy().data)
+        done = 0
+        try:
+            with info.file.open("rb", buffering=0) as stream:
+                size = os.fstat(stream.fileno()).st_size
+                expected = self._file_bytes.get(info.file, size)
+                if size == expected:
+                    stream.seek(offset)
+                    while done < info.nbytes:
+                        count = stream.readinto(view[done:])
+                        if not count:
+                            break
+                        done += count
+        except OSError as error:
+            raise _unreadable(info.file, error) from error
+        if size != expected or done != info.nbytes:
+            raise CheckpointError(
+                f"cannot read tensor {info.name!r} from {info.file}: the file is now {size} "
+                f"bytes, not the {expected} it had when opened. The file is truncated, corrupt "
+                f"or unreadable (or changed since it was opened); {_CORRUPT_ADVICE}",
+                path=info.file,
+                reason="corrupt",
+                key=info.name,
+            )
+        tensor: torch.Tensor = buffer.view(info.dtype).reshape(info.shape)
         return tensor
 
     def close(self) -> None:
@@ -252,12 +304,21 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         if index is not None:
             return _open_sharded(path, index)
         assert single is not None
-        header = _read_header(single)
-        return Checkpoint(path, header.tensors, header.metadata)
+        return _single(path, _read_header(single))
     if path.name.endswith(".safetensors.index.json"):
         return _open_sharded(path.parent, path)
-    header = _read_header(path)
-    return Checkpoint(path, header.tensors, header.metadata)
+    return _single(path, _read_header(path))
+
+
+def _single(path: Path, header: _Header) -> Checkpoint:
+    file = next(iter(header.tensors.values())).file if header.tensors else path
+    return Checkpoint(
+        path,
+        header.tensors,
+        header.metadata,
+        offsets=header.offsets,
+        file_bytes={file: header.file_bytes},
+    )
 
 
 def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -431,7 +492,13 @@ def _open_sharded(directory: Path, index_file: Path) -> Checkpoint:
         for key, value in header.metadata.items():
             metadata.setdefault(key, value)
     tensors = {name: headers[shard].tensors[name] for name, shard in shard_of.items()}
-    return Checkpoint(directory, tensors, metadata)
+    return Checkpoint(
+        directory,
+        tensors,
+        metadata,
+        offsets={name: headers[shard].offsets[name] for name, shard in shard_of.items()},
+        file_bytes={shard: header.file_bytes for shard, header in headers.items()},
+    )
 
 
 def _read_weight_map(index_file: Path) -> dict[str, str]:
@@ -538,13 +605,19 @@ def _read_header(file: Path) -> _Header:
         raise _corrupt(file, f"its header is not valid JSON ({error})") from error
     if not isinstance(header, dict):
         raise _corrupt(file, "its header is not a JSON object")
+    tensors, begins = _tensor_infos(file, header, data_bytes=size - 8 - header_bytes)
     return _Header(
-        _tensor_infos(file, header, data_bytes=size - 8 - header_bytes),
+        tensors,
         _header_metadata(file, header.get("__metadata__")),
+        offsets={name: 8 + header_bytes + begin for name, begin in begins.items()},
+        file_bytes=size,
     )
 
 
-def _tensor_infos(file: Path, header: dict[str, Any], *, data_bytes: int) -> dict[str, TensorInfo]:
+def _tensor_infos(
+    file: Path, header: dict[str, Any], *, data_bytes: int
+) -> tuple[dict[str, TensorInfo], dict[str, int]]:
+    """Each tensor's info, and where its data begins in the data section."""
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
@@ -581,7 +654,7 @@ def _tensor_infos(file: Path, header: dict[str, Any], *, data_bytes: int) -> dic
         raise _corrupt(
             file, f"{data_bytes - position} bytes follow the last tensor that no header entry names"
         )
-    return tensors
+    return tensors, {name: begin for begin, _, name in spans}
 
 
 def _entry_fields(

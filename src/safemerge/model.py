@@ -736,7 +736,8 @@ def _placed(result: LayerResult, position: int, total: int, seconds: float) -> L
 
 
 def _read(checkpoint: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
-    tensor = checkpoint.read(name)
+    # Not through a memory map: its pages would stay resident, growing memory to the model.
+    tensor = checkpoint.read(name, mapped=False)
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 

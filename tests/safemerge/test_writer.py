@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import struct
+import sys
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from safemerge import ModelWriteError, WrittenModel, open_checkpoint, write_model
+from safemerge import CheckpointError, ModelWriteError, WrittenModel, open_checkpoint, write_model
 from safemerge.files import INDEX_NAME, SINGLE_NAME, ShardWriter
 from safemerge.writer import is_weight_file, leftover_temporaries, plan_shards
 
@@ -336,3 +337,49 @@ def test_other_files_are_copied_and_weight_files_are_not(tmp_path: Path) -> None
     for name, text in copied.items():
         assert (out / name).read_text() == text
     assert is_weight_file("Model-00001-of-00002.SAFETENSORS") and not is_weight_file("vocab.txt")
+
+
+# -- files: reading without a memory map ---------------------------------------------------
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_unmapped_reads_equal_mapped_ones(tmp_path: Path, sharded: bool) -> None:
+    out = tmp_path / "m"
+    write_model(out, MIXED, shard_size=20 if sharded else 10**6)
+    with open_checkpoint(out) as checkpoint:
+        for name, tensor in MIXED.items():
+            read = checkpoint.read(name, mapped=False)
+            assert _equal(read, checkpoint.read(name)) and _equal(read, tensor), name
+            assert read.untyped_storage().nbytes() == read.nbytes  # a storage of its own
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_unmapped_reads_leave_no_map_and_no_resident_pages(tmp_path: Path) -> None:
+    tensors = {f"big{i}": torch.full((2_000_000,), float(i)) for i in range(4)}  # 32 MB
+    write_model(tmp_path / "m", tensors, shard_size=8_000_000)
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def mapped() -> bool:
+        return str(tmp_path / "m") in Path("/proc/self/maps").read_text()
+
+    with open_checkpoint(tmp_path / "m") as checkpoint:
+        before = resident()
+        for name in tensors:
+            tensor = checkpoint.read(name, mapped=False)
+            assert float(tensor[0]) == float(name[-1])
+            del tensor
+            assert not mapped()
+        assert resident() - before < 12_000_000  # one 8 MB tensor at a time, not 32 MB
+
+
+def test_an_unmapped_read_of_a_file_changed_since_opening_is_refused(tmp_path: Path) -> None:
+    write_model(tmp_path / "m", MIXED)
+    file = tmp_path / "m" / SINGLE_NAME
+    with open_checkpoint(tmp_path / "m") as checkpoint:
+        file.write_bytes(file.read_bytes()[:-3])
+        with pytest.raises(CheckpointError, match=r"not the .* it had when opened") as caught:
+            checkpoint.read("b.weight", mapped=False)
+    assert caught.value.reason == "corrupt" and caught.value.key == "b.weight"
+    assert caught.value.path == file
