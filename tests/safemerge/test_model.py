@@ -38,7 +38,9 @@ from safemerge import (
     write_model,
     write_peft_adapter,
 )
+from safemerge.bounds import merge_bound
 from safemerge.engine import pinned_threads
+from safemerge.layer_bound import block_bound, worst_error_of_bound
 from safemerge.synthetic import random_adapter, random_layer
 from safemerge.writer import leftover_temporaries
 
@@ -345,6 +347,36 @@ def test_dora_on_a_quantized_layer_is_refused_up_front() -> None:
     with pytest.raises(ModelFuseError, match="DoRA adapters are not fused into quantized"):
         fuse_model(model, [adapter_set])
     assert torch.equal(layer.weight.detach(), before)
+
+
+# -- the per-layer bound check ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2],
+)
+def test_the_blocked_bound_is_merge_bound_s(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(1)
+    weight = (torch.randn(40, 24, generator=generator) * 0.05).to(dtype)
+    weight[0, :4] = torch.tensor([0.0, 2.0**-20, 1.0, 2.0]).to(dtype)  # zeros, tiny, powers of 2
+    terms = [
+        (torch.randn(40, 3, generator=generator), torch.randn(3, 24, generator=generator), 1 / 3),
+        (torch.randn(40, 2, generator=generator), torch.randn(2, 24, generator=generator), -1e-40),
+    ]
+    reference, bound = merge_bound(weight, terms, dtype)
+    blocked_reference, blocked_bound = block_bound(weight, terms, dtype)
+    assert torch.equal(blocked_reference, reference)
+    # The same sum in another order: equal up to float64 rounding, never larger; exactly
+    # half where log2 rounded a magnitude just below a power of two up to it.
+    assert bool((blocked_bound <= bound * (1 + 1e-12)).all())
+    assert bool((blocked_bound >= bound / 2).all())
+    assert torch.isclose(blocked_bound, bound, rtol=1e-12, atol=0).float().mean() > 0.99
+    fused = (reference.to(torch.float32)).to(dtype)  # a correct merge: within the bound
+    assert worst_error_of_bound(weight, fused, terms, dtype) <= 1.0
+    off = fused.to(torch.float64).clone()
+    off[7, 5] += 3 * bound[7, 5]
+    assert worst_error_of_bound(weight, off, terms, dtype) >= 2.0
 
 
 # -- fuse_files ----------------------------------------------------------------------------
