@@ -44,13 +44,13 @@ from safemerge.files import Checkpoint
 from safemerge.fuse import fuse, unfuse
 from safemerge.layer_bound import BoundCheck
 from safemerge.layers import LayerView, view_layer
+from safemerge.memory import peak_rss_bytes, release_free_heap
 from safemerge.model_report import (
     BIAS,
     CAST,
     UNCHANGED,
     LayerResult,
     ModelFuseReport,
-    peak_rss_bytes,
 )
 from safemerge.numerics import SUPPORTED_DTYPES
 from safemerge.quantized import QuantizedFuseRecord
@@ -63,6 +63,8 @@ AdapterSets: TypeAlias = Sequence[AdapterSet | tuple[AdapterSet, float]]
 AdapterPaths: TypeAlias = Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], float]]
 
 _PROBLEM_CAP = 20
+#: After writing a tensor at least this large, freed heap memory is handed back.
+_TRIM_BYTES = 1 << 20
 
 
 # -- in memory -----------------------------------------------------------------------------
@@ -719,6 +721,8 @@ def _fused_tensors(
             progress(result)
         yield name, tensor
         del tensor
+        if files.tensor_nbytes(shape, dtype) >= _TRIM_BYTES:
+            release_free_heap()
 
 
 def _placed(result: LayerResult, position: int, total: int, seconds: float) -> LayerResult:

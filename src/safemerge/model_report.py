@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,20 +129,3 @@ class ModelFuseReport:
                 + (f"; copied {len(self.copied)} other file(s)" if self.copied else "")
             )
         return "\n".join(lines)
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size (``VmHWM``) in bytes; 0 if unknown."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
-    if sys.platform != "win32" and hasattr(os, "getpid"):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak) if sys.platform == "darwin" else int(peak) * 1024
-    return 0
