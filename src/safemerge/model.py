@@ -80,7 +80,7 @@ def fuse_model(
     """Fuse adapter sets into every layer they adapt in ``module``: all layers, or none.
 
     Load each set against the module's own names and shapes, e.g.
-    ``load_adapter(path, base=safemerge.model.weight_shapes(module))`` (for a module
+    ``load_adapter(path, base=safemerge.weight_shapes(module))`` (for a module
     without quantized layers, ``base=module.state_dict()`` does the same). Several
     adapters on one layer are fused together, in one :func:`safemerge.fuse`.
 
@@ -233,8 +233,9 @@ def fuse_files(
         The :class:`ModelFuseReport`.
 
     Raises:
-        CheckpointError, AdapterFormatError, AdapterConfigError: an input cannot be read,
-            or an adapter does not fit the base.
+        CheckpointError, AdapterFormatError, AdapterConfigError: an input cannot be read
+            (the base's ``config.json`` included, if it has one), or an adapter does not
+            fit the base.
         ModelFuseError: a layer cannot be fused as asked (all of them listed), or an
             unexpected error while fusing one (named).
         ModelWriteError: ``output`` exists, is an input, or there is no room for it.
@@ -258,6 +259,8 @@ def fuse_files(
         dtypes = {name: planned_dtype for name, _, planned_dtype in plan}
         layers = _file_layers(checkpoint, sets, scale, dtypes)
         copy_from = _copy_source(base_path)
+        if copy_from is not None and (copy_from / "config.json").is_file():
+            files.read_json(copy_from / "config.json")  # a truncated config fails now, not later
         _check_space(output_path, plan, copy_from)
         metadata = _provenance(checkpoint.metadata, sets, scale, dtype)
         results: list[LayerResult] = []
@@ -642,11 +645,7 @@ def _check_space(
 ) -> None:
     needed = sum(files.tensor_nbytes(shape, dtype) for _, shape, dtype in plan)
     if copy_from is not None:
-        needed += sum(
-            path.stat().st_size
-            for path in copy_from.rglob("*")
-            if path.is_file() and not writer.is_weight_file(path.name)
-        )
+        needed += sum(path.stat().st_size for path in writer.files_to_copy(copy_from))
     existing = output.absolute().parent
     while not existing.exists():
         existing = existing.parent

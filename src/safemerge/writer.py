@@ -223,6 +223,13 @@ def leftover_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     return sorted(entry for entry in target.parent.iterdir() if entry.name.startswith(prefixes))
 
 
+def files_to_copy(directory: str | os.PathLike[str]) -> list[Path]:
+    """The files of a model directory that ``copy_from`` copies: all but weight files
+    (:func:`is_weight_file`) and what lies in hidden directories (``.git``, ``.cache``)."""
+    source = Path(directory)
+    return sorted(_other_files(source)) if source.is_dir() else []
+
+
 def is_weight_file(name: str) -> bool:
     """Whether a model directory's file holds weights (not to be copied beside merged ones)."""
     lowered = name.lower()
@@ -332,10 +339,8 @@ def _mismatch(temp: Path, name: str, what: str) -> ModelWriteError:
 
 def _copy_others(source: Path, temp: Path) -> tuple[str, ...]:
     """Copy every regular file of ``source`` that is no weight file, keeping subdirectories."""
-    if not source.is_dir():
-        return ()
     copied: list[str] = []
-    for path in sorted(_other_files(source)):
+    for path in files_to_copy(source):
         relative = path.relative_to(source)
         destination = temp / relative
         if destination.parent != temp and not destination.parent.exists():

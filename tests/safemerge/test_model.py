@@ -23,6 +23,7 @@ import safemerge
 import safemerge.model as model_module
 from safemerge import (
     AdapterSet,
+    CheckpointError,
     LayerResult,
     LoraAdapter,
     ModelFuseError,
@@ -558,6 +559,17 @@ def test_misfitting_layers_are_all_refused_before_writing(
     assert caught.value.layers == ("layers.0.q.weight", "layers.2.up.weight")
     assert caught.value.path == base
     assert not out.exists() and leftover_temporaries(out) == []
+
+
+def test_a_corrupt_config_is_refused_before_writing(
+    tmp_path: Path, on_disk: tuple[Path, tuple[Path, Path]]
+) -> None:
+    base, paths = on_disk
+    (base / "config.json").write_text('{"model_type": "tiny", ')  # a cut-off download
+    with pytest.raises(CheckpointError, match="is not valid JSON") as caught:
+        fuse_files(base, paths, tmp_path / "out")
+    assert caught.value.path == base / "config.json"
+    assert not (tmp_path / "out").exists() and leftover_temporaries(tmp_path / "out") == []
 
 
 def test_unexpected_errors_and_aborting_progress_write_nothing(
