@@ -161,3 +161,77 @@ def test_killing_the_command_leaves_nothing_or_a_complete_model(tmp_path: Path) 
     # Whatever the moment, the final name held nothing or everything.
     assert set(outcomes) <= {"complete", "nothing"}
     assert "nothing" in outcomes, outcomes  # at least one kill landed mid-write
+
+
+def break_input(kind: str, model: Path, adapter_dir: Path) -> None:
+    """Damage the base model or the adapter the way real downloads and configs go wrong."""
+    weights = model / "model.safetensors"
+    config = adapter_dir / "adapter_config.json"
+    if kind == "corrupt base":
+        data = bytearray(weights.read_bytes())
+        data[8:24] = b"\xff" * 16  # the JSON header is no longer JSON
+        weights.write_bytes(bytes(data))
+    elif kind == "lying header":
+        data = weights.read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["data_offsets"][1] += 4096  # claims more bytes than the file has
+        text = json.dumps(header).encode().ljust(size)
+        weights.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size :])
+    elif kind == "index outside the directory":
+        tensors = safemerge.open_checkpoint(model)
+        index = {
+            "metadata": {},
+            "weight_map": {name: "../elsewhere.safetensors" for name in tensors.names},
+        }
+        weights.rename(model / "model-00001-of-00001.safetensors")
+        (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif kind == "pickled base":
+        weights.unlink()
+        (model / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    elif kind in ("zero rank", "negative rank"):
+        settings = json.loads(config.read_text())
+        settings["r"] = 0 if kind == "zero rank" else -4
+        config.write_text(json.dumps(settings))
+    elif kind == "shape mismatch":
+        settings = json.loads(config.read_text())
+        tensors, metadata = safemerge.files.read_tensors(adapter_dir / "adapter_model.safetensors")
+        key = next(k for k in tensors if "q_proj.lora_B" in k)
+        tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+        safemerge.files.save_tensors(adapter_dir / "adapter_model.safetensors", tensors, metadata)
+        config.write_text(json.dumps(settings))
+    elif kind == "unmatched key":
+        tensors, metadata = safemerge.files.read_tensors(adapter_dir / "adapter_model.safetensors")
+        tensors["base_model.model.layers.7.q_proj.lora_A.weight"] = torch.zeros(8, 64)
+        tensors["base_model.model.layers.7.q_proj.lora_B.weight"] = torch.zeros(64, 8)
+        safemerge.files.save_tensors(adapter_dir / "adapter_model.safetensors", tensors, metadata)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("corrupt base", "corrupt"),
+        ("lying header", "model.safetensors"),
+        ("index outside the directory", "must be a file inside the model directory"),
+        ("pickled base", "safetensors"),
+        ("zero rank", "rank"),
+        ("negative rank", "rank"),
+        ("shape mismatch", "q_proj"),
+        ("unmatched key", "layers.7.q_proj"),
+    ],
+)
+def test_broken_inputs_exit_3_and_leave_no_output(
+    tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str], kind: str, message: str
+) -> None:
+    path = adapter(tmp_path)
+    break_input(kind, model, path)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    output = tmp_path / "merged"
+    assert main(["fuse", str(model), str(path), "-o", str(output), "--quiet"]) == EXIT_INPUT
+    captured = capsys.readouterr()
+    assert captured.err.startswith("safemerge: error: ") and message in captured.err
+    assert "Traceback" not in captured.err
+    assert not output.exists()
+    after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert after == before  # inputs untouched, no temporary left
