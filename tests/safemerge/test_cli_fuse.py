@@ -235,3 +235,39 @@ def test_broken_inputs_exit_3_and_leave_no_output(
     assert not output.exists()
     after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
     assert after == before  # inputs untouched, no temporary left
+
+
+def write_other_formats(tmp_path: Path) -> dict[str, Path]:
+    """The tiny adapters as a kohya file and an old diffusers file (alpha 16, rank 8)."""
+    kohya: dict[str, torch.Tensor] = {}
+    diffusers: dict[str, torch.Tensor] = {}
+    for name, layer in synthetic.tiny_adapters().items():
+        module = name.removesuffix(".weight")
+        flat = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{flat}.lora_down.weight"] = layer.lora_A.contiguous()
+        kohya[f"{flat}.lora_up.weight"] = layer.lora_B.contiguous()
+        kohya[f"{flat}.alpha"] = torch.tensor(16.0)
+        diffusers[f"{module}.lora.down.weight"] = layer.lora_A.contiguous()
+        diffusers[f"{module}.lora.up.weight"] = layer.lora_B.contiguous()
+        diffusers[f"{module}.alpha"] = torch.tensor(16.0)
+    paths = {"kohya": tmp_path / "kohya.safetensors", "diffusers": tmp_path / "old.safetensors"}
+    safemerge.files.save_tensors(paths["kohya"], kohya)
+    safemerge.files.save_tensors(paths["diffusers"], diffusers)
+    return paths
+
+
+def test_every_adapter_format_gives_the_same_merged_model(
+    tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = {"peft": adapter(tmp_path), **write_other_formats(tmp_path)}
+    merged = {}
+    for name, path in paths.items():
+        assert main(["inspect", str(path), "--base", str(model)]) == EXIT_OK
+        assert f"{name} adapter" in capsys.readouterr().out
+        output = tmp_path / f"merged-{name}"
+        assert main(["fuse", str(model), str(path), "-o", str(output), "--quiet"]) == EXIT_OK
+        merged[name] = safemerge.open_checkpoint(output)
+    names = merged["peft"].names
+    for name in ("kohya", "diffusers"):
+        assert merged[name].names == names
+        assert all(torch.equal(merged[name].read(n), merged["peft"].read(n)) for n in names)
