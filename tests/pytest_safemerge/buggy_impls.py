@@ -271,6 +271,19 @@ class GuardIgnoresE4M3Saturation(CorrectMerge):
         return cast
 
 
+class E4M3LimitOneUlpHigh(CorrectMerge):
+    """Checks float8_e4m3fn's range against ``448 + ulp`` (480) instead of ``448 + ulp/2``
+    (464): sums in (464, 480] are silently saturated to 448.
+
+    Not traced to a report: the half-ulp of the overflow threshold, easy to get wrong.
+    """
+
+    def checked_cast(self, merged: Tensor, dtype: torch.dtype) -> Tensor:
+        if dtype == torch.float8_e4m3fn and not bool((merged.abs() > 480.0).any()):
+            merged = merged.clamp(-E4M3_LIMIT, E4M3_LIMIT)  # within range as far as it knows
+        return super().checked_cast(merged, dtype)
+
+
 class ClampBeforeCast(CorrectMerge):
     """Clamps the sum to ``+-finfo.max`` "to keep it finite", then checks: overflow and
     +-Inf are silently saturated; only NaN is refused.
@@ -656,6 +669,7 @@ GUARD_ON_DELTA_ONLY = GuardOnDeltaOnly()
 GUARD_UPPER_BOUND_ONLY = GuardUpperBoundOnly()
 GUARD_IGNORES_E4M3_SATURATION = GuardIgnoresE4M3Saturation()
 CLAMP_BEFORE_CAST = ClampBeforeCast()
+E4M3_LIMIT_ONE_ULP_HIGH = E4M3LimitOneUlpHigh()
 SCALE_ZERO_SHORTCUT = ScaleZeroShortcut()
 ADDMM_ALPHA_ZERO = AddmmAlphaZero()
 ZERO_B_SHORTCUT = ZeroBShortcut()
@@ -704,6 +718,7 @@ BUGS: dict[str, tuple[object, str]] = {
     "GUARD_UPPER_BOUND_ONLY": (GUARD_UPPER_BOUND_ONLY, REFUSES),
     "GUARD_IGNORES_E4M3_SATURATION": (GUARD_IGNORES_E4M3_SATURATION, REFUSES),
     "CLAMP_BEFORE_CAST": (CLAMP_BEFORE_CAST, REFUSES),
+    "E4M3_LIMIT_ONE_ULP_HIGH": (E4M3_LIMIT_ONE_ULP_HIGH, REFUSES),
     "SCALE_ZERO_SHORTCUT": (SCALE_ZERO_SHORTCUT, REFUSES),
     "ADDMM_ALPHA_ZERO": (ADDMM_ALPHA_ZERO, REFUSES),
     "ZERO_B_SHORTCUT": (ZERO_B_SHORTCUT, REFUSES),
