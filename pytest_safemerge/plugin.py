@@ -7,6 +7,7 @@ torch and safemerge are imported only when the suite runs or a fixture is used.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,22 @@ def pytest_configure(config: pytest.Config) -> None:
         load_implementation(settings.impl)
         if settings.model is not None:
             models.plan_for(config, settings)
+        _share_cores(config)
+
+
+def _share_cores(config: pytest.Config) -> None:
+    """Under pytest-xdist, give each worker its share of the cores for torch's threads.
+
+    Every worker is its own process with as many OpenMP threads as there are cores; on
+    a small machine they spin against each other and the suite runs many times slower.
+    """
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:
+        return
+    import torch
+
+    workers = int(workerinput.get("workercount", 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(workers, 1)))
 
 
 class _RowCollector:
