@@ -676,6 +676,7 @@ def merge_cases(
     *,
     dtype: torch.dtype | None = None,
     kinds: Sequence[str] | None = None,
+    min_side: int = 1,
     max_side: int = 16,
 ) -> SearchStrategy[MergeCase]:
     """Weights with an adapter and a scale: ordinary and adversarial, in equal shares of kind.
@@ -686,7 +687,8 @@ def merge_cases(
             ``dtype`` (a float32 weight cannot overflow on the cast back, so
             ``"cast-overflow"`` needs a narrower dtype). ``("random",)`` gives ordinary
             cases only: :func:`weights`, :func:`lora_adapters` and :func:`scales`.
-        max_side: the largest side of the weight.
+        min_side, max_side: the smallest and largest side of the weight (a large
+            ``min_side`` finds guards that check in blocks and miss the last one).
 
     ``"cast-overflow"``: the float32 sum is finite but beyond the weight dtype's range at
     one drawn element: the weight holds a value near its dtype's max (half of it to all
@@ -696,7 +698,8 @@ def merge_cases(
     """
     if dtype is not None:
         _check_dtype("dtype", dtype, SUPPORTED_DTYPES)
-    _check_int("max_side", max_side, low=1)
+    _check_int("min_side", min_side, low=1)
+    _check_int("max_side", max_side, low=min_side)
     if kinds is None:
         kinds = tuple(
             k for k in MERGE_CASE_KINDS if not (dtype == torch.float32 and k == "cast-overflow")
@@ -709,19 +712,21 @@ def merge_cases(
                 f"cast back; pass a narrower dtype (e.g. dtype=torch.float16) or drop "
                 f"'cast-overflow'"
             )
-    return st.one_of(*(_merge_cases(dtype, kind, max_side) for kind in kinds))
+    return st.one_of(*(_merge_cases(dtype, kind, min_side, max_side) for kind in kinds))
 
 
 _NARROW_DTYPES = tuple(d for d in SUPPORTED_DTYPES if d != torch.float32)
 
 
 @st.composite
-def _merge_cases(draw: st.DrawFn, dtype: torch.dtype | None, kind: str, max_side: int) -> MergeCase:
+def _merge_cases(
+    draw: st.DrawFn, dtype: torch.dtype | None, kind: str, min_side: int, max_side: int
+) -> MergeCase:
     if dtype is None:
         dtype = draw(
             st.sampled_from(_NARROW_DTYPES if kind == "cast-overflow" else SUPPORTED_DTYPES)
         )
-    shape = (draw(st.integers(1, max_side)), draw(st.integers(1, max_side)))
+    shape = (draw(st.integers(min_side, max_side)), draw(st.integers(min_side, max_side)))
     if kind == "cast-overflow":
         return draw(_cast_overflow_cases(dtype, shape))
     weight = draw(weights(dtype=dtype, shape=shape))

@@ -35,7 +35,7 @@ class Checked:
         self.lora_A = case.adapter.lora_A.to(device)
         self.lora_B = case.adapter.lora_B.to(device)
         self.scale = float(case.scale * case.adapter.scale)
-        self._exact: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._comfortably_finite: bool | None = None
 
     def again(self) -> Checked:
@@ -47,18 +47,23 @@ class Checked:
     @property
     def reference(self) -> torch.Tensor:
         """The exact merge, in float64."""
-        return self._reference_and_bound()[0]
+        return self._parts()[0]
+
+    @property
+    def accumulated(self) -> torch.Tensor:
+        """Per element, the most a correct float32 merge can be off before the cast."""
+        return self._parts()[1]
 
     @property
     def bound(self) -> torch.Tensor:
         """Per element, the most a correct float32 merge and its cast can be off."""
-        return self._reference_and_bound()[1]
+        return self._parts()[2]
 
-    def _reference_and_bound(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Computed once, and only for the properties that need it: for a large weight it
         # costs more than the merge itself.
         if self._exact is None:
-            self._exact = safemerge.merge_bound(
+            self._exact = safemerge.merge_bound_parts(
                 self.original,
                 [(self.case.adapter.lora_B, self.case.adapter.lora_A, self.scale)],
                 self.original.dtype,
@@ -72,10 +77,11 @@ class Checked:
         return min(safemerge.numerics.overflow_threshold(self.original.dtype), _F32_THRESHOLD)
 
     def comfortably_finite(self) -> bool:
-        """The exact merge fits the dtype with room for every rounding on the way, and so
-        does the float32 delta ``scale * B @ A`` that a correct merge computes first."""
+        """The float32 merge is surely below the dtype's overflow threshold (so its cast is
+        finite: the threshold already holds the cast's rounding), and so is the float32
+        delta ``scale * B @ A`` that a correct merge computes first."""
         if self._comfortably_finite is None:
-            reach = self.reference.abs() + self.bound
+            reach = self.reference.abs() + self.accumulated
             adapter = self.case.adapter
             delta = abs(self.scale) * (
                 adapter.lora_B.double().abs() @ adapter.lora_A.double().abs()
@@ -86,11 +92,11 @@ class Checked:
         return self._comfortably_finite
 
     def surely_overflows(self) -> bool:
-        """Some element of the exact merge is beyond the dtype's range by more than the
-        merge's rounding could account for (or is NaN)."""
+        """Some element of the float32 merge is surely at or beyond the dtype's overflow
+        threshold (or is NaN): its cast is not finite, or saturates."""
         if self.comfortably_finite():
             return False
-        beyond = (self.reference.abs() - self.bound) >= self.threshold
+        beyond = (self.reference.abs() - self.accumulated) >= self.threshold
         return bool((beyond | torch.isnan(self.reference)).any())
 
     def fraction(self, result: torch.Tensor) -> float:
@@ -233,15 +239,7 @@ def check_round_trip(implementation: Implementation, checked: Checked, row: Row)
     assert fused.result is not None
     merged = fused.result
     merged_cpu = merged.detach().cpu().clone()
-    restored_call = implementation.unfuse(merged, checked.lora_A, checked.lora_B, checked.scale)
-    if restored_call.refused:
-        _fail(
-            "round trip",
-            f"unfuse refused to undo a fuse it accepted: "
-            f"{type(restored_call.error).__name__}: {restored_call.error}",
-        )
-    assert restored_call.result is not None
-    restored = restored_call.result.detach().cpu()
+    restored = _unfused(implementation, "round trip", merged, checked).detach().cpu()
     if implementation.exact_unfuse:
         assertions.assert_roundtrip(checked.original, restored, max_ulps=0)
         row.observe(0.0)
@@ -259,6 +257,59 @@ def check_round_trip(implementation: Implementation, checked: Checked, row: Row)
     assertions.assert_within_bound(
         restored, checked.original.to(torch.float64), bound, what="[round trip] the unfused weight"
     )
+
+
+def _unfused(
+    implementation: Implementation, prop: str, merged: torch.Tensor, checked: Checked
+) -> torch.Tensor:
+    """``unfuse`` of ``checked``'s adapter from ``merged``; refusing it is a failure."""
+    __tracebackhide__ = True
+    call = implementation.unfuse(merged, checked.lora_A, checked.lora_B, checked.scale)
+    if call.refused:
+        _fail(
+            prop,
+            f"unfuse refused to undo a fuse it accepted: {type(call.error).__name__}: {call.error}",
+        )
+    assert call.result is not None
+    return call.result
+
+
+def check_stacked_round_trip(implementation: Implementation, checked: Checked, row: Row) -> None:
+    """fuse A1, fuse A2, unfuse A2 gives the weight after A1 (exactly when claimed); with
+    an exact unfuse, unfusing A1 then gives the original."""
+    __tracebackhide__ = True
+    first = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    if first.refused or not checked.comfortably_finite():
+        return
+    assert first.result is not None
+    after_first = first.result
+    snapshot = after_first.detach().cpu().clone()
+    adapter = checked.case.adapter
+    other = safemerge.LoraAdapter(adapter.lora_A.flip(0) * 0.5, adapter.lora_B.flip(1))
+    second_case = MergeCase(snapshot, other, checked.case.scale, checked.case.kind)
+    second = Checked(second_case, checked.device)
+    fused_twice = implementation.fuse(after_first, second.lora_A, second.lora_B, second.scale)
+    if fused_twice.refused or not second.comfortably_finite():
+        return
+    assert fused_twice.result is not None
+    back_to_first = _unfused(implementation, "stacked round trip", fused_twice.result, second)
+    if not implementation.exact_unfuse:
+        _, unfuse_bound = safemerge.merge_bound(
+            fused_twice.result.detach().cpu(),
+            [(other.lora_B, other.lora_A, -second.scale)],
+            snapshot.dtype,
+        )
+        assertions.assert_within_bound(
+            back_to_first.detach().cpu(),
+            snapshot.to(torch.float64),
+            second.bound + unfuse_bound,
+            what="[stacked round trip] unfusing the second adapter: the weight",
+        )
+        return
+    assertions.assert_roundtrip(snapshot, back_to_first.detach().cpu(), max_ulps=0)
+    original = _unfused(implementation, "stacked round trip", back_to_first, checked)
+    assertions.assert_roundtrip(checked.original, original.detach().cpu(), max_ulps=0)
+    row.observe(0.0)
 
 
 def check_in_place_agreement(implementation: Implementation, checked: Checked, row: Row) -> None:

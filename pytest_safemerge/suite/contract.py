@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import HealthCheck, event, example, given, note, settings
 
 from pytest_safemerge.implementations import Implementation, load_implementation
 from pytest_safemerge.options import Settings
@@ -29,6 +29,7 @@ from pytest_safemerge.results import Row, start_row
 from pytest_safemerge.strategies import MergeCase, merge_cases
 from pytest_safemerge.suite import checks
 from pytest_safemerge.suite.checks import Checked
+from pytest_safemerge.suite.known_cases import known_cases
 
 #: Cases whose merge is finite and must be accurate (ordinary, and adversarial kinds a
 #: careless merge gets wrong without producing a non-finite value).
@@ -45,6 +46,8 @@ PROPERTY_NAMES = {
     "test_fuse_refuses_non_finite": "refusal",
     "test_refusal_leaves_weight_unchanged": "atomicity",
     "test_unfuse_round_trip": "round trip",
+    "test_stacked_fuses_unfuse_in_reverse": "stacked round trip",
+    "test_fuse_refuses_non_finite_in_large_weights": "refusal in large weights",
     "test_in_place_agrees_with_returned": "in-place agreement",
 }
 #: The fewest examples each kind of case gets, whatever --safemerge-examples says.
@@ -76,11 +79,14 @@ class ConformanceSuite:
             kinds: Sequence[str],
             *,
             must_see: Sequence[str] = (),
+            min_side: int = 1,
+            max_side: int = 16,
+            budget: int | None = None,
         ) -> None:
             # One Hypothesis run per kind of case, each with its share of the examples:
             # a single run over all kinds spends its budget unevenly (it mutates the
             # examples it has, so it stays with the kinds it met first).
-            share = max(examples // len(kinds), _LEAST_PER_KIND)
+            share = max((budget or examples) // len(kinds), _LEAST_PER_KIND)
             for kind in kinds:
 
                 @settings(
@@ -89,7 +95,7 @@ class ConformanceSuite:
                     deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                 )
-                @given(merge_cases(kinds=(kind,)))
+                @given(merge_cases(kinds=(kind,), min_side=min_side, max_side=max_side))
                 def property_holds(case: MergeCase) -> None:
                     row.example(case.kind)
                     event(f"dtype: {case.weight.dtype}")
@@ -106,6 +112,9 @@ class ConformanceSuite:
                 tag = "".join(c if c.isalnum() else "_" for c in kind.replace("+", "pos"))
                 name = f"{request.node.originalname}__{tag}"
                 property_holds.hypothesis.inner_test.__name__ = name
+                if max_side <= 16:  # the hand-written cases are small ones
+                    for known in known_cases(kind):
+                        property_holds = example(known)(property_holds)
                 property_holds()
             _assert_explored(row, must_see)
 
@@ -142,6 +151,20 @@ class ConformanceSuite:
 
         explore(checks.check_atomic, REFUSED_KINDS, must_see=REFUSED_KINDS)
 
+    def test_fuse_refuses_non_finite_in_large_weights(
+        self, implementation: Implementation, explore: Any
+    ) -> None:
+        """As :meth:`test_fuse_refuses_non_finite`, with weights of 4,096 to 1.2 million
+        elements: a guard that checks in blocks and misses the last, partial one fails."""
+        explore(
+            checks.check_refused_atomically,
+            REFUSED_KINDS,
+            must_see=REFUSED_KINDS,
+            min_side=64,
+            max_side=1100,
+            budget=4 * _LEAST_PER_KIND,
+        )
+
     def test_unfuse_round_trip(self, implementation: Implementation, explore: Any) -> None:
         """unfuse(fuse(W)) is W within the two merges' bounds, or to the bit when the
         implementation claims ``exact_unfuse``."""
@@ -149,6 +172,16 @@ class ConformanceSuite:
             pytest.skip(f"{implementation.spec} has no unfuse")
 
         explore(checks.check_round_trip, ROUND_TRIP_KINDS)
+
+    def test_stacked_fuses_unfuse_in_reverse(
+        self, implementation: Implementation, explore: Any
+    ) -> None:
+        """Two adapters fused one after the other: unfusing the second gives back the
+        weight after the first (to the bit when ``exact_unfuse`` is claimed), and with an
+        exact unfuse, unfusing the first then gives back the original."""
+        if not implementation.has_unfuse:
+            pytest.skip(f"{implementation.spec} has no unfuse")
+        explore(checks.check_stacked_round_trip, ROUND_TRIP_KINDS)
 
     def test_in_place_agrees_with_returned(
         self, implementation: Implementation, explore: Any

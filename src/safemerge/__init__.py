@@ -3,7 +3,7 @@
 from safemerge import numerics, synthetic
 from safemerge.adapter import LoraAdapter
 from safemerge.adapter_formats import AdapterSet, load_adapter, write_peft_adapter
-from safemerge.bounds import merge_bound
+from safemerge.bounds import merge_bound, merge_bound_parts
 from safemerge.errors import (
     AdapterConfigError,
     AdapterFormatError,
@@ -55,6 +55,7 @@ __all__ = [
     "load_adapter",
     "matrix_form",
     "merge_bound",
+    "merge_bound_parts",
     "numerics",
     "open_checkpoint",
     "quantization_bound",

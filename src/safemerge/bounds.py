@@ -82,9 +82,23 @@ def merge_bound(
     Returns:
         ``(reference, bound)`` with ``|fused - reference| <= bound`` for a correct merge.
     """
+    reference, _, bound = merge_bound_parts(weight, terms, dtype)
+    return reference, bound
+
+
+def merge_bound_parts(
+    weight: torch.Tensor, terms: Sequence[Term], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`merge_bound` with the float32 part of the bound apart, all float64.
+
+    Returns:
+        ``(reference, accumulated, bound)``: the float32 merge ``y`` has
+        ``|y - reference| <= accumulated`` (so its cast is finite exactly when ``|y|`` is
+        below the dtype's overflow threshold), and the cast result is within ``bound``.
+    """
     reference = reference_merge(weight, terms)
     accumulated = accumulation_bound(weight, terms)
-    return reference, accumulated + cast_bound(reference.abs() + accumulated, dtype)
+    return reference, accumulated, accumulated + cast_bound(reference.abs() + accumulated, dtype)
 
 
 def renormalised_bound(

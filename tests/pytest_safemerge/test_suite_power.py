@@ -25,50 +25,11 @@ HERE = Path(buggy_impls.__file__).parent
 WHOLE_SUITE = frozenset({"GUARD_MISSES_LAST_ELEMENT", "WRITES_BEFORE_CHECK", "FLOAT16_MATMUL"})
 #: Bugs the suite does not catch: name -> why. Each is a strict xfail, which fails (and
 #: belongs out of here) once the suite learns to catch the bug.
-UNCAUGHT: dict[str, str] = {
-    "BLOCKWISE_GUARD_SKIPS_TAIL": (
-        "merge_cases draws weights of at most 16 x 16 = 256 elements: a guard that goes "
-        "wrong only past its first 4096-element block is never exercised"
-    ),
-    "GUARD_REFUSES_MAX": (
-        "Checked.comfortably_finite() adds the cast's half ulp to the bound, so an exact "
-        "merge equal to finfo.max is never 'comfortably finite' and refusing it passes"
-    ),
-    "E4M3_LIMIT_ONE_ULP_HIGH": (
-        "the cast-overflow kind puts sums at least 5% of the way from the threshold to 4x "
-        "it (for float8_e4m3fn, beyond 533), and surely_overflows() subtracts the cast's "
-        "half ulp too: e4m3fn sums in (464, 480] saturating to 448 pass every property"
-    ),
-    "BACKUP_KEPT_ONCE": (
-        "the round trip is one fuse and one unfuse; two stacked fuses unfused in reverse "
-        "order are never checked"
-    ),
-}
+UNCAUGHT: dict[str, str] = {}
 #: Bugs the suite catches only by chance: name -> (a Hypothesis seed under which its
 #: property misses the bug, why). Run in a subprocess with that seed, away from the
 #: session's (possibly derandomized) Hypothesis profile, as strict xfails.
 INTERMITTENT: dict[str, tuple[int, str]] = {
-    "SCALE_ZERO_SHORTCUT": (
-        1,
-        "a planted NaN or Inf at scale 0 is drawn in only some runs of 100 examples "
-        "(missed under 3 of 20 seeds)",
-    ),
-    "ADDMM_ALPHA_ZERO": (
-        1,
-        "a planted NaN or Inf at scale 0 is drawn in only some runs of 100 examples "
-        "(missed under 1 of 20 seeds)",
-    ),
-    "ZERO_B_SHORTCUT": (
-        4,
-        "an all-zero lora_B with a NaN or Inf planted in lora_A is drawn in only some runs "
-        "of 100 examples (missed under 5 of 20 seeds)",
-    ),
-    "FLUSHES_SUBNORMALS": (
-        5,
-        "the 'subnormal' kind adds its subnormal row to a random weight: the sum is "
-        "subnormal in float32 (where flushing shows) only when that weight is zero there "
-        "(missed under 6 of 20 seeds)",
-    ),
     "UNFUSE_IN_WEIGHT_DTYPE": (
         12,
         "the round-trip bound (the fuse's plus the unfuse's) absorbs the extra rounding of "
@@ -76,8 +37,18 @@ INTERMITTENT: dict[str, tuple[int, str]] = {
         "(missed under 1 of 20 seeds)",
     ),
 }
-#: What Hypothesis prints before the shrunk case ("Falsifying example" before 6.13x).
-SHRUNK_CASE_MARKERS = ("Failing test case", "Falsifying example")
+#: Bugs that random draws used to miss under these seeds, now caught whatever the seed
+#: by the suite's hand-written cases (pytest_safemerge/suite/known_cases.py): each runs
+#: seeded, like the intermittent ones, and must be caught.
+ONCE_MISSED_UNDER_SEED: dict[str, int] = {
+    "SCALE_ZERO_SHORTCUT": 1,
+    "ADDMM_ALPHA_ZERO": 1,
+    "ZERO_B_SHORTCUT": 4,
+    "FLUSHES_SUBNORMALS": 5,
+}
+#: What Hypothesis prints before the failing case: a shrunk generated one ("Falsifying
+#: example" before 6.13x), or one of the suite's hand-written minimal cases.
+SHRUNK_CASE_MARKERS = ("Failing test case", "Falsifying example", "Failing explicit example")
 
 
 def run_suite(pytester: pytest.Pytester, name: str, *args: str) -> pytest.RunResult:
@@ -134,6 +105,8 @@ def test_the_suite_catches(
         args.append("--safemerge-device=cuda")
     if name in INTERMITTENT:
         result = run_suite_seeded(pytester, monkeypatch, name, INTERMITTENT[name][0], *args)
+    elif name in ONCE_MISSED_UNDER_SEED:
+        result = run_suite_seeded(pytester, monkeypatch, name, ONCE_MISSED_UNDER_SEED[name], *args)
     else:
         result = run_suite(pytester, name, *args)
 
@@ -143,8 +116,8 @@ def test_the_suite_catches(
     assert any(marker in output for marker in SHRUNK_CASE_MARKERS), (
         f"no shrunk Hypothesis case in the report of {expected}:\n{output}"
     )
-    if name not in WHOLE_SUITE:
-        result.assert_outcomes(failed=1)
+    if name not in WHOLE_SUITE:  # -k may select a sibling property too (the large weights)
+        assert 1 <= result.parseoutcomes().get("failed", 0) <= 2, output
 
 
 @pytest.mark.parametrize("name", ["CORRECT", "CORRECT_RETURNING"])
