@@ -25,6 +25,8 @@ PROPERTIES = (
     "refusal",
     "atomicity",
     "round trip",
+    "stacked round trip",
+    "refusal in large weights",
     "in-place agreement",
 )
 FAST = "--safemerge-examples=40"  # the least that still checks every kind was explored
@@ -38,8 +40,10 @@ class HalfPrecision:
 
     def fuse(self, weight, lora_A, lora_B, scale):
         delta = (lora_B.half() @ lora_A.half()).float() * scale
-        merged = (weight.float() + delta).to(weight.dtype)
-        if not torch.isfinite(merged.float()).all() or (merged.float().abs() >= 448).any() and weight.dtype == torch.float8_e4m3fn:
+        merged32 = weight.float() + delta
+        merged = merged32.to(weight.dtype)
+        saturated = weight.dtype == torch.float8_e4m3fn and bool((merged32.abs() >= 464).any())
+        if saturated or not torch.isfinite(merged.float()).all():
             raise ValueError("not finite")
         weight.copy_(merged)
 
@@ -133,7 +137,7 @@ def test_a_buggy_implementation_fails_with_a_shrunk_example(pytester: pytest.Pyt
     # The float16 product loses accuracy (and, depending on the examples drawn, a factor
     # underflowing in float16 also hides a sum that overflows: refusal may fail too).
     outcomes = result.parseoutcomes()
-    assert outcomes.get("failed", 0) >= 1 and outcomes.get("skipped") == 1  # no unfuse
+    assert outcomes.get("failed", 0) >= 1 and outcomes.get("skipped") == 2  # no unfuse
     result.stdout.fnmatch_lines(
         [
             "*AssertionError: [[]accuracy[]] the fused weight is not within its error bound.",
@@ -178,7 +182,8 @@ def test_a_subclass_or_a_conftest_fixture_selects_the_implementation(
 def test_safemerge_only_deselects_other_tests(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_own(): pass")
     result = pytester.runpytest("--safemerge-only", FAST, "-k", "refus")
-    result.assert_outcomes(passed=2, deselected=len(PROPERTIES) - 2 + 1)
+    # "refus" picks the refusal properties (small and large weights) and atomicity.
+    result.assert_outcomes(passed=3, deselected=len(PROPERTIES) - 3 + 1)
 
 
 def test_under_xdist_the_rows_of_every_worker_are_gathered(pytester: pytest.Pytester) -> None:
@@ -189,7 +194,8 @@ def test_under_xdist_the_rows_of_every_worker_are_gathered(pytester: pytest.Pyte
     result.stdout.fnmatch_lines(["*= safemerge =*", "*round trip*passed*"])
     rows = rows_of(pytester.path / "report.json")
     assert set(rows) == set(PROPERTIES)
-    assert all(row["examples"] >= 40 for row in rows.values())
+    # Every property ran its share of examples (the large-weight one has its own budget).
+    assert all(row["examples"] >= 20 for row in rows.values())
 
 
 # --- the model suite ---------------------------------------------------------------------
