@@ -100,9 +100,26 @@ class Checked:
         return bool((beyond | torch.isnan(self.reference)).any())
 
     def fraction(self, result: torch.Tensor) -> float:
-        error = (result.detach().cpu().to(torch.float64) - self.reference).abs()
-        ratio = torch.where(error == 0, torch.zeros_like(error), error / self.bound)
-        return float(ratio.max()) if ratio.numel() else 0.0
+        return worst_fraction(result, self.reference, self.bound)
+
+
+def worst_fraction(actual: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor) -> float:
+    """The largest ``|actual - reference| / bound`` (an exact element counts 0, even where
+    its bound is 0), for the summary's "worst/bound" column."""
+    error = (actual.detach().cpu().to(torch.float64) - reference).abs()
+    ratio = torch.where(error == 0, torch.zeros_like(error), error / bound)
+    return float(ratio.max()) if ratio.numel() else 0.0
+
+
+def _unfuse_bound(
+    merged: torch.Tensor, adapter: safemerge.LoraAdapter, scale: float
+) -> torch.Tensor:
+    """The bound of an arithmetic unfuse of ``adapter`` at ``scale`` from ``merged``: added to
+    the fuse's bound, it bounds ``|unfuse(fuse(W)) - W|`` (the triangle inequality)."""
+    merged = merged.detach().cpu()
+    return safemerge.merge_bound(merged, [(adapter.lora_B, adapter.lora_A, -scale)], merged.dtype)[
+        1
+    ]
 
 
 def _non_finite_summary(result: torch.Tensor) -> str:
@@ -244,16 +261,8 @@ def check_round_trip(implementation: Implementation, checked: Checked, row: Row)
         assertions.assert_roundtrip(checked.original, restored, max_ulps=0)
         row.observe(0.0)
         return
-    # |W'' - W| <= |W'' - (W' - d)| + |W' - (W + d)|: the unfuse's bound, computed on
-    # the fused weight, plus the fuse's.
-    _, unfuse_bound = safemerge.merge_bound(
-        merged_cpu,
-        [(checked.case.adapter.lora_B, checked.case.adapter.lora_A, -checked.scale)],
-        merged_cpu.dtype,
-    )
-    bound = checked.bound + unfuse_bound
-    error = (restored.to(torch.float64) - checked.original.to(torch.float64)).abs()
-    row.observe(float(torch.where(error == 0, torch.zeros_like(error), error / bound).max()))
+    bound = checked.bound + _unfuse_bound(merged_cpu, checked.case.adapter, checked.scale)
+    row.observe(worst_fraction(restored, checked.original.to(torch.float64), bound))
     assertions.assert_within_bound(
         restored, checked.original.to(torch.float64), bound, what="[round trip] the unfused weight"
     )
@@ -294,15 +303,10 @@ def check_stacked_round_trip(implementation: Implementation, checked: Checked, r
     assert fused_twice.result is not None
     back_to_first = _unfused(implementation, "stacked round trip", fused_twice.result, second)
     if not implementation.exact_unfuse:
-        _, unfuse_bound = safemerge.merge_bound(
-            fused_twice.result.detach().cpu(),
-            [(other.lora_B, other.lora_A, -second.scale)],
-            snapshot.dtype,
-        )
         assertions.assert_within_bound(
             back_to_first.detach().cpu(),
             snapshot.to(torch.float64),
-            second.bound + unfuse_bound,
+            second.bound + _unfuse_bound(fused_twice.result, other, second.scale),
             what="[stacked round trip] unfusing the second adapter: the weight",
         )
         return

@@ -1,9 +1,8 @@
 """Cases built on a real model's weights: generated adapters, a planted NaN, a cast overflow
-at the weight's largest element, and a real adapter put in the tensor contract's form.
+at the weight's largest element, and the output check of a real adapter's merge.
 
-A weight of any layer kind becomes an ``(out, in)`` matrix (a convolution's kernel is
-folded into ``in``); an adapter whose delta is stored transposed (an embedding's, or a
-``fan_in_fan_out`` layer's) becomes ``lora_A' = lora_B^T``, ``lora_B' = lora_A^T``.
+A weight of any layer kind is checked as an ``(out, in)`` matrix (a convolution's kernel
+folded into ``in``); a real adapter is put in that form by ``safemerge.matrix_form``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,10 @@ from safemerge.errors import (
     ModelWriteError,
     SafemergeError,
 )
+
+if TYPE_CHECKING:  # the subcommands import their modules when they run
+    from safemerge.inspection import AdapterScan
+    from safemerge.model_report import LayerResult, ModelFuseReport
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
 
@@ -213,7 +217,7 @@ class _ProgressBar:
         self.width = width
         self.drawn = False
 
-    def __call__(self, result: Any) -> None:
+    def __call__(self, result: LayerResult) -> None:
         total = max(result.total, 1)
         filled = self.width * result.position // total
         bar = "#" * filled + "." * (self.width - filled)
@@ -229,7 +233,7 @@ class _ProgressBar:
             print(file=sys.stderr)
 
 
-def _fuse_summary(report: Any) -> str:
+def _fuse_summary(report: ModelFuseReport) -> str:
     fused = [layer for layer in report.layers if layer.fused]
     rows = [("layer", "kind", "shape", "dtype", "worst err/bound", "time")]
     for layer in fused:
@@ -260,7 +264,7 @@ def _fuse_summary(report: Any) -> str:
     return "\n".join(lines)
 
 
-def _report_json(report: Any) -> dict[str, Any]:
+def _report_json(report: ModelFuseReport) -> dict[str, Any]:
     return {
         "output": str(report.output),
         "shards": report.shard_count,
@@ -286,10 +290,7 @@ def _report_json(report: Any) -> dict[str, Any]:
     }
 
 
-def _inspect_table(scan: object) -> str:
-    from safemerge.inspection import AdapterScan
-
-    assert isinstance(scan, AdapterScan)
+def _inspect_table(scan: AdapterScan) -> str:
     lines = [
         f"{scan.format} adapter {scan.path} (sha256 {scan.digest[:12]}): {len(scan.layers)} layers"
         + (f", checked against {scan.base}" if scan.base else "")
