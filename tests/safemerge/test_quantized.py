@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import safemerge
-from safemerge import LoraAdapter, NonFiniteMergeError, QuantizedFuseRecord
+from safemerge import LoraAdapter, NonFiniteMergeError, QuantizedFuseRecord, synthetic
 from safemerge.quant_grid import blockwise_bound, largest_half_gap
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -25,23 +25,15 @@ def linear_4bit(
 ) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=generator) * 0.02
-    layer = bnb.nn.Linear4bit(
-        in_features,
-        out_features,
-        bias=True,
-        quant_type=quant_type,
-        compress_statistics=nested,
+    bias = torch.randn(out_features, generator=generator) * 0.01
+    return synthetic.quantized_linear(
+        weight,
+        quant_type,
+        blocksize=blocksize,
+        nested=nested,
+        bias=bias,
         compute_dtype=torch.bfloat16,
     )
-    layer.weight = bnb.nn.Params4bit(
-        weight,
-        requires_grad=False,
-        quant_type=quant_type,
-        compress_statistics=nested,
-        blocksize=blocksize,
-    )
-    layer.bias = nn.Parameter(torch.randn(out_features, generator=generator) * 0.01)
-    return layer.to("cpu")
 
 
 def adapter_for(
@@ -231,12 +223,8 @@ def linear_8bit(
 ) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=generator) * 0.02
-    layer = bnb.nn.Linear8bitLt(
-        in_features, out_features, bias=True, has_fp16_weights=False, threshold=threshold
-    )
-    layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-    layer.bias = nn.Parameter(torch.randn(out_features, generator=generator) * 0.01)
-    return layer.to("cpu")
+    bias = torch.randn(out_features, generator=generator) * 0.01
+    return synthetic.quantized_linear(weight, "int8", threshold=threshold, bias=bias)
 
 
 def int8_bits(layer: nn.Module) -> list[torch.Tensor | None]:
