@@ -10,6 +10,7 @@ byte of the original.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,8 @@ class QuantizedFormat:
 
     kind = ""
     group = 1  # elements that share a scale, in flat order: what "a block" means
+    #: The dtype a float32 merge must fit before it is quantized.
+    merge_dtype = torch.float32
 
     def __init__(self, layer: Any, name: str) -> None:
         self.layer = layer
@@ -105,6 +108,10 @@ class QuantizedFormat:
 
     def quantize(self, merged: torch.Tensor) -> Quantized:
         """Quantize a float32 merge with the layer's settings (guarded where it casts)."""
+        raise NotImplementedError
+
+    def magnitude_limit(self) -> float:
+        """An upper bound on every weight the layer holds, read from its scales alone."""
         raise NotImplementedError
 
     def snapshot(self) -> Snapshot:
@@ -193,6 +200,12 @@ class FourBit(QuantizedFormat):
         values = self._from_codes(packed, absmax)
         return Quantized({"data": packed, "quant_state": state}, values, self.blocksize, bounds)
 
+    def magnitude_limit(self) -> float:
+        if self.cpu_packed:
+            return math.inf  # the repacked layout's scales are not read here
+        # Codes lie in [-1, 1]; the float32 product with the absmax rounds once.
+        return float(_stored_absmax(self.layer.weight.quant_state).abs().max()) * (1 + U32)
+
     def snapshot(self) -> Snapshot:
         weight = self.layer.weight
         return Snapshot(
@@ -225,6 +238,7 @@ class EightBit(QuantizedFormat):
     """
 
     kind = "linear8bitlt"
+    merge_dtype = torch.float16
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -266,6 +280,10 @@ class EightBit(QuantizedFormat):
         return Quantized(
             {"CB": codes, "SCB": scales}, values, self.shape[1], row_bound, float16_error
         )
+
+    def magnitude_limit(self) -> float:
+        # Codes lie in [-127, 127] and dequantize to code * SCB / 127, rounded twice.
+        return float(self._scales().float().abs().max()) * (1 + 2 * U32)
 
     def snapshot(self) -> Snapshot:
         weight, state = self.layer.weight, self.layer.state

@@ -42,7 +42,8 @@ def fuse(
         scale: overall multiplier (PEFT's ``lora_scale``); any finite value, 0 included.
         name: the layer's name, for messages and the record.
         exact_unfuse: keep the compact correction that lets :func:`unfuse` restore every
-            bit (about a quarter byte per weight element).
+            bit (about a quarter byte per weight element; for a bitsandbytes layer, its
+            packed bytes).
 
     Returns:
         A :class:`FuseRecord` (a :class:`QuantizedFuseRecord` for a bitsandbytes layer) for
@@ -54,7 +55,9 @@ def fuse(
         UnsupportedLayerError: the layer kind or dtype is not supported.
     """
     if bnb.is_bnb_layer(layer):
-        return quantized.fuse_quantized(layer, weighted(adapters), scale=scale, name=name)
+        return quantized.fuse_quantized(
+            layer, weighted(adapters), scale=scale, name=name, keep_original=exact_unfuse
+        )
     return _fuse_view(view_layer(layer, name), adapters, scale=scale, exact_unfuse=exact_unfuse)
 
 

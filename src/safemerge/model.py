@@ -115,7 +115,7 @@ def fuse_model(
             current = name
             layer_started = time.perf_counter()
             check = None if bnb.is_bnb_layer(layer) else BoundCheck(layer, name, pairs, scale)
-            with _interrupts_deferred():  # a fused layer always has its record kept
+            with interrupts_deferred():  # a fused layer always has its record kept
                 record = fuse(layer, pairs, scale=scale, name=name, exact_unfuse=True)
                 records[name] = record
             worst = (
@@ -137,7 +137,7 @@ def fuse_model(
                 )
             )
     except BaseException as error:
-        restored = _roll_back(module, layers, records, failed=current, error=error)
+        restored = roll_back(layers, records, failed=current, error=error)
         if isinstance(error, SafemergeError) or not isinstance(error, Exception):
             error.add_note(
                 f"fuse_model: layer {current!r} failed; the {len(restored)} layer(s) fused "
@@ -333,7 +333,7 @@ def _module_layers(
 ) -> dict[str, tuple[nn.Module, list[tuple[LoraAdapter, float]]]]:
     """The layers to fuse, in module order, or a ModelFuseError listing every misfit."""
     order = {name: position for position, (name, _) in enumerate(module.named_modules())}
-    owners = _tensor_owners(module)
+    owners = tensor_owners(module)
     problems: list[tuple[str, str]] = []
     found: list[tuple[int, str, nn.Module]] = []
     for name, pairs in requested.items():
@@ -348,13 +348,13 @@ def _module_layers(
             continue
         problem = _layer_problem(layer, prefix + name, pairs, scale)
         if problem is None:
-            problem = _shared_weight(layer, prefix + name, owners)
+            problem = shared_weight(layer, prefix + name, owners)
         if problem is not None:
             problems.append((prefix + name, problem))
             continue
         found.append((order.get(module_name, len(order)), prefix + name, layer))
     if problems:
-        raise _refusal(problems, None, f"the model ({type(module).__name__}) was not changed")
+        raise refusal(problems, None, f"the model ({type(module).__name__}) was not changed")
     return {name: (layer, requested[name.removeprefix(prefix)]) for _, name, layer in sorted(found)}
 
 
@@ -394,7 +394,7 @@ def _layer_problem(
     return None
 
 
-def _tensor_owners(module: nn.Module) -> dict[int, list[str]]:
+def tensor_owners(module: nn.Module) -> dict[int, list[str]]:
     """Names of every parameter and buffer, by the address of the storage they use."""
     owners: dict[int, list[str]] = {}
     named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers()]
@@ -404,7 +404,7 @@ def _tensor_owners(module: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _shared_weight(layer: nn.Module, name: str, owners: Mapping[int, list[str]]) -> str | None:
+def shared_weight(layer: nn.Module, name: str, owners: Mapping[int, list[str]]) -> str | None:
     weight = getattr(layer, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
         return None
@@ -435,8 +435,7 @@ def _held_dtype(layer: nn.Module, record: FuseRecord | QuantizedFuseRecord) -> t
     return weight.dtype if isinstance(weight, torch.Tensor) else torch.uint8
 
 
-def _roll_back(
-    module: nn.Module,
+def roll_back(
     layers: Mapping[str, tuple[nn.Module, list[tuple[LoraAdapter, float]]]],
     records: Mapping[str, FuseRecord | QuantizedFuseRecord],
     *,
@@ -445,7 +444,7 @@ def _roll_back(
 ) -> list[str]:
     """Unfuse every fused layer exactly, newest first; interrupts wait until it is done."""
     restored: list[str] = []
-    with _interrupts_deferred():
+    with interrupts_deferred():
         for name in reversed(list(records)):
             try:
                 unfuse(layers[name][0], records[name], exact=True)
@@ -463,7 +462,7 @@ def _roll_back(
 
 
 @contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred() -> Iterator[None]:
     """Hold SIGINT (Ctrl-C) until the block ends, then raise KeyboardInterrupt once."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -596,7 +595,7 @@ def _file_layers(
             continue
         layers[name] = _FileLayer(name, kinds[name], pairs, bias)
     if problems:
-        raise _refusal(problems, checkpoint.path, "nothing was written")
+        raise refusal(problems, checkpoint.path, "nothing was written")
     return layers
 
 
@@ -804,7 +803,7 @@ def _fuse_file_layer(
 # -- errors --------------------------------------------------------------------------------
 
 
-def _refusal(
+def refusal(
     problems: Sequence[tuple[str, str]], path: Path | None, unchanged: str
 ) -> ModelFuseError:
     shown = "\n".join(f"  {layer}: {what}" for layer, what in problems[:_PROBLEM_CAP])

@@ -39,7 +39,8 @@ class QuantizedFuseRecord:
         settings: the quantization settings, kept through the fuse (4-bit: quant_type,
             blocksize, nested; 8-bit: threshold).
         adapters, scale, coefficients: as in :class:`safemerge.FuseRecord`.
-        original: every byte and state object of the quantized weight before the fuse.
+        original: every byte and state object of the quantized weight before the fuse;
+            None when the fuse was asked not to keep it (no exact unfuse).
         original_bias: a copy of the bias before the fuse, when the fuse changed it.
         fused_fingerprint: checksum of the quantized weight after the fuse, to detect
             later changes (another fuse) before an exact unfuse puts old bytes back.
@@ -61,7 +62,8 @@ class QuantizedFuseRecord:
     adapters: tuple[tuple[LoraAdapter, float], ...]
     scale: float
     coefficients: tuple[float, ...]
-    original: bnb.Snapshot
+    original: bnb.Snapshot | None
+    weight_nbytes: int
     original_bias: torch.Tensor | None
     fused_fingerprint: int
     worst_error_of_bound: float
@@ -73,7 +75,8 @@ class QuantizedFuseRecord:
 
     @property
     def exact(self) -> bool:
-        return True
+        """Whether :func:`safemerge.unfuse` can restore every byte."""
+        return self.original is not None
 
     @property
     def nbytes(self) -> int:
@@ -83,13 +86,7 @@ class QuantizedFuseRecord:
             if self.original_bias is None
             else self.original_bias.numel() * self.original_bias.element_size()
         )
-        return self.original.nbytes + bias
-
-    @property
-    def weight_nbytes(self) -> int:
-        """Bytes of the quantized weight's own data."""
-        data = self.original.attributes["data"]
-        return int(data.numel() * data.element_size())
+        return (0 if self.original is None else self.original.nbytes) + bias
 
     def summary(self) -> str:
         settings = ", ".join(f"{key} {value}" for key, value in self.settings.items())
@@ -102,9 +99,18 @@ class QuantizedFuseRecord:
 
 
 def fuse_quantized(
-    layer: Any, pairs: list[tuple[LoraAdapter, float]], *, scale: float, name: str | None
+    layer: Any,
+    pairs: list[tuple[LoraAdapter, float]],
+    *,
+    scale: float,
+    name: str | None,
+    keep_original: bool = True,
 ) -> QuantizedFuseRecord:
-    """Fuse into a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``; see :func:`safemerge.fuse`."""
+    """Fuse into a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``; see :func:`safemerge.fuse`.
+
+    ``keep_original`` keeps the packed bytes for an exact unfuse (half a byte per 4-bit
+    weight); without it only the arithmetic unfuse remains.
+    """
     started = time.perf_counter()
     label = name or type(layer).__name__
     quantized_format = _format_of(layer, label)
@@ -112,7 +118,8 @@ def fuse_quantized(
         raise UnsupportedLayerError(
             f"layer {label!r}: DoRA adapters are not fused into quantized layers"
         )
-    original = quantized_format.snapshot()
+    original = quantized_format.snapshot() if keep_original else None
+    weight_nbytes = quantized_format.data().numel() * quantized_format.data().element_size()
     with torch.no_grad():
         weight = quantized_format.read()
         view = _view(layer, label, weight, quantized_format)
@@ -140,6 +147,7 @@ def fuse_quantized(
         scale=scale,
         coefficients=coefficients,
         original=original,
+        weight_nbytes=int(weight_nbytes),
         original_bias=original_bias,
         seconds=time.perf_counter() - started,
         **report,
@@ -196,8 +204,14 @@ def unfuse_quantized(layer: Any, record: QuantizedFuseRecord, *, exact: bool = T
             f"layer {record.layer!r} changed since this record's fuse (another fuse or "
             f"unfuse): undo fuses in reverse order, each with its own record"
         )
+    if exact and record.original is None:
+        raise RestoreError(
+            f"layer {record.layer!r} was fused without keeping its original bytes "
+            f"(exact_unfuse=False): call unfuse(..., exact=False) to subtract and requantize"
+        )
     with torch.no_grad():
         if exact:
+            assert record.original is not None
             quantized_format.restore(record.original)
             bias = getattr(layer, "bias", None)
             if record.original_bias is not None and isinstance(bias, torch.Tensor):

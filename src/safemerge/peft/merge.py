@@ -1,0 +1,241 @@
+"""Guarded, all-or-nothing merges of a PEFT model's LoRA adapters.
+
+:func:`merge_and_unload` is a drop-in for PEFT's ``merge_and_unload``: the same result
+(the base model with every LoRA layer replaced by its merged base layer), computed in
+float32 with safemerge's guard, and all or nothing. It works in three steps:
+
+1. plan: every LoRA layer and adapter is checked (:func:`safemerge.peft.layers.plan_merge`);
+2. prove: for each layer, :func:`safemerge.headroom.cannot_overflow` shows from the
+   adapter factors and ``max|W|`` that the guard cannot refuse it; the few layers it
+   cannot vouch for (DoRA, a broken adapter, a weight near its dtype's range) are merged
+   first, each keeping its exact-unfuse correction, and a refusal among them unmerges
+   them exactly;
+3. commit: the proven layers are merged without corrections (so memory stays at one
+   layer's worth), still through the guard.
+
+:func:`merge` keeps the adapters attached and marks them merged, as PEFT's
+``merge_adapter`` does, but keeps each layer's correction so that :func:`unmerge` gives
+back the base weights bit for bit (PEFT's unmerge subtracts, which does not).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from safemerge import bnb, engine
+from safemerge.errors import ModelFuseError, RestoreError
+from safemerge.fuse import fuse, unfuse
+from safemerge.headroom import cannot_overflow, weight_magnitude
+from safemerge.memory import peak_rss_bytes
+from safemerge.model import interrupts_deferred, roll_back
+from safemerge.model_report import LayerResult, ModelFuseReport
+from safemerge.peft.layers import PeftLayer, layer_view, lora_tuner, plan_merge
+from safemerge.quantized import QuantizedFuseRecord
+from safemerge.record import FuseRecord
+from safemerge.request import coefficients, merged_bias
+
+Record = FuseRecord | QuantizedFuseRecord
+
+#: Per LoRA layer, the merges :func:`merge` made, oldest first: (adapter names, record).
+_MERGES: weakref.WeakKeyDictionary[nn.Module, list[tuple[tuple[str, ...], Record]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def merge_and_unload(
+    model: Any,
+    *,
+    progressbar: bool = False,
+    safe_merge: bool = True,
+    adapter_names: Sequence[str] | None = None,
+) -> nn.Module:
+    """Merge the LoRA adapters into the base model and return it without them.
+
+    The same contract as PEFT's ``model.merge_and_unload()``: ``adapter_names`` None
+    merges each layer's active adapters; adapters already merged are not merged again;
+    ``modules_to_save`` copies replace their originals; the returned module is the base
+    model, changed in place.
+
+    Args:
+        model: a ``peft.PeftModel`` or ``peft.LoraModel``.
+        progressbar: show a progress bar over the layers.
+        safe_merge: accepted for compatibility; the merge is always guarded.
+        adapter_names: the adapters to merge.
+
+    Returns:
+        The base model (``model.base_model.model``), holding the merged weights.
+
+    Raises:
+        ModelFuseError: before any change, listing every layer that cannot be merged.
+        NonFiniteMergeError: a layer's merge would not be finite; the model is unchanged,
+            adapters attached and usable.
+    """
+    del safe_merge  # always safe
+    tuner = lora_tuner(model)
+    tuner._check_merge_allowed()  # PEFT's own refusals (GPTQ, replicated layers)
+    planned = plan_merge(tuner.model, adapter_names)
+    with interrupts_deferred():  # a merged model always gets unloaded
+        _merge_all_or_nothing(planned, progressbar=progressbar)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT's notes on merging, which it did not do
+            unloaded: nn.Module = tuner.unload()
+    return unloaded
+
+
+def merge(
+    model: Any, *, adapter_names: Sequence[str] | None = None, progressbar: bool = False
+) -> ModelFuseReport:
+    """Merge LoRA adapters into the base weights, keeping them attached (PEFT's
+    ``merge_adapter``), so that :func:`unmerge` can restore every bit.
+
+    The layers are marked merged the way PEFT marks them (``merged_adapters``), so the
+    model's forward uses the merged weights. Each layer keeps its exact-unfuse
+    correction (about a quarter byte per weight element; for a bitsandbytes layer, its
+    packed bytes): the report's records say how much.
+
+    Raises:
+        ModelFuseError: before any change, listing every layer that cannot be merged.
+        NonFiniteMergeError: a layer's merge would not be finite; every layer merged
+            before it was restored exactly, and the model is as it was.
+    """
+    started = time.perf_counter()
+    tuner = lora_tuner(model)
+    planned = plan_merge(tuner.model, adapter_names)
+    records = _fuse_with_rollback(planned, progressbar=progressbar)
+    results = []
+    for position, layer in enumerate(planned, start=1):
+        record = records[layer.weight_name]
+        _MERGES.setdefault(layer.lora_layer, []).append((layer.adapter_names, record))
+        layer.lora_layer.merged_adapters.extend(layer.adapter_names)
+        results.append(_result(layer, record, position, len(planned)))
+    parameters = sum(result.numel for result in results)
+    return ModelFuseReport(
+        layers=tuple(results),
+        parameters=parameters,
+        fused_parameters=parameters,
+        tensors_written=0,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        records=records,
+    )
+
+
+def unmerge(model: Any) -> None:
+    """Undo every :func:`merge` of ``model``, restoring the base weights bit for bit.
+
+    Raises:
+        RestoreError: before any change, when a layer changed since its merge (PEFT's own
+            ``merge``/``unmerge`` on it, or a training step), naming every such layer.
+    """
+    tuner = lora_tuner(model)
+    undo = [
+        (name, layer, merges)
+        for name, layer in tuner.model.named_modules()
+        if (merges := _MERGES.get(layer))
+    ]
+    changed = [name for name, layer, merges in undo if not _unchanged(layer, merges[-1][1])]
+    if changed:
+        raise RestoreError(
+            f"cannot unmerge exactly: {len(changed)} layer(s) changed since safemerge merged "
+            f"them ({changed[:5]}); nothing was unmerged. PEFT's own merge or unmerge, or a "
+            f"training step, touched them: reload the base model instead"
+        )
+    with interrupts_deferred():
+        for _, layer, merges in undo:
+            while merges:
+                names, record = merges.pop()
+                unfuse(layer.get_base_layer(), record, exact=True)
+                for adapter_name in names:
+                    layer.merged_adapters.remove(adapter_name)
+
+
+# -- the steps -----------------------------------------------------------------------------
+
+
+def _merge_all_or_nothing(planned: list[PeftLayer], *, progressbar: bool) -> None:
+    """Merge every planned layer, the unproven ones first with their corrections kept."""
+    unproven = [layer for layer in planned if not _proven(layer)]
+    proven = [layer for layer in planned if layer not in unproven]
+    _fuse_with_rollback(unproven, progressbar=False)
+    for layer in _progress(proven, progressbar, "Merging (safemerge)"):
+        # Proven: the guard inside cannot refuse, so no correction is kept.
+        fuse(layer.base, list(layer.pairs), name=layer.weight_name, exact_unfuse=False)
+
+
+def _proven(layer: PeftLayer) -> bool:
+    """Whether ``layer``'s merge certainly fits its dtype (its bias is checked here too)."""
+    pairs = list(layer.pairs)
+    quantized_format = bnb.format_of(layer.base, layer.weight_name)
+    view = layer_view(layer)
+    with torch.no_grad():
+        if quantized_format is not None:
+            magnitude = quantized_format.magnitude_limit()
+            dtype = quantized_format.merge_dtype
+        else:
+            magnitude = weight_magnitude(view.weight)
+            dtype = view.weight.dtype
+        factors = coefficients(pairs, 1.0)
+        try:
+            merged_bias(view, pairs, factors, sign=1.0)  # guarded; small
+        except ValueError:
+            return False
+        return cannot_overflow(view, pairs, factors, magnitude=magnitude, dtype=dtype)
+
+
+def _fuse_with_rollback(planned: list[PeftLayer], *, progressbar: bool) -> dict[str, Record]:
+    """Fuse each layer keeping its correction; on any failure unfuse all of them exactly."""
+    records: dict[str, Record] = {}
+    current = ""
+    try:
+        for layer in _progress(planned, progressbar, "Merging (safemerge)"):
+            current = layer.weight_name
+            with interrupts_deferred():  # a fused layer always has its record kept
+                records[current] = fuse(layer.base, list(layer.pairs), name=current)
+    except BaseException as error:
+        layers = {layer.weight_name: (layer.base, list(layer.pairs)) for layer in planned}
+        restored = roll_back(layers, records, failed=current, error=error)
+        if isinstance(error, Exception) and not isinstance(error, ModelFuseError):
+            error.add_note(
+                f"safemerge.peft: layer {current!r} failed; the {len(restored)} layer(s) "
+                f"merged before it were restored exactly: the model is unchanged, adapters "
+                f"attached"
+            )
+        raise
+    return records
+
+
+def _unchanged(lora_layer: Any, record: Record) -> bool:
+    base = lora_layer.get_base_layer()
+    quantized_format = bnb.format_of(base, record.layer)
+    data = quantized_format.data() if quantized_format is not None else base.weight
+    return engine.fingerprint(data) == record.fused_fingerprint
+
+
+def _result(layer: PeftLayer, record: Record, position: int, total: int) -> LayerResult:
+    return LayerResult(
+        name=layer.weight_name,
+        kind=record.kind,
+        shape=tuple(record.shape),
+        dtype=record.dtype if isinstance(record, FuseRecord) else torch.uint8,
+        worst_error_of_bound=None,
+        seconds=record.seconds,
+        adapters=len(layer.pairs),
+        position=position,
+        total=total,
+    )
+
+
+def _progress(layers: list[PeftLayer], enabled: bool, description: str) -> Iterator[PeftLayer]:
+    if not enabled:
+        yield from layers
+        return
+    from tqdm import tqdm
+
+    yield from tqdm(layers, desc=description)
