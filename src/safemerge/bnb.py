@@ -10,6 +10,7 @@ byte of the original.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -222,9 +223,9 @@ class FourBit(QuantizedFormat):
     def _from_codes(self, packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
         rows, columns = self.shape
         data = packed.reshape(-1).view(torch.uint8)
-        codes = torch.stack([data >> 4, data & 0xF], dim=1)  # two a byte, high nibble first
-        table = torch.tensor(CODES[self.quant_type], dtype=torch.float32, device=data.device)
-        values = blocks_of(table[codes.reshape(-1)[: rows * columns].int()], self.blocksize)
+        # Two codes a byte, high nibble first: one gather from a table of byte -> pair.
+        pairs = _byte_pairs(self.quant_type, data.device)[data.int()].reshape(-1)
+        values = blocks_of(pairs[: rows * columns], self.blocksize)
         values *= absmax.float().reshape(-1, 1)
         return values.reshape(-1)[: rows * columns].reshape(rows, columns)
 
@@ -310,6 +311,14 @@ class EightBit(QuantizedFormat):
         weight.data = attributes["data"]
         weight.CB, weight.SCB = attributes["weight.CB"], attributes["weight.SCB"]
         state.CB, state.SCB = attributes["state.CB"], attributes["state.SCB"]
+
+
+@functools.cache
+def _byte_pairs(quant_type: str, device: torch.device) -> torch.Tensor:
+    """``(256, 2)`` float32: the two code values each packed byte holds."""
+    table = torch.tensor(CODES[quant_type], dtype=torch.float32)
+    every_byte = torch.arange(256)
+    return torch.stack([table[every_byte >> 4], table[every_byte & 0xF]], dim=1).to(device)
 
 
 def format_of(layer: Any, name: str) -> QuantizedFormat | None:

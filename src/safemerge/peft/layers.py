@@ -46,7 +46,8 @@ class PeftLayer:
 
     @property
     def weight_name(self) -> str:
-        return f"{self.name}.base_layer.weight"
+        """The weight's name in the merged (unloaded) model: what messages call it."""
+        return f"{self.name}.weight"
 
     @property
     def is_dora(self) -> bool:
