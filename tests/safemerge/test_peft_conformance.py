@@ -1,0 +1,266 @@
+"""safemerge.peft.conformance: PEFT's own merge code behind the suite's two contracts.
+
+These pin the adapter object itself (what it hands PEFT, what it hands back), on cases
+PEFT gets right: float32 layers, where PEFT's merge is one float32 rounding like
+safemerge's, so the two agree to a few float32 ulps. What PEFT gets wrong is the suite's
+business (tests/pytest_safemerge/test_peft_findings.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import safemerge
+from safemerge import LoraAdapter, synthetic
+
+pytest.importorskip("peft")
+logging.getLogger("peft").setLevel(logging.ERROR)
+
+from safemerge.peft import PEFT_LORA, PeftLoraMerge  # noqa: E402
+from safemerge.peft.conformance import LAYER_KINDS  # noqa: E402
+
+#: float32 merges of O(1) values: PEFT's and safemerge's float32 sums differ in order only.
+ATOL = 1e-5
+
+
+def _adapter_for(layer: nn.Module, seed: int = 0, **options: object) -> LoraAdapter:
+    return synthetic.random_adapter(layer, rank=4, alpha=8, std=0.5, seed=seed, **options)  # type: ignore[arg-type]
+
+
+def _expected(layer: nn.Module, adapters: list[LoraAdapter], scale: float) -> nn.Module:
+    expected = copy.deepcopy(layer)
+    safemerge.fuse(expected, adapters, scale=scale)
+    return expected
+
+
+def test_layer_kinds_are_every_tag_of_the_suite() -> None:
+    assert PEFT_LORA.layer_kinds == LAYER_KINDS
+    assert {"linear", "embedding", "conv1d", "conv2d", "conv3d", "fan-in-fan-out"} <= LAYER_KINDS
+    assert {"nf4", "fp4", "int8", "lora-bias", "dora", "several"} <= LAYER_KINDS
+    assert PEFT_LORA.exact_unfuse is False
+    assert isinstance(PEFT_LORA, PeftLoraMerge)
+
+
+# The tensor contract.
+
+
+def test_fuse_returns_the_merge_and_leaves_the_weight() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=generator)
+    lora_A, lora_B = torch.randn(3, 5, generator=generator), torch.randn(6, 3, generator=generator)
+    original = weight.clone()
+
+    merged = PEFT_LORA.fuse(weight, lora_A, lora_B, 0.75)
+
+    assert torch.equal(weight, original)  # PEFT's safe merge swaps in a copy
+    assert merged.dtype == weight.dtype and merged.shape == weight.shape
+    torch.testing.assert_close(merged, original + 0.75 * lora_B @ lora_A, atol=ATOL, rtol=0)
+
+
+def test_fuse_keeps_the_weight_dtype_and_the_adapter_tensors() -> None:
+    weight = torch.randn(4, 4).to(torch.bfloat16)
+    lora_A, lora_B = torch.randn(2, 4), torch.randn(4, 2)
+    A_before, B_before = lora_A.clone(), lora_B.clone()
+
+    merged = PEFT_LORA.fuse(weight, lora_A, lora_B, 1.0)
+
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(lora_A, A_before) and torch.equal(lora_B, B_before)
+
+
+def test_fuse_refusal_is_peft_s_error_and_leaves_the_weight() -> None:
+    weight = torch.randn(3, 3)
+    original = weight.clone()
+    lora_A = torch.randn(1, 3)
+    lora_A[0, 2] = float("nan")
+
+    with pytest.raises(ValueError, match="NaNs detected"):
+        PEFT_LORA.fuse(weight, lora_A, torch.ones(3, 1), 1.0)
+    assert torch.equal(weight, original)
+
+
+def test_unfuse_undoes_the_fuse_on_the_same_peft_layer() -> None:
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(5, 7, generator=generator)
+    lora_A, lora_B = torch.randn(2, 7, generator=generator), torch.randn(5, 2, generator=generator)
+    merged = PEFT_LORA.fuse(weight, lora_A, lora_B, 2.0)
+
+    restored = PEFT_LORA.unfuse(merged, lora_A, lora_B, 2.0)
+
+    assert restored.data_ptr() == merged.data_ptr()  # PEFT unmerges in place
+    torch.testing.assert_close(merged, weight, atol=ATOL, rtol=0)
+
+
+def test_unfuse_of_a_weight_fused_elsewhere_subtracts() -> None:
+    generator = torch.Generator().manual_seed(2)
+    lora_A, lora_B = torch.randn(2, 4, generator=generator), torch.randn(3, 2, generator=generator)
+    original = torch.randn(3, 4, generator=generator)
+    merged = original + 0.5 * lora_B @ lora_A
+
+    restored = PEFT_LORA.unfuse(merged, lora_A, lora_B, 0.5)
+
+    torch.testing.assert_close(restored, original, atol=ATOL, rtol=0)
+    torch.testing.assert_close(merged, original, atol=ATOL, rtol=0)  # written in place
+
+
+def test_stacked_fuses_unfuse_in_reverse() -> None:
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(4, 4, generator=generator)
+    first = (torch.randn(2, 4, generator=generator), torch.randn(4, 2, generator=generator))
+    second = (torch.randn(1, 4, generator=generator), torch.randn(4, 1, generator=generator))
+    after_first = PEFT_LORA.fuse(weight, *first, 1.0)
+    snapshot = after_first.clone()
+    after_second = PEFT_LORA.fuse(after_first, *second, 1.0)
+
+    back = PEFT_LORA.unfuse(after_second, *second, 1.0)
+
+    torch.testing.assert_close(back, snapshot, atol=ATOL, rtol=0)
+    assert torch.equal(after_first, snapshot)  # the second fuse did not write the first's
+
+
+def test_the_tensor_map_lets_go_of_dropped_weights() -> None:
+    implementation = PeftLoraMerge()
+    merged = implementation.fuse(torch.randn(3, 3), torch.randn(1, 3), torch.randn(3, 1), 1.0)
+    assert len(implementation._weights) == 1
+    del merged
+    gc.collect()
+    assert len(implementation._weights) == 0
+
+
+# The module-level contract.
+
+
+@pytest.mark.parametrize("kind", synthetic.LAYER_KINDS)
+def test_fuse_layer_merges_into_the_suite_s_layer_and_unfuses(kind: str) -> None:
+    layer = synthetic.random_layer(kind, 8, 6, std=0.5, seed=4)
+    adapter = _adapter_for(layer)
+    expected = _expected(layer, [adapter], 0.7)
+    weight_object = layer.weight
+    original = layer.weight.detach().clone()
+
+    PEFT_LORA.fuse_layer(layer, [adapter], 0.7)
+
+    assert layer.weight is weight_object  # PEFT wrote the suite's layer, not a copy
+    torch.testing.assert_close(layer.weight, expected.weight, atol=ATOL, rtol=0)
+    PEFT_LORA.unfuse_layer(layer, [adapter], 0.7)
+    torch.testing.assert_close(layer.weight, original, atol=ATOL, rtol=0)
+
+
+def test_fuse_layer_takes_transformers_conv1d() -> None:
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    layer = conv1d(6, 8)  # (in, out) = (8, 6)
+    nn.init.normal_(layer.weight, std=0.5)
+    adapter = LoraAdapter(torch.randn(2, 8), torch.randn(6, 2), fan_in_fan_out=True)
+    transposed = synthetic.TransposedLinear(8, 6)
+    with torch.no_grad():
+        transposed.weight.copy_(layer.weight)
+        transposed.bias.copy_(layer.bias)
+    expected = _expected(transposed, [adapter], 1.0)
+
+    PEFT_LORA.fuse_layer(layer, [adapter], 1.0)
+
+    torch.testing.assert_close(layer.weight, expected.weight, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "fan_in_fan_out"])
+def test_fuse_layer_merges_the_lora_bias(kind: str) -> None:
+    layer = synthetic.random_layer(kind, 8, 6, std=0.5, seed=5)
+    adapter = _adapter_for(layer, lora_bias=True)
+    expected = _expected(layer, [adapter], 1.5)
+
+    PEFT_LORA.fuse_layer(layer, [adapter], 1.5)
+
+    torch.testing.assert_close(layer.bias, expected.bias, atol=ATOL, rtol=0)
+    torch.testing.assert_close(layer.weight, expected.weight, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding", "conv2d", "fan_in_fan_out"])
+def test_fuse_layer_dora_loads_the_magnitude(kind: str) -> None:
+    layer = synthetic.random_layer(kind, 8, 6, std=0.5, seed=6)
+    adapter = _adapter_for(layer, dora=True)
+    expected = _expected(layer, [adapter], 1.0)
+
+    PEFT_LORA.fuse_layer(layer, [adapter], 1.0)
+
+    torch.testing.assert_close(layer.weight, expected.weight, atol=ATOL, rtol=0)
+    PEFT_LORA.unfuse_layer(layer, [adapter], 1.0)  # on the PEFT layer that cached the norm
+
+
+def test_fuse_layer_merges_several_adapters_with_their_own_scales() -> None:
+    layer = synthetic.random_layer("linear", 8, 6, std=0.5, seed=7)
+    adapters = [
+        _adapter_for(layer, seed=1),
+        synthetic.random_adapter(layer, rank=2, alpha=3.0, use_rslora=True, std=0.5, seed=2),
+    ]
+    expected = _expected(layer, adapters, -0.5)
+
+    PEFT_LORA.fuse_layer(layer, adapters, -0.5)
+
+    torch.testing.assert_close(layer.weight, expected.weight, atol=ATOL, rtol=0)
+
+
+def test_fuse_layer_refusal_propagates_peft_s_error() -> None:
+    layer = synthetic.random_layer("linear", 8, 6, seed=8)
+    adapter = _adapter_for(layer)
+    adapter.lora_B[0, 0] = float("inf")
+    original = layer.weight.detach().clone()
+
+    with pytest.raises(ValueError, match="NaNs detected"):
+        PEFT_LORA.fuse_layer(layer, [adapter], 1.0)
+    assert torch.equal(layer.weight, original)
+
+
+def test_unfuse_layer_of_a_layer_fused_elsewhere() -> None:
+    layer = synthetic.random_layer("conv1d", 4, 6, std=0.5, seed=9)
+    adapter = _adapter_for(layer)
+    original = layer.weight.detach().clone()
+    safemerge.fuse(layer, adapter, scale=2.0)
+
+    PEFT_LORA.unfuse_layer(layer, [adapter], 2.0)
+
+    torch.testing.assert_close(layer.weight, original, atol=ATOL, rtol=0)
+
+
+def test_unfuse_layer_of_dora_needs_peft_s_own_merge() -> None:
+    layer = synthetic.random_layer("linear", 8, 6, seed=10)
+    with pytest.raises(ValueError, match="DoRA"):
+        PEFT_LORA.unfuse_layer(layer, [_adapter_for(layer, dora=True)], 1.0)
+
+
+def test_fuse_layer_does_not_keep_the_layer_alive() -> None:
+    implementation = PeftLoraMerge()
+    layer = synthetic.random_layer("linear", 4, 4, seed=11)
+    implementation.fuse_layer(layer, [_adapter_for(layer)], 1.0)
+    alive = weakref.ref(layer)
+    del layer
+    gc.collect()
+    assert alive() is None
+
+
+def test_fuse_layer_rejects_what_peft_cannot_hold() -> None:
+    with pytest.raises(TypeError, match="no LoRA layer"):
+        PEFT_LORA.fuse_layer(
+            nn.LayerNorm(4), [LoraAdapter(torch.ones(1, 4), torch.ones(4, 1))], 1.0
+        )
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int8"])
+def test_fuse_layer_goes_through_peft_s_bitsandbytes_layers(quant_type: str) -> None:
+    pytest.importorskip("bitsandbytes")
+    generator = torch.Generator().manual_seed(12)
+    weight = torch.randn(4, 64, generator=generator) * 0.1
+    layer = synthetic.quantized_linear(weight, quant_type)
+    adapter = synthetic.random_adapter(layer, rank=2, std=0.5, seed=3)
+    packed = layer.weight.data.clone()
+
+    PEFT_LORA.fuse_layer(layer, [adapter], 1.0)
+
+    assert not torch.equal(layer.weight.data, packed)  # PEFT requantized into the suite's layer
+    assert type(layer.weight).__module__.startswith("bitsandbytes")
