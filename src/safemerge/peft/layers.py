@@ -226,14 +226,14 @@ def _check_layer(layer: PeftLayer, owners: dict[int, list[str]]) -> None:
     module = layer.lora_layer
     if module.merged_adapters and layer.is_dora:
         raise UnsupportedLayerError(
-            f"adapters {module.merged_adapters} are already merged into this layer: a DoRA "
-            f"adapter merged on top would renormalise them too; unmerge them first"
+            f"adapters {module.merged_adapters} are already merged into this layer: merging "
+            f"a DoRA adapter on top is not supported (see below); unmerge them first"
         )
     if len(layer.pairs) > 1 and layer.is_dora:
         raise UnsupportedLayerError(
-            f"DoRA adapter(s) merged together with others ({list(layer.adapter_names)}): DoRA "
-            f"renormalises the whole weight, so the merged layer would not compute what the "
-            f"adapters compute together; merge one DoRA adapter alone"
+            f"DoRA adapter(s) merged together with others ({list(layer.adapter_names)}): PEFT "
+            f"takes each DoRA norm over the base weight without the other adapters and applies "
+            f"it to the weight with them, which safemerge's fuse does not reproduce; merge one DoRA adapter alone"
         )
     tensors = [t for adapter, _ in layer.pairs for t in _tensors(adapter)]
     if any(tensor.device.type == "meta" for tensor in [*tensors, *layer.base.parameters()]):
