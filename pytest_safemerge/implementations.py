@@ -10,12 +10,28 @@ The tensor-level contract (DESIGN.md, "The plugin's contract")::
 ``weight`` is ``(out, in)``, ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``; the call
 updates ``weight`` in place (returning None) or returns the new weight, and raises when
 the merged weight would not be finite in ``weight.dtype``, leaving ``weight`` unchanged.
+
+The module-level contract (optional; the layer suite runs when ``fuse_layer`` exists)::
+
+    fuse_layer(layer: nn.Module, adapters: list[safemerge.LoraAdapter], scale: float) -> None
+    unfuse_layer(layer, adapters, scale) -> None    # optional: undo the latest fuse_layer
+    layer_kinds: Collection[str]                    # optional: tags supported; default all
+
+``fuse_layer`` merges every adapter into ``layer`` in place: ``weight' = W + scale *
+sum_i adapter_i.scale * delta_i`` (delta transposed for an Embedding or a fan_in_fan_out
+weight, reshaped for a convolution; DoRA renormalised), ``bias' = bias + scale * sum_i
+adapter_i.scale * lora_bias_i``, requantized with the same settings for a bitsandbytes
+layer. It raises when the weight or the bias would not be finite in its dtype, leaving
+every parameter, buffer and quantization state bit for bit as it was, and never modifies
+the adapters. ``layer_kinds`` are tags of
+:data:`pytest_safemerge.layer_strategies.ALL_TAGS`.
 """
 
 from __future__ import annotations
 
 import importlib
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +57,34 @@ class SafemergeEngine:
         # id(weight) -> (a weak reference to that weight, its fuses, latest last). The weak
         # reference tells a live weight from a new one that reuses a dead one's id.
         self._fuses: dict[int, tuple[weakref.ref[torch.Tensor], list[safemerge.FuseRecord]]] = {}
+        # layer -> its fuses, latest last (modules hash by identity).
+        self._layer_fuses: weakref.WeakKeyDictionary[
+            torch.nn.Module, list[safemerge.FuseRecord | safemerge.QuantizedFuseRecord]
+        ] = weakref.WeakKeyDictionary()
+
+    def fuse_layer(
+        self, layer: torch.nn.Module, adapters: Sequence[safemerge.LoraAdapter], scale: float
+    ) -> None:
+        """All the adapters in one guarded, all-or-nothing :func:`safemerge.fuse`."""
+        record = safemerge.fuse(layer, list(adapters), scale=scale)
+        self._layer_fuses.setdefault(layer, []).append(record)
+
+    def unfuse_layer(
+        self, layer: torch.nn.Module, adapters: Sequence[safemerge.LoraAdapter], scale: float
+    ) -> None:
+        """Undo the latest :meth:`fuse_layer` of ``layer`` exactly; with none recorded,
+        subtract the adapters (the arithmetic inverse; not for DoRA)."""
+        records = self._layer_fuses.get(layer)
+        if records:
+            safemerge.unfuse(layer, records[-1])
+            records.pop()
+            return
+        if any(adapter.is_dora for adapter in adapters):
+            raise safemerge.RestoreError(
+                "no fuse_layer of this layer was recorded, and a DoRA merge has no arithmetic "
+                "inverse without the factor it used: unfuse only what fuse_layer fused"
+            )
+        safemerge.fuse(layer, list(adapters), scale=-scale, exact_unfuse=False)
 
     def fuse(
         self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float
@@ -100,7 +144,9 @@ def load_implementation(spec: str | None) -> Implementation:
             f"--safemerge-impl={spec}: {attribute} has no callable fuse(weight, lora_A, "
             f"lora_B, scale); see the contract in pytest_safemerge.implementations"
         )
-    return Implementation(spec, target)
+    implementation = Implementation(spec, target)
+    implementation.check_layer_kinds()
+    return implementation
 
 
 @dataclass(frozen=True)
@@ -149,6 +195,54 @@ class Implementation:
     ) -> Call:
         return _observe(self.target.unfuse, weight, lora_A, lora_B, scale)
 
+    # --- the module-level contract ---------------------------------------------------------
+
+    @property
+    def has_fuse_layer(self) -> bool:
+        return callable(getattr(self.target, "fuse_layer", None))
+
+    @property
+    def has_unfuse_layer(self) -> bool:
+        return callable(getattr(self.target, "unfuse_layer", None))
+
+    @property
+    def layer_kinds(self) -> frozenset[str]:
+        """The case tags the implementation supports (every tag unless it says otherwise)."""
+        from pytest_safemerge.layer_strategies import ALL_TAGS
+
+        kinds = getattr(self.target, "layer_kinds", None)
+        return ALL_TAGS if kinds is None else frozenset(kinds)
+
+    def check_layer_kinds(self) -> None:
+        """Raise pytest.UsageError for a ``layer_kinds`` that names unknown tags or no layer."""
+        from pytest_safemerge.layer_strategies import ALL_TAGS, LAYER_TAGS
+
+        kinds = getattr(self.target, "layer_kinds", None)
+        if kinds is None or not self.has_fuse_layer:
+            return
+        if isinstance(kinds, str) or not all(isinstance(kind, str) for kind in kinds):
+            raise pytest.UsageError(
+                f"--safemerge-impl={self.spec}: layer_kinds={kinds!r} must be a collection of "
+                f"tags, e.g. layer_kinds = {{'linear', 'lora-bias'}}"
+            )
+        unknown = sorted(set(kinds) - ALL_TAGS)
+        if unknown or not set(kinds) & set(LAYER_TAGS):
+            raise pytest.UsageError(
+                f"--safemerge-impl={self.spec}: layer_kinds={sorted(kinds)!r} "
+                + (f"has unknown tags {unknown}" if unknown else "names no layer kind")
+                + f"; layer kinds: {', '.join(LAYER_TAGS)}; options: lora-bias, dora, several"
+            )
+
+    def fuse_layer(
+        self, layer: torch.nn.Module, adapters: Sequence[safemerge.LoraAdapter], scale: float
+    ) -> LayerCall:
+        return _observe_layer(self.target.fuse_layer, layer, adapters, scale)
+
+    def unfuse_layer(
+        self, layer: torch.nn.Module, adapters: Sequence[safemerge.LoraAdapter], scale: float
+    ) -> LayerCall:
+        return _observe_layer(self.target.unfuse_layer, layer, adapters, scale)
+
 
 def _observe(
     method: Any, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float
@@ -166,3 +260,97 @@ def _observe(
 def _changed(before: torch.Tensor, weight: torch.Tensor) -> bool:
     after = safemerge.numerics.int_view(weight.detach().contiguous())
     return bool((after != before).any())
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """What one call of ``fuse_layer`` or ``unfuse_layer`` did.
+
+    Attributes:
+        error: the Exception it raised, or None.
+        returned: what it returned (the contract says None).
+        changed: the names (as :func:`layer_tensors` gives them) of the layer's tensors
+            whose bits, shape or dtype changed during the call, and of those that
+            appeared or disappeared.
+    """
+
+    error: Exception | None
+    returned: object
+    changed: tuple[str, ...]
+
+    @property
+    def refused(self) -> bool:
+        return self.error is not None
+
+
+def _observe_layer(
+    method: Any, layer: torch.nn.Module, adapters: Sequence[safemerge.LoraAdapter], scale: float
+) -> LayerCall:
+    before = layer_snapshot(layer)
+    try:
+        with torch.no_grad():
+            returned = method(layer, adapters, scale)
+    except Exception as error:  # the contract: refusing is raising any Exception
+        return LayerCall(error, None, changed_tensors(before, layer_snapshot(layer)))
+    return LayerCall(None, returned, changed_tensors(before, layer_snapshot(layer)))
+
+
+def layer_tensors(layer: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor a layer holds, by name: parameters, buffers, a bitsandbytes weight's
+    quantization state (a nested absmax's own state too) and int8 row data and scales,
+    wherever bitsandbytes keeps them (on the weight, or in the layer's ``state`` after a
+    forward pass)."""
+    found: list[tuple[str, torch.Tensor]] = []
+    for name, parameter in layer.named_parameters(remove_duplicate=False):
+        found.append((name, parameter))
+    for name, buffer in layer.named_buffers(remove_duplicate=False):
+        found.append((name, buffer))
+    weight = getattr(layer, "weight", None)
+    found.extend(_state_tensors("weight.quant_state", getattr(weight, "quant_state", None)))
+    for owner_name, owner in (("weight", weight), ("state", getattr(layer, "state", None))):
+        for attribute in ("CB", "SCB"):
+            value = getattr(owner, attribute, None)
+            if isinstance(value, torch.Tensor):
+                found.append((f"{owner_name}.{attribute}", value))
+    return found
+
+
+def _state_tensors(prefix: str, state: Any) -> list[tuple[str, torch.Tensor]]:
+    if state is None:
+        return []
+    found = []
+    for key, value in sorted(vars(state).items()):
+        if isinstance(value, torch.Tensor):
+            found.append((f"{prefix}.{key}", value))
+        elif type(value).__name__ == "QuantState":  # a nested absmax's state
+            found.extend(_state_tensors(f"{prefix}.{key}", value))
+    return found
+
+
+def layer_snapshot(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every tensor :func:`layer_tensors` names."""
+    return {
+        name: tensor.detach().to("cpu", copy=True).contiguous()
+        for name, tensor in layer_tensors(layer)
+    }
+
+
+def changed_tensors(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
+) -> tuple[str, ...]:
+    """Names whose tensor differs in bits, shape or dtype, or is in only one snapshot."""
+    changed = [name for name in before if name not in after]
+    changed.extend(name for name in after if name not in before)
+    for name, old in before.items():
+        new = after.get(name)
+        if new is None:
+            continue
+        if (old.shape, old.dtype) != (new.shape, new.dtype) or not _same_bits(old, new):
+            changed.append(name)
+    return tuple(changed)
+
+
+def _same_bits(old: torch.Tensor, new: torch.Tensor) -> bool:
+    if old.numel() == 0:
+        return True
+    return bool(torch.equal(old.reshape(-1).view(torch.uint8), new.reshape(-1).view(torch.uint8)))

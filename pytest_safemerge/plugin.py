@@ -99,6 +99,8 @@ def pytest_collection_modifyitems(
     modules = []
     if settings.suite or settings.impl is not None or (settings.only and settings.model is None):
         modules.append("test_contract.py")
+        if _layer_suite_applies(settings.impl):
+            modules.append("test_layers.py")
     if settings.model is not None:
         modules.append("test_model.py")
     if settings.only and items:
@@ -111,14 +113,28 @@ def pytest_collection_modifyitems(
         items.extend(session.genitems(node))
 
 
+def _layer_suite_applies(spec: str | None) -> bool:
+    """Whether the implementation has the module-level contract's ``fuse_layer``."""
+    from pytest_safemerge.implementations import load_implementation
+
+    return load_implementation(spec).has_fuse_layer
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = config.stash[SETTINGS_KEY]
     if not settings.active:
         return []
     from pytest_safemerge import models
-    from pytest_safemerge.implementations import DEFAULT_SPEC
+    from pytest_safemerge.implementations import DEFAULT_SPEC, load_implementation
 
-    lines = [f"safemerge: implementation under test {settings.impl or DEFAULT_SPEC}"]
+    spec = settings.impl or DEFAULT_SPEC
+    implementation = load_implementation(settings.impl)
+    if implementation.has_fuse_layer:
+        kinds = sorted(implementation.layer_kinds)
+        layers = f"layer suite collected (fuse_layer; layer_kinds: {', '.join(kinds)})"
+    else:
+        layers = "layer suite not collected (no fuse_layer)"
+    lines = [f"safemerge: implementation under test {spec}; {layers}"]
     if settings.model is not None:
         lines.extend(models.plan_for(config, settings).describe())
     return lines

@@ -1,0 +1,136 @@
+"""Hand-written layer cases from bugs that merge code has had, run first by every property.
+
+Generated cases find these too, but not on every draw: each one pins a corner down with
+a few numbers (a two-element bias that a guard without ``.all()`` chokes on, a lora_bias
+whose scale is not 1, a float16 bias pushed just past 65504, a non-square DoRA layer).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Collection
+
+import torch
+from torch import nn
+
+import safemerge
+from pytest_safemerge.layer_strategies import LayerCase
+from safemerge import synthetic
+
+
+def _linear(weight: list[list[float]], bias: list[float] | None, dtype: torch.dtype) -> nn.Linear:
+    values = torch.tensor(weight)
+    layer = nn.Linear(values.shape[1], values.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(values)
+        if bias is not None:
+            layer.bias.copy_(torch.tensor(bias))
+    return layer.to(dtype)
+
+
+def _adapter(
+    lora_A: list[list[float]],
+    lora_B: list[list[float]],
+    *,
+    alpha: float | None = None,
+    use_rslora: bool = False,
+    lora_bias: list[float] | None = None,
+    magnitude: list[float] | None = None,
+) -> safemerge.LoraAdapter:
+    return safemerge.LoraAdapter(
+        torch.tensor(lora_A),
+        torch.tensor(lora_B),
+        alpha=alpha,
+        use_rslora=use_rslora,
+        lora_bias=None if lora_bias is None else torch.tensor(lora_bias),
+        magnitude=None if magnitude is None else torch.tensor(magnitude),
+    )
+
+
+def _case(
+    layer: nn.Module,
+    adapters: list[safemerge.LoraAdapter],
+    scale: float,
+    kind: str,
+    tags: set[str],
+    layer_tag: str,
+    detail: str,
+) -> LayerCase:
+    return LayerCase(layer, tuple(adapters), scale, kind, frozenset(tags), layer_tag, detail)
+
+
+@functools.cache
+def _cases() -> tuple[LayerCase, ...]:
+    # Built once: a LayerCase's layer is never handed out (fresh_layer copies it).
+    return (
+        _case(
+            # A two-element bias (``bool(tensor)`` of a guard without ``.all()`` raises),
+            # and an adapter scale of 4 times 0.5: a lora_bias added unscaled is off by 2x.
+            _linear([[0.5, -1.0, 2.0], [0.25, 1.5, -0.75]], [0.125, -0.5], torch.float16),
+            [_adapter([[1.0, 0.5, -1.0], [0.25, -0.5, 1.0]], [[0.5, 1.0], [-1.0, 0.25]],
+                      alpha=8.0, lora_bias=[0.5, -0.25])],
+            0.5, "random", {"linear", "lora-bias"}, "linear",
+            "a float16 layer with a two-element bias, a lora_bias at adapter scale 4",
+        ),
+        _case(
+            # Rows and columns of the merge have different norms: DoRA along the wrong
+            # axis gives other values.
+            _linear([[1.0, 2.0, 3.0], [-4.0, 5.0, 0.5]], None, torch.float32),
+            [_adapter([[0.5, -0.25, 1.0]], [[1.0], [-2.0]], magnitude=[1.5, 0.75])],
+            1.0, "random", {"linear", "dora"}, "linear",
+            "DoRA on a 2 x 3 float32 layer",
+        ),
+        _case(
+            # Two adapters with scales 2 and 1.5 / sqrt(3): using either for both is wrong.
+            _linear([[1.0, 0.0, -1.0], [0.5, 2.0, 0.25]], None, torch.bfloat16),
+            [
+                _adapter([[1.0, -1.0, 0.5]], [[0.5], [1.0]], alpha=2.0),
+                _adapter(
+                    [[0.25, 0.5, -0.5], [1.0, 0.0, 0.25], [-0.5, 1.0, 1.0]],
+                    [[0.5, -0.25, 1.0], [1.0, 0.5, -0.5]],
+                    alpha=1.5,
+                    use_rslora=True,
+                ),
+            ],
+            1.0, "random", {"linear", "several"}, "linear",
+            "a rank-1 adapter with alpha 2 and a rank-3 rsLoRA adapter with alpha 1.5",
+        ),
+        _case(
+            # 60000 + 0.5 * 4 * 5000 = 70000: finite in float32, beyond float16's 65504.
+            _linear([[0.5, 0.25], [-1.0, 0.75]], [60000.0, 1.0], torch.float16),
+            [_adapter([[0.5, 0.5], [0.25, -0.5]], [[0.5, 0.25], [0.125, -0.5]],
+                      alpha=8.0, lora_bias=[5000.0, 0.0])],
+            0.5, "bias-overflow", {"linear", "lora-bias"}, "linear",
+            "bias[0] = 60000 plus 0.5 * 4 * 5000 = 70000: finite in float32, beyond float16",
+        ),
+        _case(
+            # NaN in lora_bias behind a zero scale: 0 * NaN is NaN.
+            _linear([[0.5, 0.25], [-1.0, 0.75]], [0.5, 1.0], torch.float32),
+            [_adapter([[0.5, 0.5]], [[0.5], [0.125]], lora_bias=[0.0, math.nan])],
+            0.0, "nan", {"linear", "lora-bias"}, "linear",
+            "nan in lora_bias[1], scale 0",
+        ),
+        _case(
+            # Int8Params quantize through float16: 60000 + 10000 does not fit it.
+            synthetic.quantized_linear(torch.tensor([[60000.0, 1.0], [0.5, -2.0]]), "int8"),
+            [_adapter([[10000.0, 0.0]], [[1.0], [0.0]])],
+            1.0, "cast-overflow", {"int8"}, "int8",
+            "weight[0, 0] = 60000 plus 10000 = 70000: finite in float32, beyond float16",
+        ),
+    )  # fmt: skip
+
+
+def known_layer_cases(
+    kind: str, layer: str, options: frozenset[str], allowed: Collection[str]
+) -> list[LayerCase]:
+    """The hand-written cases of one exploration cell: ``kind`` on ``layer`` (with exactly
+    ``options`` for random cases), using only ``allowed`` tags."""
+    found = []
+    for case in _cases():
+        if (case.kind, case.layer_tag) != (kind, layer) or not case.tags <= set(allowed):
+            continue
+        if kind == "random" and frozenset(case.options) != options:
+            continue
+        found.append(case)
+    return found
