@@ -112,6 +112,26 @@ def _cases() -> tuple[LayerCase, ...]:
             "nan in lora_bias[1], scale 0",
         ),
         _case(
+            # Blocks of 64 spanning four rows of 16 (bitsandbytes 0.50's CPU dequantize_4bit
+            # misplaces some of their absmax), the absmax itself quantized.
+            synthetic.quantized_linear(
+                torch.linspace(-2.0, 3.0, 256).reshape(16, 16), "nf4", blocksize=64, nested=True
+            ),
+            [_adapter([[0.25] * 16], [[1.0]] * 8 + [[-0.5]] * 8)],
+            0.5, "random", {"nf4"}, "nf4",
+            "an NF4 layer 16 x 16, nested blocks of 64",
+        ),
+        _case(
+            # Blocksize 32, not bitsandbytes' default 64: a requantization must keep it.
+            synthetic.quantized_linear(
+                torch.linspace(-1.0, 1.0, 32).reshape(4, 8), "fp4", blocksize=32,
+                bias=torch.tensor([0.5, -0.25, 1.0, 0.0]),
+            ),
+            [_adapter([[0.5] * 8, [-0.25] * 8], [[1.0, 0.5]] * 4)],
+            1.0, "random", {"fp4"}, "fp4",
+            "an FP4 layer 4 x 8 with blocks of 32",
+        ),
+        _case(
             # Int8Params quantize through float16: 60000 + 10000 does not fit it.
             synthetic.quantized_linear(torch.tensor([[60000.0, 1.0], [0.5, -2.0]]), "int8"),
             [_adapter([[10000.0, 0.0]], [[1.0], [0.0]])],
