@@ -29,6 +29,17 @@ PROPERTIES = (
     "refusal in large weights",
     "in-place agreement",
 )
+#: The layer suite's properties: collected with the tensor suite for an implementation
+#: with fuse_layer, as safemerge's engine has.
+LAYER_PROPERTIES = (
+    "layer accuracy",
+    "layer form",
+    "layer adapters unmodified",
+    "layer refusal",
+    "layer atomicity",
+    "layer round trip",
+)
+EVERY_PROPERTY = (*PROPERTIES, *LAYER_PROPERTIES)
 FAST = "--safemerge-examples=40"  # the least that still checks every kind was explored
 
 HALF_PRECISION_IMPL = '''
@@ -80,16 +91,18 @@ def test_without_its_options_the_plugin_adds_nothing(pytester: pytest.Pytester) 
 
 def test_the_suite_runs_in_an_empty_directory_against_safemerge(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--safemerge-suite", FAST, "--safemerge-report=report.json")
-    result.assert_outcomes(passed=len(PROPERTIES))
+    result.assert_outcomes(passed=len(EVERY_PROPERTY))
     result.stdout.fnmatch_lines(
         [
-            "*implementation under test pytest_safemerge.implementations:SAFEMERGE*",
+            "*implementation under test pytest_safemerge.implementations:SAFEMERGE; layer suite "
+            "collected*",
             "*= safemerge =*",
             "tensor contract (pytest_safemerge.implementations:SAFEMERGE):",
         ]
     )
+    result.stdout.fnmatch_lines(["layer contract (pytest_safemerge.implementations:SAFEMERGE):"])
     rows = rows_of(pytester.path / "report.json")
-    assert set(rows) == set(PROPERTIES)
+    assert set(rows) == set(EVERY_PROPERTY)
     assert all(row["outcome"] == "passed" for row in rows.values())
     # The properties explored what they are about.
     refusal_kinds = rows["refusal"]["kinds"]
@@ -108,7 +121,7 @@ def test_ini_keys_set_the_options_and_the_command_line_wins(pytester: pytest.Pyt
         "    assert request.config.stash[SETTINGS_KEY].examples == 41\n"
     )
     result = pytester.runpytest("--safemerge-examples=41")
-    result.assert_outcomes(passed=len(PROPERTIES) + 1)
+    result.assert_outcomes(passed=len(EVERY_PROPERTY) + 1)
 
 
 @pytest.mark.parametrize(
@@ -182,18 +195,19 @@ def test_a_subclass_or_a_conftest_fixture_selects_the_implementation(
 def test_safemerge_only_deselects_other_tests(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_own(): pass")
     result = pytester.runpytest("--safemerge-only", FAST, "-k", "refus")
-    # "refus" picks the refusal properties (small and large weights) and atomicity.
-    result.assert_outcomes(passed=3, deselected=len(PROPERTIES) - 3 + 1)
+    # "refus" picks the refusal properties (small and large weights, layers) and the
+    # atomicity of weights and of layers.
+    result.assert_outcomes(passed=5, deselected=len(EVERY_PROPERTY) - 5 + 1)
 
 
 def test_under_xdist_the_rows_of_every_worker_are_gathered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess(
         "-n", "2", "--safemerge-suite", FAST, "--safemerge-report=report.json"
     )
-    result.assert_outcomes(passed=len(PROPERTIES))
+    result.assert_outcomes(passed=len(EVERY_PROPERTY))
     result.stdout.fnmatch_lines(["*= safemerge =*", "*round trip*passed*"])
     rows = rows_of(pytester.path / "report.json")
-    assert set(rows) == set(PROPERTIES)
+    assert set(rows) == set(EVERY_PROPERTY)
     # Every property ran its share of examples (the large-weight one has its own budget).
     assert all(row["examples"] >= 20 for row in rows.values())
 
