@@ -48,6 +48,7 @@ __all__ = [
     "OPTION_TAGS",
     "QUANTIZED_TAGS",
     "REFUSED_LAYER_KINDS",
+    "UNQUANTIZED_TAGS",
     "LayerCase",
     "kinds_for",
     "layer_cases",

@@ -48,8 +48,10 @@ def _dequantize_4bit(packed: Tensor, state: Any) -> Tensor:
     data = packed.reshape(-1).view(torch.uint8)
     codes = torch.stack([data >> 4, data & 0xF], dim=1).reshape(-1).long()
     numel = int(state.shape[0]) * int(state.shape[1])
-    values = state.code.float()[codes].reshape(-1, state.blocksize) * absmax.float()[:, None]
-    return values.reshape(-1)[:numel].reshape(tuple(state.shape))
+    values = state.code.float()[codes]
+    padded = torch.nn.functional.pad(values, (0, (-values.numel()) % state.blocksize))
+    blocks = padded.reshape(-1, state.blocksize) * absmax.float()[:, None]
+    return blocks.reshape(-1)[:numel].reshape(tuple(state.shape))
 
 
 class CorrectLayerMerge:

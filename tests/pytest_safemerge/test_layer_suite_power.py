@@ -10,6 +10,7 @@ minute.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import bitsandbytes  # noqa: F401  (imported once: pytester's in-process runs forget modules)
@@ -20,6 +21,7 @@ try:
 except ImportError:
     import buggy_layer_impls  # type: ignore[no-redef]
 
+from pytest_safemerge.layer_strategies import ALL_TAGS, REFUSED_LAYER_KINDS
 from pytest_safemerge.suite.layer_contract import LAYER_PROPERTY_NAMES
 
 HERE = Path(buggy_layer_impls.__file__).parent
@@ -56,3 +58,100 @@ def test_the_layer_suite_passes_correct_references(pytester: pytest.Pytester, na
 
     result.assert_outcomes(passed=6, deselected=9)
     result.stdout.fnmatch_lines([f"layer contract (buggy_layer_impls:{name}):"])
+
+
+def test_safemerge_passes_the_layer_suite_and_reports_what_it_met(
+    pytester: pytest.Pytester,
+) -> None:
+    result = pytester.runpytest(
+        "--safemerge-suite", FEW, "-k", "layer", "--safemerge-report=report.json"
+    )
+
+    result.assert_outcomes(passed=6, deselected=9)
+    result.stdout.fnmatch_lines(
+        [
+            "safemerge: implementation under test pytest_safemerge.implementations:SAFEMERGE; "
+            "layer suite collected (fuse_layer; layer_kinds: *)",
+            "layer contract (pytest_safemerge.implementations:SAFEMERGE):",
+        ]
+    )
+    rows = {row["name"]: row for row in json.loads(Path("report.json").read_text())["results"]}
+    assert set(rows) == set(LAYER_PROPERTY_NAMES.values())
+    assert set(rows["layer refusal"]["kinds"]) == set(REFUSED_LAYER_KINDS)
+    assert set(rows["layer accuracy"]["tags"]) == ALL_TAGS
+    assert 0 < rows["layer accuracy"]["worst_fraction"] <= 1
+    assert rows["layer round trip"]["worst_fraction"] == 0.0  # safemerge's unfuse is exact
+
+
+TENSOR_ONLY = """
+import torch
+
+class TensorOnly:
+    def fuse(self, weight, lora_A, lora_B, scale):
+        weight.copy_(weight.float() + scale * (lora_B.float() @ lora_A.float()))
+
+MERGER = TensorOnly()
+"""
+
+
+def test_an_implementation_without_fuse_layer_gets_no_layer_suite(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(tensor_only=TENSOR_ONLY)
+    pytester.syspathinsert()
+    result = pytester.runpytest("--safemerge-impl=tensor_only:MERGER", "--co")
+
+    result.stdout.fnmatch_lines(
+        [
+            "safemerge: implementation under test tensor_only:MERGER; layer suite not "
+            "collected (no fuse_layer)",
+            "*9 tests collected*",
+        ]
+    )
+    result.stdout.no_fnmatch_line("*test_layers*")
+
+
+LINEAR_ONLY = """
+from pytest_safemerge.implementations import SafemergeEngine
+
+class LinearOnly(SafemergeEngine):
+    layer_kinds = {LAYER_KINDS}
+
+MERGER = LinearOnly()
+"""
+
+
+def test_layer_kinds_restrict_the_cases(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(linear_only=LINEAR_ONLY.replace("{LAYER_KINDS}", "{'linear', 'lora-bias'}"))
+    pytester.syspathinsert()
+    result = pytester.runpytest(
+        "--safemerge-impl=linear_only:MERGER", FEW, "-k", "layer", "--safemerge-report=r.json"
+    )
+
+    result.assert_outcomes(passed=6, deselected=9)
+    result.stdout.fnmatch_lines(
+        ["*layer suite collected (fuse_layer; layer_kinds: linear, lora-bias)"]
+    )
+    rows = json.loads(Path("r.json").read_text())["results"]
+    assert {tag for row in rows for tag in row["tags"]} == {"linear", "lora-bias"}
+    refusal = next(row for row in rows if row["name"] == "layer refusal")
+    assert "bias-overflow" in refusal["kinds"]
+
+
+@pytest.mark.parametrize(
+    ("kinds", "message"),
+    [
+        ("{'linear', 'qlora'}", "*layer_kinds=?'linear', 'qlora'? has unknown tags ?'qlora'?*"),
+        ("{'lora-bias'}", "*layer_kinds=?'lora-bias'? names no layer kind*"),
+        ("'linear'", "*layer_kinds='linear' must be a collection of tags*"),
+    ],
+)
+def test_bad_layer_kinds_are_usage_errors(
+    pytester: pytest.Pytester, kinds: str, message: str
+) -> None:
+    pytester.makepyfile(linear_only=LINEAR_ONLY.replace("{LAYER_KINDS}", kinds))
+    pytester.syspathinsert()
+    result = pytester.runpytest("--safemerge-impl=linear_only:MERGER")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
