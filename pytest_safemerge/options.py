@@ -51,8 +51,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "impl",
         "MODULE:OBJECT, the merge implementation under test: an object with "
-        "fuse(weight, lora_A, lora_B, scale) and optionally unfuse(...) and exact_unfuse=True "
-        "(default: safemerge's engine)",
+        "fuse(weight, lora_A, lora_B, scale) and optionally unfuse(...) and exact_unfuse=True; "
+        "with fuse_layer(layer, adapters, scale) (optionally unfuse_layer, layer_kinds) the "
+        "layer suite runs too (default: safemerge's engine)",
     ),
     Option(
         "model",
@@ -93,7 +94,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "examples",
-        "Hypothesis examples per property of the tensor contract",
+        "Hypothesis examples per property of the tensor and layer contracts (the layer "
+        "suite shares them among its cells, a kind of case on a layer kind, 3 at least each)",
         default="100",
         kind="int",
     ),
