@@ -222,7 +222,8 @@ def _half_ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The final cast's rounding (none for float32: its roundings are in ``gamma``)."""
     if dtype == torch.float32:
         return torch.zeros_like(magnitude)
-    return ulp(magnitude, dtype) / 2
+    half: torch.Tensor = ulp(magnitude, dtype) / 2
+    return half
 
 
 def _float_step(dtype: torch.dtype) -> Step:

@@ -153,10 +153,8 @@ class LayerCase:
         return tuple(tag for tag in OPTION_TAGS if tag in self.tags)
 
     def fresh_layer(self, device: str | torch.device = "cpu") -> nn.Module:
-        """A copy of the layer (quantization state included) on ``device``."""
-        if self.quantized and str(device) != "cpu":
-            # Quantize on the device itself, as bitsandbytes does when a layer moves there.
-            return _quantized_copy(self.layer, self.layer_tag, device)
+        """A copy of the layer, quantization state included, on ``device`` (bitsandbytes
+        moves a quantized weight's bytes and state as they are)."""
         return copy.deepcopy(self.layer).to(device)
 
     def fresh_adapters(self, device: str | torch.device = "cpu") -> list[safemerge.LoraAdapter]:
@@ -180,25 +178,6 @@ def _adapter_copy(adapter: safemerge.LoraAdapter, device: str | torch.device) ->
         lora_bias=moved(adapter.lora_bias),
         magnitude=moved(adapter.magnitude),
     )
-
-
-def _quantized_copy(layer: Any, tag: str, device: str | torch.device) -> nn.Module:
-    values, _ = safemerge.quantization_bound(
-        layer, torch.zeros(layer.out_features, layer.in_features)
-    )
-    return synthetic.quantized_linear(values, tag, device=device, **_quant_options(layer, tag))
-
-
-def _quant_options(layer: Any, tag: str) -> dict[str, Any]:
-    bias = getattr(layer, "bias", None)
-    options: dict[str, Any] = {"bias": None if bias is None else bias.detach().cpu()}
-    if tag == "int8":
-        options["threshold"] = float(layer.state.threshold)
-    else:
-        state = layer.weight.quant_state
-        options["blocksize"] = int(state.blocksize)
-        options["nested"] = bool(state.nested)
-    return options
 
 
 def _describe_layer(layer: Any, tag: str) -> str:
@@ -359,7 +338,10 @@ class _Built:
     def finish(self) -> nn.Module:
         if self.module is not None:
             return self.module
-        return synthetic.quantized_linear(self.weight, self.tag, bias=self.bias, **self.quant)
+        layer: nn.Module = synthetic.quantized_linear(
+            self.weight, self.tag, bias=self.bias, **self.quant
+        )
+        return layer
 
 
 def _normal(shape: tuple[int, ...], std: float, generator: torch.Generator) -> torch.Tensor:
@@ -392,18 +374,18 @@ def _layers(
         out_features = draw(st.integers(1, 8))
         in_features = draw(st.integers(1, 4))
         kernel = tuple(draw(st.integers(1, 3 if dims < 3 else 2)) for _ in range(dims))
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        conv: Any = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
         module = conv(in_features, out_features, kernel, bias=has_bias)
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.copy_(_normal(tuple(parameter.shape), std, generator))
     module = module.to(dtype)
-    bias = module.bias if has_bias else None  # type: ignore[assignment]
+    parts: Any = module
     return _Built(
         tag,
         module,
-        module.weight.data,  # type: ignore[union-attr]
-        None if bias is None else bias.data,
+        parts.weight.data,
+        parts.bias.data if has_bias else None,
         dtype,
         in_features,
         out_features,

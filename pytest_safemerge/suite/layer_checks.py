@@ -80,9 +80,10 @@ class LayerChecked:
     def weight_values(self, prop: str) -> torch.Tensor:
         """The layer's weight as it now holds it (dequantized for a bitsandbytes layer)."""
         __tracebackhide__ = True
-        if not self.case.quantized:
-            return self.layer.weight.detach().cpu()
         layer: Any = self.layer
+        if not self.case.quantized:
+            weight: torch.Tensor = layer.weight.detach().cpu()
+            return weight
         try:
             shape = (int(layer.out_features), int(layer.in_features))
             values, _ = safemerge.quantization_bound(layer, torch.zeros(shape))
@@ -92,7 +93,7 @@ class LayerChecked:
                 f"the quantized weight of the {self.label} cannot be read any more "
                 f"({type(error).__name__}: {error}): was its quantization state replaced?",
             )
-        return values.detach().cpu()
+        return torch.as_tensor(values).detach().cpu()
 
     def bias(self) -> torch.Tensor | None:
         bias = getattr(self.layer, "bias", None)
@@ -125,7 +126,7 @@ def layer_form(layer: Any) -> dict[str, object]:
     if state is not None:
         for attribute in ("quant_type", "blocksize", "nested", "dtype", "shape"):
             form[f"weight.quant_state.{attribute}"] = getattr(state, attribute, None)
-    if hasattr(weight, "has_fp16_weights"):
+    if weight is not None and hasattr(weight, "has_fp16_weights"):
         form["weight.has_fp16_weights"] = weight.has_fp16_weights
     int8_state = getattr(layer, "state", None)
     if int8_state is not None and hasattr(int8_state, "threshold"):
@@ -194,7 +195,8 @@ def _assert_merged(
 
 def _non_finite_summary(checked: LayerChecked) -> str:
     parts = []
-    tensors = {"weight": checked.layer.weight.detach().cpu()}
+    layer: Any = checked.layer
+    tensors = {"weight": layer.weight.detach().cpu()}
     if checked.case.quantized:
         try:
             tensors["weight"] = checked.weight_values("layer refusal")

@@ -76,12 +76,12 @@ class Cell:
 
 def cells(kinds: Sequence[str], allowed: Collection[str]) -> list[Cell]:
     """Every cell of ``kinds`` the implementation's tags allow."""
-    found = []
+    found: list[Cell] = []
     for kind in kinds:
         for layer in LAYER_TAGS:
             if layer not in allowed or kind not in kinds_for(layer, allowed):
                 continue
-            focuses = [frozenset()]
+            focuses: list[frozenset[str]] = [frozenset()]
             if kind == "random":
                 focuses += [frozenset({o}) for o in sorted(options_for(layer) & set(allowed))]
             found.extend(Cell(kind, layer, focus) for focus in focuses)
@@ -140,7 +140,7 @@ class LayerConformanceSuite:
                 # Named after the test and the cell: Hypothesis keys its example database
                 # and its derandomized seed on the name, and prints it with a failure.
                 name = f"{request.node.originalname}__{cell.name}"
-                property_holds.hypothesis.inner_test.__name__ = name
+                property_holds.hypothesis.inner_test.__name__ = name  # type: ignore[attr-defined]
                 for known in known_layer_cases(cell.kind, cell.layer, cell.options, allowed):
                     property_holds = example(known)(property_holds)
                 property_holds()

@@ -20,6 +20,8 @@ from pytest_safemerge.layer_strategies import (
     layer_cases,
     options_for,
 )
+from pytest_safemerge.results import Row
+from pytest_safemerge.suite.layer_contract import _assert_explored, cells
 
 FEW = settings(
     max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
@@ -88,3 +90,11 @@ def test_fresh_copies_leave_the_case_pristine(case: LayerCase) -> None:
     after = layer_snapshot(case.layer)
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert torch.equal(case.adapters[0].lora_A, adapter_before)
+
+
+def test_a_property_that_never_met_its_cases_fails() -> None:
+    row = Row({"examples": 0, "kinds": {"random": 3}, "tags": {"linear": 3}})
+    explored = cells(("random", "nan"), {"linear", "dora"})
+
+    with pytest.raises(AssertionError, match=r"never met \['nan', 'dora'\]"):
+        _assert_explored(row, explored, ("random", "nan"))
