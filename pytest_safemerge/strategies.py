@@ -5,6 +5,9 @@ Import them in your own ``@given`` tests::
     from hypothesis import given
     from pytest_safemerge.strategies import lora_adapters, scales, weights
 
+Whole layers with adapters for the module-level contract (:func:`layer_cases`) live in
+:mod:`pytest_safemerge.layer_strategies` and are re-exported here.
+
 Every strategy is a plural noun returning a ``SearchStrategy``; options are keyword-only
 and checked when the strategy is built, before anything is drawn (a bad option raises
 ``hypothesis.errors.InvalidArgument`` naming ``name=value`` and the fix).
@@ -33,6 +36,7 @@ from hypothesis.errors import InvalidArgument
 from hypothesis.strategies import SearchStrategy
 
 import safemerge
+from pytest_safemerge.layer_strategies import LayerCase, layer_cases
 from safemerge.numerics import SUPPORTED_DTYPES, int_view, overflow_threshold, unravel
 
 __all__ = [
@@ -40,9 +44,11 @@ __all__ = [
     "ADVERSARIAL_KINDS",
     "MERGE_CASE_KINDS",
     "AdversarialAdapter",
+    "LayerCase",
     "MergeCase",
     "QuantizationConfig",
     "adversarial_adapters",
+    "layer_cases",
     "lora_adapters",
     "merge_cases",
     "quantization_configs",
