@@ -66,11 +66,8 @@ class Cell:
 
     @property
     def name(self) -> str:
-        parts = [
-            self.kind.replace("+", "pos").replace("-", "neg"),
-            self.layer,
-            *sorted(self.options),
-        ]
+        kind = {"+inf": "posinf", "-inf": "neginf"}.get(self.kind, self.kind)
+        parts = [kind, self.layer, *sorted(self.options)]
         return "__".join("".join(c if c.isalnum() else "_" for c in part) for part in parts)
 
 
