@@ -4,7 +4,10 @@ peft/tuners/lora/layer.py, Linear.merge (and Embedding.merge, _ConvNd.merge, and
 unmerge): ``orig_weight += delta_weight.to(orig_dtype)``. In bfloat16 or float16 the delta
 is rounded, then the sum is rounded again, so the merged weight is often not the nearest
 value to W + delta; where W and delta nearly cancel, the error is many ulps of the result.
-Caught by the suite's accuracy property (and the stacked round trip, through unmerge).
+The same happens in get_delta_weight (a delta rounded to the adapter's dtype when the
+adapter is stored in half precision) and so in the DoRA merge and unmerge (variants.py).
+Caught by the suite's accuracy property and stacked round trip (tensor contract), and by
+the module-level accuracy (every unquantized layer kind) and round trip (DoRA).
 """
 
 import sys
