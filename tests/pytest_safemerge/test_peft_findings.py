@@ -383,7 +383,9 @@ def assert_finds(output: str, key: str) -> None:
     )
 
 
-@pytest.mark.parametrize("key", list(FINDINGS))
+@pytest.mark.parametrize(
+    "key", list(FINDINGS), ids=[re.sub(r"\W+", "-", key).strip("-") for key in FINDINGS]
+)
 def test_the_suite_finds(suite_run: str, key: str) -> None:
     assert_finds(suite_run, key)
 
