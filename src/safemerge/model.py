@@ -151,16 +151,7 @@ def fuse_model(
             problems=[(current, f"{type(error).__name__}: {error}")],
             rolled_back=restored,
         ) from error
-    fused_parameters = sum(result.numel for result in results)
-    return ModelFuseReport(
-        layers=tuple(results),
-        parameters=fused_parameters,
-        fused_parameters=fused_parameters,
-        tensors_written=0,
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=peak_rss_bytes(),
-        records=records,
-    )
+    return ModelFuseReport.in_memory(results, records, seconds=time.perf_counter() - started)
 
 
 def unfuse_model(module: nn.Module, report: ModelFuseReport, *, exact: bool = True) -> None:

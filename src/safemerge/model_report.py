@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from safemerge.memory import peak_rss_bytes
 from safemerge.quantized import QuantizedFuseRecord
 from safemerge.record import FuseRecord
 
@@ -96,6 +98,26 @@ class ModelFuseReport:
     metadata: dict[str, str] = field(default_factory=dict)
     copied: tuple[str, ...] = ()
     records: dict[str, FuseRecord | QuantizedFuseRecord] = field(default_factory=dict)
+
+    @classmethod
+    def in_memory(
+        cls,
+        results: Sequence[LayerResult],
+        records: dict[str, FuseRecord | QuantizedFuseRecord],
+        *,
+        seconds: float,
+    ) -> ModelFuseReport:
+        """The report of a fuse into a module in memory: nothing written, every layer fused."""
+        parameters = sum(result.numel for result in results)
+        return cls(
+            layers=tuple(results),
+            parameters=parameters,
+            fused_parameters=parameters,
+            tensors_written=0,
+            seconds=seconds,
+            peak_rss_bytes=peak_rss_bytes(),
+            records=records,
+        )
 
     @property
     def fused(self) -> tuple[LayerResult, ...]:

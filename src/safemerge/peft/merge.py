@@ -33,7 +33,6 @@ from safemerge import bnb, engine
 from safemerge.errors import ModelFuseError, RestoreError
 from safemerge.fuse import fuse, unfuse
 from safemerge.headroom import cannot_overflow, weight_magnitude
-from safemerge.memory import peak_rss_bytes
 from safemerge.model import interrupts_deferred, roll_back
 from safemerge.model_report import LayerResult, ModelFuseReport
 from safemerge.peft.layers import PeftLayer, layer_view, lora_tuner, plan_merge
@@ -115,16 +114,7 @@ def merge(
         _MERGES.setdefault(layer.lora_layer, []).append((layer.adapter_names, record))
         layer.lora_layer.merged_adapters.extend(layer.adapter_names)
         results.append(_result(layer, record, position, len(planned)))
-    parameters = sum(result.numel for result in results)
-    return ModelFuseReport(
-        layers=tuple(results),
-        parameters=parameters,
-        fused_parameters=parameters,
-        tensors_written=0,
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=peak_rss_bytes(),
-        records=records,
-    )
+    return ModelFuseReport.in_memory(results, records, seconds=time.perf_counter() - started)
 
 
 def unmerge(model: Any) -> None:
@@ -161,8 +151,10 @@ def unmerge(model: Any) -> None:
 
 def _merge_all_or_nothing(planned: list[PeftLayer], *, progressbar: bool) -> None:
     """Merge every planned layer, the unproven ones first with their corrections kept."""
-    unproven = [layer for layer in planned if not _proven(layer)]
-    proven = [layer for layer in planned if layer not in unproven]
+    proven: list[PeftLayer] = []
+    unproven: list[PeftLayer] = []
+    for layer in planned:
+        (proven if _proven(layer) else unproven).append(layer)
     _fuse_with_rollback(unproven, progressbar=False)
     for layer in _progress(proven, progressbar, "Merging (safemerge)"):
         # Proven: the guard inside cannot refuse, so no correction is kept.
