@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 import safemerge as sm
-from safemerge.writer import PlanEntry
+from safemerge.io.writer import PlanEntry
 
 HIDDEN = 2048
 INTERMEDIATE = 5632

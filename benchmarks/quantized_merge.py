@@ -29,7 +29,7 @@ from fuse_throughput import interleaved_best_times  # the same turn-taking timer
 from torch import nn
 
 import safemerge
-from safemerge import bnb as bnb_io
+from safemerge.quant import bnb as bnb_io
 
 RANK, ALPHA = 16, 32
 #: (kind, nested, blocksize) on the Llama shapes.

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 import safemerge
-from safemerge.numerics import FLOAT32_TINY_SUBNORMAL, U32, overflow_threshold, ulp
+from safemerge.merge.numerics import FLOAT32_TINY_SUBNORMAL, U32, overflow_threshold, ulp
 
 __all__ = ["Expected", "LayerExpectation", "expected_layer_fuse", "expected_layer_round_trip"]
 

@@ -39,7 +39,7 @@ from torch import nn
 
 import safemerge
 from safemerge import synthetic
-from safemerge.numerics import overflow_threshold
+from safemerge.merge.numerics import overflow_threshold
 
 __all__ = [
     "ALL_TAGS",

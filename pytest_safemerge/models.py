@@ -179,10 +179,11 @@ def _write_tiny(directory: Path) -> tuple[Path, Path]:
 
     import safemerge
     from safemerge import synthetic
+    from safemerge.io.atomic import save_tensors
 
     model = directory / "model"
     model.mkdir()
-    safemerge.files.save_tensors(
+    save_tensors(
         model / "model.safetensors",
         synthetic.tiny_state_dict(torch.bfloat16),
         {"format": "pt", "generator": "safemerge.synthetic.tiny_state_dict"},

@@ -37,7 +37,7 @@ from hypothesis.strategies import SearchStrategy
 
 import safemerge
 from pytest_safemerge.layer_strategies import LayerCase, layer_cases
-from safemerge.numerics import SUPPORTED_DTYPES, int_view, overflow_threshold, unravel
+from safemerge.merge.numerics import SUPPORTED_DTYPES, int_view, overflow_threshold, unravel
 
 __all__ = [
     "ADAPTER_KINDS",

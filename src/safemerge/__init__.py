@@ -1,9 +1,6 @@
 """safemerge: guarded, exact and testable merging of LoRA adapters into model weights."""
 
-from safemerge import numerics, synthetic
-from safemerge.adapter import LoraAdapter
-from safemerge.adapter_formats import AdapterSet, load_adapter, write_peft_adapter
-from safemerge.bounds import merge_bound, merge_bound_parts
+from safemerge import synthetic
 from safemerge.errors import (
     AdapterConfigError,
     AdapterFormatError,
@@ -15,15 +12,21 @@ from safemerge.errors import (
     SafemergeError,
     UnsupportedLayerError,
 )
-from safemerge.files import Checkpoint, TensorInfo, open_checkpoint
-from safemerge.fuse import fuse, fuse_weight, unfuse, unfuse_weight
-from safemerge.layers import matrix_form
-from safemerge.model import fuse_files, fuse_model, unfuse_model, weight_shapes
-from safemerge.model_report import LayerResult, ModelFuseReport
-from safemerge.quantized import QuantizedFuseRecord, quantization_bound
-from safemerge.record import FuseRecord
-from safemerge.reference import expected_fuse
-from safemerge.writer import WrittenModel, write_model
+from safemerge.io.adapter_formats import AdapterSet, load_adapter, write_peft_adapter
+from safemerge.io.checkpoint import Checkpoint, open_checkpoint
+from safemerge.io.header import TensorInfo
+from safemerge.io.writer import WrittenModel, write_model
+from safemerge.layer import fuse, fuse_weight, unfuse, unfuse_weight
+from safemerge.merge import bounds, numerics
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.bounds import merge_bound, merge_bound_parts
+from safemerge.merge.record import FuseRecord
+from safemerge.merge.reference import expected_fuse
+from safemerge.merge.view import matrix_form
+from safemerge.model.in_memory import fuse_model, unfuse_model, weight_shapes
+from safemerge.model.report import LayerResult, ModelFuseReport
+from safemerge.model.streaming import fuse_files
+from safemerge.quant.quantized import QuantizedFuseRecord, quantization_bound
 
 __version__ = "0.1.0"
 
@@ -47,6 +50,7 @@ __all__ = [
     "UnsupportedLayerError",
     "WrittenModel",
     "__version__",
+    "bounds",
     "expected_fuse",
     "fuse",
     "fuse_files",

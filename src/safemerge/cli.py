@@ -29,7 +29,7 @@ from safemerge.errors import (
 
 if TYPE_CHECKING:  # the subcommands import their modules when they run
     from safemerge.inspection import AdapterScan
-    from safemerge.model_report import LayerResult, ModelFuseReport
+    from safemerge.model.report import LayerResult, ModelFuseReport
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
 
@@ -181,7 +181,7 @@ def _inspect(arguments: argparse.Namespace) -> int:
 
 
 def _fuse(arguments: argparse.Namespace) -> int:
-    from safemerge.model import fuse_files
+    from safemerge.model.streaming import fuse_files
 
     weights = arguments.weights or [1.0] * len(arguments.adapters)
     if len(weights) != len(arguments.adapters):

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from safemerge.adapter import LoraAdapter
 from safemerge.errors import NonFiniteMergeError
-from safemerge.fuse import fuse, unfuse
-from safemerge.layers import view_layer
-from safemerge.numerics import int_view
-from safemerge.reference import expected_fuse
+from safemerge.layer import fuse, unfuse
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.numerics import int_view
+from safemerge.merge.reference import expected_fuse
+from safemerge.merge.view import view_layer
 from safemerge.synthetic import random_adapter, tiny_model
 
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from safemerge.adapter import LoraAdapter
-from safemerge.adapter_formats import load_adapter, read_raw_adapter
 from safemerge.errors import NonFiniteMergeError, SafemergeError
-from safemerge.files import open_checkpoint
-from safemerge.fuse import fuse_weight
-from safemerge.layers import matrix_form
+from safemerge.io.adapter_formats import load_adapter, read_raw_adapter
+from safemerge.io.checkpoint import open_checkpoint
+from safemerge.layer import fuse_weight
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.view import matrix_form
 
 
 @dataclass

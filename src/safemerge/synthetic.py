@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from safemerge.adapter import LoraAdapter
-from safemerge.layers import view_layer
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.view import view_layer
 
 LAYER_KINDS = ("linear", "embedding", "conv1d", "conv2d", "conv3d", "fan_in_fan_out")
 QUANTIZED_KINDS = ("nf4", "fp4", "int8")

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import safemerge
+import safemerge.io.atomic
+import safemerge.io.checkpoint
 from pytest_safemerge.options import OPTIONS
 from safemerge import synthetic
 
@@ -242,7 +244,7 @@ def test_a_broken_adapter_fails_naming_its_layers(pytester: pytest.Pytester) -> 
     model = pytester.path / "model"
     model.mkdir()
     tensors = synthetic.tiny_state_dict(torch.float16)
-    safemerge.files.save_tensors(model / "model.safetensors", tensors)
+    safemerge.io.atomic.save_tensors(model / "model.safetensors", tensors)
     adapters = synthetic.tiny_adapters()
     adapters["layers.1.v_proj.weight"].lora_B[3, 2] = float("nan")  # a training blow-up
     big = adapters["layers.0.o_proj.weight"]
@@ -267,7 +269,7 @@ def test_an_adapter_that_does_not_fit_fails_to_load(pytester: pytest.Pytester) -
     model.mkdir()
     tensors = synthetic.tiny_state_dict()
     del tensors["layers.1.k_proj.weight"]
-    safemerge.files.save_tensors(model / "model.safetensors", tensors)
+    safemerge.io.atomic.save_tensors(model / "model.safetensors", tensors)
     safemerge.write_peft_adapter(pytester.path / "adapter", synthetic.tiny_adapters())
     result = pytester.runpytest(
         "--safemerge-model=model", "--safemerge-adapter=adapter", "-k", "adapter"

@@ -15,7 +15,7 @@ from hypothesis.errors import InvalidArgument
 
 import safemerge
 from pytest_safemerge import strategies as sms
-from safemerge.numerics import SUPPORTED_DTYPES, int_view
+from safemerge.merge.numerics import SUPPORTED_DTYPES, int_view
 
 FP16_MAX = 65504.0
 NO_DATABASE = settings(database=None, max_examples=60)

@@ -25,8 +25,8 @@ from safemerge import (
     open_checkpoint,
     write_peft_adapter,
 )
-from safemerge.adapter_formats import pattern_key
-from safemerge.files import save_tensors
+from safemerge.io.adapter_formats import pattern_key
+from safemerge.io.atomic import save_tensors
 
 # A small base model's weight shapes: Linear (out, in), an embedding (num, dim), a conv
 # (out, in, kh, kw) and a GPT-2 style Conv1D stored (in, out).

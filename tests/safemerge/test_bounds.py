@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from safemerge import bounds
-from safemerge.numerics import U32
+from safemerge.merge import bounds
+from safemerge.merge.numerics import U32
 
 
 def test_gamma_is_higham_gamma() -> None:

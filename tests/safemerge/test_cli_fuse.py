@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import safemerge
+import safemerge.io.atomic
+import safemerge.io.checkpoint
 from safemerge import synthetic
 from safemerge.cli import EXIT_CHECK_FAILED, EXIT_INPUT, EXIT_OK, EXIT_USAGE, main
 
@@ -22,7 +24,7 @@ from safemerge.cli import EXIT_CHECK_FAILED, EXIT_INPUT, EXIT_OK, EXIT_USAGE, ma
 def model(tmp_path: Path) -> Path:
     directory = tmp_path / "base"
     directory.mkdir()
-    safemerge.files.save_tensors(
+    safemerge.io.atomic.save_tensors(
         directory / "model.safetensors", synthetic.tiny_state_dict(torch.float16)
     )
     (directory / "config.json").write_text('{"model_type": "tiny"}')
@@ -127,7 +129,7 @@ def big_model(directory: Path, megabytes: int) -> None:
         f"layers.{i}.q_proj.weight": torch.randn(1024, 1024, generator=generator)
         for i in range(megabytes // 4)
     }
-    safemerge.files.save_tensors(directory / "model.safetensors", tensors)
+    safemerge.io.atomic.save_tensors(directory / "model.safetensors", tensors)
 
 
 def test_killing_the_command_leaves_nothing_or_a_complete_model(tmp_path: Path) -> None:
@@ -196,16 +198,16 @@ def break_input(kind: str, model: Path, adapter_dir: Path) -> None:
         config.write_text(json.dumps(settings))
     elif kind == "shape mismatch":
         settings = json.loads(config.read_text())
-        tensors, metadata = safemerge.files.read_tensors(adapter_dir / "adapter_model.safetensors")
+        tensors, metadata = safemerge.io.checkpoint.read_tensors(adapter_dir / "adapter_model.safetensors")
         key = next(k for k in tensors if "q_proj.lora_B" in k)
         tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
-        safemerge.files.save_tensors(adapter_dir / "adapter_model.safetensors", tensors, metadata)
+        safemerge.io.atomic.save_tensors(adapter_dir / "adapter_model.safetensors", tensors, metadata)
         config.write_text(json.dumps(settings))
     elif kind == "unmatched key":
-        tensors, metadata = safemerge.files.read_tensors(adapter_dir / "adapter_model.safetensors")
+        tensors, metadata = safemerge.io.checkpoint.read_tensors(adapter_dir / "adapter_model.safetensors")
         tensors["base_model.model.layers.7.q_proj.lora_A.weight"] = torch.zeros(8, 64)
         tensors["base_model.model.layers.7.q_proj.lora_B.weight"] = torch.zeros(64, 8)
-        safemerge.files.save_tensors(adapter_dir / "adapter_model.safetensors", tensors, metadata)
+        safemerge.io.atomic.save_tensors(adapter_dir / "adapter_model.safetensors", tensors, metadata)
 
 
 @pytest.mark.parametrize(
@@ -251,8 +253,8 @@ def write_other_formats(tmp_path: Path) -> dict[str, Path]:
         diffusers[f"{module}.lora.up.weight"] = layer.lora_B.contiguous()
         diffusers[f"{module}.alpha"] = torch.tensor(16.0)
     paths = {"kohya": tmp_path / "kohya.safetensors", "diffusers": tmp_path / "old.safetensors"}
-    safemerge.files.save_tensors(paths["kohya"], kohya)
-    safemerge.files.save_tensors(paths["diffusers"], diffusers)
+    safemerge.io.atomic.save_tensors(paths["kohya"], kohya)
+    safemerge.io.atomic.save_tensors(paths["diffusers"], diffusers)
     return paths
 
 

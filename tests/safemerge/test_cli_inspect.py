@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import safemerge
+import safemerge.io.atomic
+import safemerge.io.checkpoint
 from safemerge import synthetic
 from safemerge.cli import EXIT_CHECK_FAILED, EXIT_INPUT, EXIT_OK, main
 
@@ -16,7 +18,7 @@ from safemerge.cli import EXIT_CHECK_FAILED, EXIT_INPUT, EXIT_OK, main
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
     path = tmp_path / "model.safetensors"
-    safemerge.files.save_tensors(path, synthetic.tiny_state_dict(torch.float16))
+    safemerge.io.atomic.save_tensors(path, synthetic.tiny_state_dict(torch.float16))
     return path
 
 
@@ -92,7 +94,7 @@ def test_an_adapter_for_another_model_is_unsafe(
     tensors = synthetic.tiny_state_dict(torch.float16)
     del tensors["layers.0.q_proj.weight"]
     model = tmp_path / "model.safetensors"
-    safemerge.files.save_tensors(model, tensors)
+    safemerge.io.atomic.save_tensors(model, tensors)
     adapter = write_adapter(tmp_path / "adapter")
     assert main(["inspect", str(adapter), "--base", str(model)]) == EXIT_CHECK_FAILED
     output = capsys.readouterr().out

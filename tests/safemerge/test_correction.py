@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safemerge.correction import CorrectionBuilder, _pack, _unpack
-from safemerge.numerics import SUPPORTED_DTYPES, int_view
+from safemerge.merge.correction import CorrectionBuilder, _pack, _unpack
+from safemerge.merge.numerics import SUPPORTED_DTYPES, int_view
 
 
 def _random_bits(dtype: torch.dtype, count: int, seed: int) -> torch.Tensor:

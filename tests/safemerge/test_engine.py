@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safemerge import engine
+from safemerge.merge import engine
 
 
 @pytest.mark.parametrize(

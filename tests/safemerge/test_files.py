@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 import torch
 
-import safemerge.files as files
+import safemerge.io.atomic as atomic
+import safemerge.io.checkpoint as files
 from safemerge import Checkpoint, CheckpointError, TensorInfo, open_checkpoint
-from safemerge.files import read_tensors, save_tensors
+from safemerge.io.atomic import save_tensors
+from safemerge.io.checkpoint import read_tensors
 
 MODEL = {
     "embed.weight": torch.arange(40, dtype=torch.float32).reshape(10, 4),
@@ -540,9 +542,9 @@ def test_save_tensors_is_all_or_nothing(
         raise OSError("I/O error")
 
     if failure == "fsync":
-        monkeypatch.setattr(files.os, "fsync", failing_fsync)
+        monkeypatch.setattr(atomic.os, "fsync", failing_fsync)
     else:
-        monkeypatch.setattr(files, "save_file", partial_write)
+        monkeypatch.setattr(atomic, "save_file", partial_write)
     with pytest.raises((OSError, KeyboardInterrupt)):
         save_tensors(path, {"new": torch.zeros(3)})
     assert list(tmp_path.iterdir()) == ([path] if existing else [])
@@ -562,7 +564,7 @@ def test_save_tensors_fsyncs_the_file_and_the_directory(
 
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/fd")
-    monkeypatch.setattr(files.os, "fsync", recording_fsync)
+    monkeypatch.setattr(atomic.os, "fsync", recording_fsync)
     save_tensors(tmp_path / "out.safetensors", {"a": torch.ones(2)})
     assert len(synced) == 2
     assert Path(synced[0]).name.startswith(".out.safetensors.") and synced[0].endswith(".tmp")

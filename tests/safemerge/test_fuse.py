@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 import safemerge
+import safemerge.merge.correction
+import safemerge.merge.guard
 from safemerge import (
     AdapterConfigError,
     LoraAdapter,
@@ -20,7 +22,7 @@ from safemerge import (
     fuse,
     unfuse,
 )
-from safemerge.numerics import SUPPORTED_DTYPES, int_view, ordered_bits
+from safemerge.merge.numerics import SUPPORTED_DTYPES, int_view, ordered_bits
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 KINDS = ("linear", "fan_in_fan_out", "embedding", "conv1d", "conv2d", "conv3d")
@@ -59,7 +61,7 @@ def make_layer(
 
 
 def make_adapter(layer: nn.Module, rank: int = 4, seed: int = 0, **options: object) -> LoraAdapter:
-    from safemerge.layers import view_layer
+    from safemerge.merge.view import view_layer
 
     view = view_layer(layer)
     generator = torch.Generator().manual_seed(seed)
@@ -208,12 +210,12 @@ def test_float8_e4m3fn_saturation_is_refused() -> None:
 
 @pytest.mark.parametrize("failing_call", [1, 2, 5])
 @pytest.mark.parametrize(
-    "target", ["safemerge.guard.block_fits", "safemerge.correction.CorrectionBuilder.add"]
+    "target", ["safemerge.merge.guard.block_fits", "safemerge.merge.correction.CorrectionBuilder.add"]
 )
 def test_an_exception_midway_leaves_the_layer_untouched(
     monkeypatch: pytest.MonkeyPatch, target: str, failing_call: int
 ) -> None:
-    import safemerge.engine as engine
+    import safemerge.merge.engine as engine
 
     monkeypatch.setattr(engine, "BLOCK_BYTES", 64 * 4 * 8)  # 8 rows a block: many blocks
     layer = make_layer("linear", torch.bfloat16, 64, 64)
@@ -221,7 +223,7 @@ def test_an_exception_midway_leaves_the_layer_untouched(
     before = snapshot(layer)
     _module_name, _, attribute = target.rpartition(".")
     owner: object
-    owner = safemerge.correction.CorrectionBuilder if attribute == "add" else safemerge.guard
+    owner = safemerge.merge.correction.CorrectionBuilder if attribute == "add" else safemerge.merge.guard
     original: Callable[..., object] = getattr(owner, attribute)
     calls = []
 
@@ -257,7 +259,7 @@ def test_lora_bias_is_added_scaled_and_restored_exactly(dtype: torch.dtype) -> N
     record = fuse(layer, adapter, scale=0.5)
     expected_bias = bias_before + 0.5 * adapter.scale * lora_bias.to(torch.float64)
     # Two float32 roundings (product, sum) and the cast: from the arithmetic, like the weight's.
-    from safemerge.bounds import cast_bound, gamma
+    from safemerge.merge.bounds import cast_bound, gamma
 
     bound = gamma(2) * (bias_before.abs() + (0.5 * adapter.scale * lora_bias.double()).abs())
     bound = bound + cast_bound(expected_bias.abs() + bound, dtype)
@@ -449,7 +451,7 @@ def test_non_finite_scale_or_weight_is_a_config_error(bad: float) -> None:
 def test_a_refusal_in_the_last_block_rolls_back_the_blocks_written_before_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import safemerge.engine as engine
+    import safemerge.merge.engine as engine
 
     monkeypatch.setattr(engine, "BLOCK_BYTES", 40 * 4 * 8)  # 8 rows a block: 5 blocks
     layer = make_layer("linear", torch.bfloat16, 40, 40)
@@ -524,8 +526,8 @@ def test_record_summary_states_what_undoing_costs() -> None:
 def test_an_exception_midway_through_an_exact_unfuse_leaves_the_layer_fused(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
 ) -> None:
-    import safemerge.engine as engine
-    from safemerge.correction import Correction
+    import safemerge.merge.engine as engine
+    from safemerge.merge.correction import Correction
 
     monkeypatch.setattr(engine, "BLOCK_BYTES", 64 * 4 * 8)  # 8 rows a block: many blocks
     layer = make_layer("linear", dtype, 64, 64)

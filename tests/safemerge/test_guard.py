@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from safemerge import NonFiniteMergeError, SafemergeError
-from safemerge.guard import block_fits, check_vector, refusal
-from safemerge.numerics import overflow_threshold
+from safemerge.merge.guard import block_fits, check_vector, non_finite_error
+from safemerge.merge.numerics import overflow_threshold
 
 
 def test_block_fits_sees_nan_inf_and_overflow_anywhere() -> None:
@@ -26,7 +26,7 @@ def test_block_fits_sees_nan_inf_and_overflow_anywhere() -> None:
 def test_refusal_counts_every_kind_across_blocks() -> None:
     first = torch.tensor([[1.0, float("nan")], [70000.0, 2.0]])
     second = torch.tensor([[float("inf"), -float("inf")], [-1e6, float("nan")]])
-    error = refusal(
+    error = non_finite_error(
         [first, second], layer="q_proj", tensor="weight", dtype=torch.float16, shape=(4, 2)
     )
     assert isinstance(error, NonFiniteMergeError)
@@ -48,7 +48,7 @@ def test_refusal_counts_every_kind_across_blocks() -> None:
 
 
 def test_message_says_what_where_how_bad_and_what_to_do() -> None:
-    error = refusal(
+    error = non_finite_error(
         [torch.tensor([0.0, 0.0, 1e5])],
         layer="blocks.3.attn",
         tensor="weight",
@@ -69,7 +69,7 @@ def test_message_says_what_where_how_bad_and_what_to_do() -> None:
 
 
 def test_float8_e4m3fn_saturation_counts_as_overflow() -> None:
-    error = refusal(
+    error = non_finite_error(
         [torch.tensor([500.0, 448.0])],
         layer="l",
         tensor="weight",

@@ -9,9 +9,9 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import safemerge
-from safemerge.headroom import cannot_overflow, weight_magnitude
-from safemerge.layers import view_layer
-from safemerge.request import coefficients
+from safemerge.merge.headroom import cannot_overflow, weight_magnitude
+from safemerge.merge.request import coefficients
+from safemerge.merge.view import view_layer
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PROVEN_SEEN: list[bool] = []

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from safemerge import AdapterConfigError, LoraAdapter, UnsupportedLayerError
-from safemerge.layers import view_layer
+from safemerge.merge.view import view_layer
 
 
 class TransposedLinear(nn.Module):

@@ -20,7 +20,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import safemerge
-import safemerge.model as model_module
+import safemerge.io.atomic
+import safemerge.io.checkpoint
+import safemerge.model.in_memory as in_memory
+import safemerge.model.streaming as streaming
 from safemerge import (
     AdapterSet,
     CheckpointError,
@@ -39,11 +42,11 @@ from safemerge import (
     write_model,
     write_peft_adapter,
 )
-from safemerge.bounds import merge_bound
-from safemerge.engine import pinned_threads
-from safemerge.layer_bound import block_bound, worst_error_of_bound
+from safemerge.io.writer import leftover_temporaries
+from safemerge.merge.bound_check import block_bound, worst_error_of_bound
+from safemerge.merge.bounds import merge_bound
+from safemerge.merge.engine import pinned_threads
 from safemerge.synthetic import random_adapter, random_layer
-from safemerge.writer import leftover_temporaries
 
 LINEAR_LAYERS = [f"layers.{block}.{name}" for block in range(3) for name in ("q", "up")]
 
@@ -201,7 +204,7 @@ def test_unfuse_model_restores_every_bit(
 
 def _failing_fuse(monkeypatch: pytest.MonkeyPatch, at: int, error: BaseException) -> list[str]:
     """Make the Nth layer's fuse raise ``error`` (before changing it, as a real fuse does)."""
-    real = model_module.fuse
+    real = streaming.fuse
     calls: list[str] = []
 
     def fuse_or_fail(layer: nn.Module, adapters: Any, **options: Any) -> Any:
@@ -210,7 +213,8 @@ def _failing_fuse(monkeypatch: pytest.MonkeyPatch, at: int, error: BaseException
             raise error
         return real(layer, adapters, **options)
 
-    monkeypatch.setattr(model_module, "fuse", fuse_or_fail)
+    monkeypatch.setattr(in_memory, "fuse", fuse_or_fail)
+    monkeypatch.setattr(streaming, "fuse", fuse_or_fail)
     return calls
 
 
@@ -340,7 +344,7 @@ def test_dora_on_a_quantized_layer_is_refused_up_front() -> None:
     weight = torch.randn(16, 32) * 0.1
     layer = safemerge.synthetic.quantized_linear(weight, "nf4")
     model = nn.ModuleDict({"q": layer, "k": random_layer("linear", 32, 16)})
-    shapes = safemerge.model.weight_shapes(model)
+    shapes = safemerge.weight_shapes(model)
     assert shapes["q.weight"] == (16, 32)
     dora = LoraAdapter(torch.randn(2, 32), torch.randn(16, 2), magnitude=torch.ones(16))
     adapter_set = AdapterSet("peft", Path("x"), {"q.weight": dora}, {}, "0" * 64)
@@ -388,7 +392,7 @@ def _base_directory(model: nn.Module, directory: Path, *, shard_size: int | None
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     if shard_size is None:
         directory.mkdir(parents=True)
-        safemerge.files.save_tensors(directory / "model.safetensors", state, {"format": "pt"})
+        safemerge.io.atomic.save_tensors(directory / "model.safetensors", state, {"format": "pt"})
     else:
         write_model(directory, state, shard_size=shard_size)
     (directory / "config.json").write_text(json.dumps({"model_type": "tiny"}))
@@ -501,7 +505,7 @@ def test_an_existing_output_is_refused_before_anything_is_read(
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    monkeypatch.setattr(model_module, "load_adapter", _never)
+    monkeypatch.setattr(streaming, "load_adapter", _never)
     with pytest.raises(ModelWriteError, match="already exists") as caught:
         fuse_files(base, paths, out)
     assert caught.value.reason == "exists"
@@ -596,7 +600,7 @@ def test_a_fuse_outside_its_bound_is_refused(
     tmp_path: Path, on_disk: tuple[Path, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base, paths = on_disk
-    monkeypatch.setattr(model_module.BoundCheck, "worst", lambda self, coefficients: 1.5)
+    monkeypatch.setattr(streaming.BoundCheck, "worst", lambda self, coefficients: 1.5)
     with pytest.raises(ModelFuseError, match=r"1\.5 times its error bound") as caught:
         fuse_files(base, paths, tmp_path / "out")
     assert caught.value.layers == ("embed.weight",)
@@ -611,7 +615,7 @@ def test_no_room_on_disk_is_refused_up_front(
     class Usage:
         free = 1000
 
-    monkeypatch.setattr(model_module.shutil, "disk_usage", lambda path: Usage)
+    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: Usage)
     with pytest.raises(ModelWriteError, match="not enough disk space") as caught:
         fuse_files(base, paths, tmp_path / "out")
     assert caught.value.reason == "disk-space"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from safemerge import numerics
+from safemerge.merge import numerics
 
 DTYPES = numerics.SUPPORTED_DTYPES
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from safemerge import LoraAdapter, expected_fuse, fuse
-from safemerge.bounds import gamma
+from safemerge.merge.bounds import gamma
 
 peft = pytest.importorskip("peft")
 logging.getLogger("peft").setLevel(logging.ERROR)

@@ -25,8 +25,8 @@ from transformers.pytorch_utils import Conv1D
 
 import safemerge
 import safemerge.peft
-from safemerge import bnb
 from safemerge.peft.layers import plan_merge
+from safemerge.quant import bnb
 from safemerge.synthetic import quantized_linear
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

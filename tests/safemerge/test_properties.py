@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import safemerge as sm
-from safemerge import engine
+from safemerge.merge import engine
 
 try:  # tests/ as packages, or (pytest's default) as plain directories on sys.path
     from . import strategies as sms  # type: ignore[import-not-found]
@@ -733,7 +733,7 @@ def test_adversarial_generation_covers_every_category() -> None:
 @pytest.mark.parametrize("dtype", sms.WEIGHT_DTYPES)
 def test_oracle_range_rule_matches_the_library_threshold(dtype: torch.dtype) -> None:
     """The oracle's fits() and safemerge's overflow_threshold draw the same line."""
-    from safemerge.numerics import overflow_threshold
+    from safemerge.merge.numerics import overflow_threshold
 
     threshold = overflow_threshold(dtype)
     if math.isinf(threshold):

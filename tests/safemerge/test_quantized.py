@@ -8,7 +8,7 @@ from torch import nn
 
 import safemerge
 from safemerge import LoraAdapter, NonFiniteMergeError, QuantizedFuseRecord, synthetic
-from safemerge.quant_grid import blockwise_bound, largest_half_gap
+from safemerge.quant.grid import blockwise_bound, largest_half_gap
 
 bnb = pytest.importorskip("bitsandbytes")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
@@ -62,7 +62,7 @@ def assert_same_state(layer: nn.Module, before: list[torch.Tensor]) -> None:
 
 def float32_twin(layer: nn.Module) -> nn.Linear:
     """A float32 nn.Linear holding exactly what the 4-bit layer holds."""
-    from safemerge import bnb as bnb_io
+    from safemerge.quant import bnb as bnb_io
 
     twin = nn.Linear(layer.in_features, layer.out_features)
     twin.weight.data = bnb_io.format_of(layer, "twin").read()
@@ -109,7 +109,7 @@ def test_fuse_requantizes_the_float32_merge_with_the_same_settings(
     assert torch.equal(layer.weight.data.view(torch.uint8), packed.view(torch.uint8))
     assert torch.equal(layer.weight.quant_state.absmax, state.absmax)
     # 2. Every element within its own block's rounding bound (plus the float32 merge's).
-    from safemerge import bnb as bnb_io
+    from safemerge.quant import bnb as bnb_io
 
     fused = bnb_io.format_of(layer, "proj").read().double()
     stored = bnb_io._stored_absmax(layer.weight.quant_state)
@@ -128,7 +128,7 @@ def test_the_bound_is_the_code_grids_half_gap() -> None:
     assert round(largest_half_gap("fp4"), 4) == 0.1667
     for quant_type in ("nf4", "fp4"):
         code = bnb_functional.get_4bit_type(quant_type, device="cpu")
-        from safemerge.quant_grid import CODES
+        from safemerge.quant.grid import CODES
 
         torch.testing.assert_close(code, torch.tensor(CODES[quant_type]), rtol=0, atol=1e-7)
 
@@ -148,7 +148,7 @@ def test_non_finite_adapters_are_refused_and_nothing_changes(poison: float) -> N
 def test_an_exception_during_requantization_changes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from safemerge import bnb as bnb_io
+    from safemerge.quant import bnb as bnb_io
 
     layer = linear_4bit(16, 64, nested=True)
     plain = adapter_for(layer)
@@ -334,7 +334,7 @@ def state_bits_without_bias(layer: nn.Module) -> list[torch.Tensor]:
 def test_an_exception_during_int8_requantization_changes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from safemerge import bnb as bnb_io
+    from safemerge.quant import bnb as bnb_io
 
     layer = linear_8bit(8, 16)
     before = int8_bits(layer)

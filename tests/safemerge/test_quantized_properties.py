@@ -22,7 +22,7 @@ from torch import nn
 
 import safemerge
 from safemerge import LoraAdapter, QuantizedFuseRecord
-from safemerge.quant_grid import CODES
+from safemerge.quant.grid import CODES
 
 bnb = pytest.importorskip("bitsandbytes")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
@@ -162,7 +162,7 @@ def quantized_bytes(layer: nn.Module) -> list[torch.Tensor]:
 @given(case=quant_cases())
 @settings(max_examples=int(os.environ.get("SAFEMERGE_QUANT_EXAMPLES", "100")))
 def test_quantized_fuse_is_the_quantizer_of_the_merge_within_every_bound(case: QuantCase) -> None:
-    from safemerge import bnb as bnb_io
+    from safemerge.quant import bnb as bnb_io
 
     layer = case.layer()
     quantized = bnb_io.format_of(layer, "layer")

@@ -1,4 +1,4 @@
-"""safemerge.writer and files.ShardWriter: streamed shards, the index, all or nothing on disk."""
+"""safemerge.writer and ShardWriter: streamed shards, the index, all or nothing on disk."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from safemerge import CheckpointError, ModelWriteError, WrittenModel, open_checkpoint, write_model
-from safemerge.files import INDEX_NAME, SINGLE_NAME, ShardWriter
-from safemerge.memory import release_free_heap
-from safemerge.writer import is_weight_file, leftover_temporaries, plan_shards
+from safemerge.io.checkpoint import INDEX_NAME, SINGLE_NAME
+from safemerge.io.shard_writer import ShardWriter
+from safemerge.io.writer import is_weight_file, leftover_temporaries, plan_shards
+from safemerge.model.memory import release_free_heap
 
 # Mixed element sizes (odd element counts), so alignment in the data section is exercised.
 MIXED = {

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from safemerge import bnb
-from safemerge.adapter import LoraAdapter
 from safemerge.errors import AdapterConfigError, UnsupportedLayerError
-from safemerge.layers import LayerView, view_layer
-from safemerge.model import refusal, shared_weight, tensor_owners
-from safemerge.request import check_request
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.request import check_request
+from safemerge.merge.view import LayerView, view_layer
+from safemerge.model.transaction import plan_error, shared_weight, tensor_owners
+from safemerge.quant import bnb
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,7 +116,7 @@ def plan_merge(model: nn.Module, adapter_names: Sequence[str] | None) -> list[Pe
             ("(model)", f"no LoRA layer has the adapter(s) {unknown}; it has {sorted(known)}")
         )
     if problems:
-        raise refusal(problems, None, f"the model ({type(model).__name__}) was not changed")
+        raise plan_error(problems, None, f"the model ({type(model).__name__}) was not changed")
     return planned
 
 

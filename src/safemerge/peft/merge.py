@@ -29,16 +29,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from safemerge import bnb, engine
 from safemerge.errors import ModelFuseError, RestoreError
-from safemerge.fuse import fuse, unfuse
-from safemerge.headroom import cannot_overflow, weight_magnitude
-from safemerge.model import interrupts_deferred, roll_back
-from safemerge.model_report import LayerResult, ModelFuseReport
+from safemerge.layer import fuse, unfuse
+from safemerge.merge import engine
+from safemerge.merge.headroom import cannot_overflow, weight_magnitude
+from safemerge.merge.record import FuseRecord
+from safemerge.merge.request import coefficients, merged_bias
+from safemerge.model.report import LayerResult, ModelFuseReport
+from safemerge.model.transaction import interrupts_deferred, roll_back
 from safemerge.peft.layers import PeftLayer, layer_view, lora_tuner, plan_merge
-from safemerge.quantized import QuantizedFuseRecord
-from safemerge.record import FuseRecord
-from safemerge.request import coefficients, merged_bias
+from safemerge.quant import bnb
+from safemerge.quant.quantized import QuantizedFuseRecord
 
 Record = FuseRecord | QuantizedFuseRecord
 

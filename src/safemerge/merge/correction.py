@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from safemerge.numerics import int_view
+from safemerge.merge.numerics import int_view
 
 # Codes are ``clamp(d, -2, 2) mod 4``: 0 -> 0, +1 -> 1, -1 -> 3, and +-2 (meaning "two or
 # more steps away") -> 2, the escape.

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from safemerge import bounds
-from safemerge.adapter import LoraAdapter
-from safemerge.layers import view_layer
+from safemerge.merge import bounds
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.view import view_layer
 
 
 def expected_fuse(

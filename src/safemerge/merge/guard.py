@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from safemerge.errors import NonFiniteMergeError
-from safemerge.numerics import overflow_threshold, unravel
+from safemerge.merge.numerics import overflow_threshold, unravel
 
 
 def block_fits(merged: torch.Tensor, threshold: float) -> bool:
@@ -27,7 +27,7 @@ def block_fits(merged: torch.Tensor, threshold: float) -> bool:
     return bool((low > -threshold) & (high < threshold))
 
 
-def refusal(
+def non_finite_error(
     blocks: Iterable[torch.Tensor],
     *,
     layer: str,
@@ -74,4 +74,4 @@ def refusal(
 def check_vector(merged: torch.Tensor, *, layer: str, tensor: str, dtype: torch.dtype) -> None:
     """Raise NonFiniteMergeError unless a small float32 ``merged`` tensor fits ``dtype``."""
     if not block_fits(merged, overflow_threshold(dtype)):
-        raise refusal([merged], layer=layer, tensor=tensor, dtype=dtype, shape=merged.shape)
+        raise non_finite_error([merged], layer=layer, tensor=tensor, dtype=dtype, shape=merged.shape)

@@ -1,4 +1,4 @@
-"""safemerge.peft.conformance: PEFT's own merge code behind the suite's two contracts.
+"""pytest_safemerge.targets.peft: PEFT's own merge code behind the suite's two contracts.
 
 These pin the adapter object itself (what it hands PEFT, what it hands back), on cases
 PEFT gets right: float32 layers, where PEFT's merge is one float32 rounding like
@@ -23,8 +23,7 @@ from safemerge import LoraAdapter, synthetic
 pytest.importorskip("peft")
 logging.getLogger("peft").setLevel(logging.ERROR)
 
-from safemerge.peft import PEFT_LORA, PeftLoraMerge  # noqa: E402
-from safemerge.peft.conformance import LAYER_KINDS  # noqa: E402
+from pytest_safemerge.targets.peft import LAYER_KINDS, PEFT_LORA, PeftLoraMerge  # noqa: E402
 
 #: float32 merges of O(1) values: PEFT's and safemerge's float32 sums differ in order only.
 ATOL = 1e-5
@@ -46,6 +45,15 @@ def test_layer_kinds_are_every_tag_of_the_suite() -> None:
     assert {"nf4", "fp4", "int8", "lora-bias", "dora", "several"} <= LAYER_KINDS
     assert PEFT_LORA.exact_unfuse is False
     assert isinstance(PEFT_LORA, PeftLoraMerge)
+
+
+def test_the_documented_spec_name_still_resolves() -> None:
+    import safemerge.peft
+
+    assert safemerge.peft.PEFT_LORA is PEFT_LORA
+    assert safemerge.peft.PeftLoraMerge is PeftLoraMerge
+    with pytest.raises(AttributeError, match="no attribute 'PEFT_LOAR'"):
+        safemerge.peft.PEFT_LOAR  # noqa: B018
 
 
 # The tensor contract.

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
-from safemerge.adapter import LoraAdapter
-from safemerge.layers import LayerView
-from safemerge.numerics import U32, overflow_threshold
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.numerics import U32, overflow_threshold
+from safemerge.merge.view import LayerView
 
 #: Proven layers keep this fraction of the threshold in reserve, so that nothing in the
 #: argument hangs on the last ulp of a float64 evaluation of the bound.

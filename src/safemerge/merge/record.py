@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from safemerge.adapter import LoraAdapter
-from safemerge.correction import Correction
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.correction import Correction
 
 
 @dataclass(frozen=True, eq=False)

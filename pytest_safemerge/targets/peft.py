@@ -32,7 +32,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import nn
 
-from safemerge.adapter import LoraAdapter
+from safemerge.merge.adapter import LoraAdapter
 
 __all__ = ["LAYER_KINDS", "PEFT_LORA", "PeftLoraMerge"]
 

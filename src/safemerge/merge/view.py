@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from safemerge.adapter import LoraAdapter
 from safemerge.errors import AdapterConfigError, UnsupportedLayerError
-from safemerge.numerics import SUPPORTED_DTYPES
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.numerics import SUPPORTED_DTYPES
 
 _QUANTIZED_CLASS_NAMES = ("Linear4bit", "Linear8bitLt", "Params4bit", "Int8Params")
 

@@ -7,15 +7,16 @@ import time
 import torch
 from torch import nn
 
-from safemerge import bnb, engine, quantized
-from safemerge.adapter import LoraAdapter
 from safemerge.errors import RestoreError, UnsupportedLayerError
-from safemerge.layers import LayerView, view_layer
-from safemerge.numerics import SUPPORTED_DTYPES
-from safemerge.quantized import QuantizedFuseRecord
-from safemerge.record import FuseRecord
-from safemerge.request import Adapters, check_request, low_rank_delta, merged_bias, weighted
-from safemerge.request import coefficients as coefficients_of
+from safemerge.merge import engine
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.numerics import SUPPORTED_DTYPES
+from safemerge.merge.record import FuseRecord
+from safemerge.merge.request import Adapters, check_request, low_rank_delta, merged_bias, weighted
+from safemerge.merge.request import coefficients as coefficients_of
+from safemerge.merge.view import LayerView, view_layer
+from safemerge.quant import bnb, quantized
+from safemerge.quant.quantized import QuantizedFuseRecord
 
 
 def fuse(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from safemerge.memory import peak_rss_bytes
-from safemerge.quantized import QuantizedFuseRecord
-from safemerge.record import FuseRecord
+from safemerge.merge.record import FuseRecord
+from safemerge.model.memory import peak_rss_bytes
+from safemerge.quant.quantized import QuantizedFuseRecord
 
 #: ``LayerResult.kind`` of a tensor written as read (``"cast"`` when only its dtype changed).
 UNCHANGED = "unchanged"

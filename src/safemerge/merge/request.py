@@ -11,10 +11,10 @@ from typing import TypeAlias
 
 import torch
 
-from safemerge import engine, guard
-from safemerge.adapter import LoraAdapter
 from safemerge.errors import AdapterConfigError
-from safemerge.layers import LayerView
+from safemerge.merge import engine, guard
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.view import LayerView
 
 #: One adapter, or several, each optionally with its own weight: ``[(a1, 0.7), (a2, 0.3)]``.
 Adapters: TypeAlias = LoraAdapter | Sequence[LoraAdapter | tuple[LoraAdapter, float]]

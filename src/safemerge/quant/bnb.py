@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from safemerge import guard
-from safemerge.numerics import U32
-from safemerge.quant_grid import CODES, block_bounds, blocks_of
+from safemerge.merge import guard
+from safemerge.merge.numerics import U32
+from safemerge.quant.grid import CODES, block_bounds, blocks_of
 
 _4BIT_CLASSES = ("Linear4bit", "LinearNF4", "LinearFP4")
 _8BIT_CLASSES = ("Linear8bitLt",)

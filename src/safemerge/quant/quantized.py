@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
-from safemerge import bnb, engine
-from safemerge.adapter import LoraAdapter
 from safemerge.errors import RestoreError, UnsupportedLayerError
-from safemerge.layers import LayerView
-from safemerge.quant_grid import blocks_of
-from safemerge.request import check_request, low_rank_delta, merged_bias
-from safemerge.request import coefficients as coefficients_of
+from safemerge.merge import engine
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.request import check_request, low_rank_delta, merged_bias
+from safemerge.merge.request import coefficients as coefficients_of
+from safemerge.merge.view import LayerView
+from safemerge.quant import bnb
+from safemerge.quant.grid import blocks_of
 
 #: Random inputs used to report how much the requantized layer's output moved.
 REPORT_INPUTS = 16

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from safemerge import bounds, engine
-from safemerge.adapter import LoraAdapter
-from safemerge.layers import LayerView, view_layer
-from safemerge.numerics import FLOAT32_TINY_SUBNORMAL, MANTISSA_BITS
-from safemerge.reference import expected_fuse
+from safemerge.merge import bounds, engine
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.numerics import FLOAT32_TINY_SUBNORMAL, MANTISSA_BITS
+from safemerge.merge.reference import expected_fuse
+from safemerge.merge.view import LayerView, view_layer
 
 #: Elements of float64 work per block: 512 KiB per temporary, so a block's handful of
 #: temporaries stays near the caches (measured 2x faster than 2 MiB on a 2-core EPYC).

@@ -7,7 +7,7 @@ holds nothing or a complete model, even if the process is killed; on an exceptio
 (KeyboardInterrupt included) the temporary directory is removed. A killed run leaves its
 temporary directory behind, under a name :func:`leftover_temporaries` finds.
 
-Tensor bytes are written through :class:`safemerge.files.ShardWriter`: the shapes and
+Tensor bytes are written through :class:`safemerge.ShardWriter`: the shapes and
 dtypes are planned up front, so each shard's header is written first and each tensor
 goes to disk as soon as it is produced; memory stays of the order of the largest tensor.
 """
@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-from safemerge import files
 from safemerge.errors import ModelWriteError
+from safemerge.io.atomic import copy_file, fsync_directory, save_json
+from safemerge.io.checkpoint import INDEX_NAME, SINGLE_NAME
+from safemerge.io.shard_writer import ShardWriter, tensor_nbytes
 
 #: Hugging Face's default largest shard (``max_shard_size="5GB"`` in transformers).
 DEFAULT_SHARD_SIZE = 5 * 2**30
@@ -144,13 +146,13 @@ def write_model(
             weight_map = {
                 entry[0]: name for name, shard in zip(names, shards, strict=True) for entry in shard
             }
-            index = target / files.INDEX_NAME
-            files.save_json(
-                temp / files.INDEX_NAME,
+            index = target / INDEX_NAME
+            save_json(
+                temp / INDEX_NAME,
                 {"metadata": {"total_size": total}, "weight_map": weight_map},
             )
         copied = _copy_others(Path(copy_from), temp) if copy_from is not None else ()
-        files.fsync_directory(temp)
+        fsync_directory(temp)
         _move_into_place(temp, target, overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -193,7 +195,7 @@ def plan_shards(
                 key=name,
             )
         seen.add(name)
-        size = files.tensor_nbytes(shape, dtype)
+        size = tensor_nbytes(shape, dtype)
         if not shards or (filled + size > shard_size and shards[-1]):
             shards.append([])
             filled = 0
@@ -277,7 +279,7 @@ def _new_temporary(target: Path, marker: str) -> Path:
 
 def _shard_names(count: int) -> list[str]:
     if count == 1:
-        return [files.SINGLE_NAME]
+        return [SINGLE_NAME]
     return [f"model-{number:05d}-of-{count:05d}.safetensors" for number in range(1, count + 1)]
 
 
@@ -292,7 +294,7 @@ def _write_shards(
     produced = iter(source)
     total = 0
     for name, shard in zip(names, shards, strict=True):
-        with files.ShardWriter(temp / name, shard, metadata) as writer:
+        with ShardWriter(temp / name, shard, metadata) as writer:
             for planned, shape, dtype in shard:
                 tensor_name, tensor = _next_tensor(produced, temp, planned)
                 if tensor_name != planned:
@@ -345,10 +347,10 @@ def _copy_others(source: Path, temp: Path) -> tuple[str, ...]:
         destination = temp / relative
         if destination.parent != temp and not destination.parent.exists():
             destination.parent.mkdir(parents=True)
-        files.copy_file(path, destination)
+        copy_file(path, destination)
         copied.append(relative.as_posix())
     for folder in sorted({(temp / name).parent for name in copied}, reverse=True):
-        files.fsync_directory(folder)
+        fsync_directory(folder)
     return tuple(copied)
 
 
@@ -364,7 +366,7 @@ def _other_files(folder: Path) -> Iterator[Path]:
 def _move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
     if not (overwrite and target.exists()):
         os.rename(temp, target)
-        files.fsync_directory(target.parent)
+        fsync_directory(target.parent)
         return
     old = _new_temporary(target, OLD_MARKER)
     os.replace(target, old)  # replaces the empty placeholder directory just made
@@ -373,6 +375,6 @@ def _move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
     except BaseException:
         os.replace(old, target)
         raise
-    files.fsync_directory(target.parent)
+    fsync_directory(target.parent)
     with contextlib.suppress(OSError):
         shutil.rmtree(old)

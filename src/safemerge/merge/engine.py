@@ -19,9 +19,9 @@ from functools import partial
 
 import torch
 
-from safemerge import guard
-from safemerge.correction import Correction, CorrectionBuilder
-from safemerge.numerics import int_view, overflow_threshold
+from safemerge.merge import guard
+from safemerge.merge.correction import Correction, CorrectionBuilder
+from safemerge.merge.numerics import int_view, overflow_threshold
 
 #: Bytes of float32 work per row block. A block's few buffers stay in the L2/L3 caches of
 #: current CPUs, and the fixed cost of each torch call (a few microseconds) stays small
@@ -294,7 +294,7 @@ def fuse_matrix(
     if written < rows:  # refused
         if in_place and builder is not None:
             _restore_rows(blocks, builder.build(), written)
-        raise guard.refusal(
+        raise guard.non_finite_error(
             blocks.all_merged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape
         )
     correction = builder.build() if builder is not None else None
@@ -359,7 +359,7 @@ def unfuse_matrix(
                 continue
             compute = partial(blocks.unmerge, start, stop, fused[start:stop], product)
             if not _guarded_into(target, blocks, start, stop, compute):
-                raise guard.refusal(
+                raise guard.non_finite_error(
                     blocks.all_unmerged(),
                     layer=layer,
                     tensor="weight",

@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from safemerge import files
-from safemerge.adapter import LoraAdapter
-from safemerge.adapter_keys import (
+from safemerge.errors import AdapterConfigError, AdapterFormatError, CheckpointError
+from safemerge.io.adapter_keys import (
     PEFT_PREFIX,
     ParsedKeys,
     detect_format,
@@ -31,9 +30,11 @@ from safemerge.adapter_keys import (
     pattern_key,
     refuse_zero_rank,
 )
-from safemerge.base_match import BaseIndex, ambiguous, base_shapes, build_adapter, unmatched
-from safemerge.errors import AdapterConfigError, AdapterFormatError, CheckpointError
-from safemerge.files import Checkpoint
+from safemerge.io.atomic import file_digest, save_json, save_tensors
+from safemerge.io.base_match import BaseIndex, ambiguous, base_shapes, build_adapter, unmatched
+from safemerge.io.checkpoint import Checkpoint, read_json, read_tensors
+from safemerge.io.header import refuse_pickle
+from safemerge.merge.adapter import LoraAdapter
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -104,7 +105,7 @@ def load_adapter(
             with ``.lora_down/.lora_up/.alpha``) or old diffusers keys (``lora.down/up``,
             ``_lora.down/up``, ``lora_linear_layer.down/up``, with ``.alpha`` keys).
             The format is detected from the keys.
-        base: the model: a :class:`~safemerge.files.Checkpoint`, or a mapping of weight
+        base: the model: a :class:`~safemerge.Checkpoint`, or a mapping of weight
             name to shape (or to tensor, such as a ``state_dict()``).
 
     Returns:
@@ -184,7 +185,7 @@ def read_raw_adapter(path: str | os.PathLike[str]) -> RawAdapter:
     """
     path = Path(path)
     weights_file, config_file = _adapter_files(path)
-    tensors, metadata = files.read_tensors(weights_file)
+    tensors, metadata = read_tensors(weights_file)
     format_name = detect_format(path, tensors)
     parsed: ParsedKeys
     if format_name == "peft":
@@ -197,7 +198,7 @@ def read_raw_adapter(path: str | os.PathLike[str]) -> RawAdapter:
         config = dict(metadata)
         parsed = parse_diffusers(tensors, metadata)
     refuse_zero_rank(path, parsed.layers)
-    return RawAdapter(format_name, path, config, parsed, files.file_digest([weights_file]))
+    return RawAdapter(format_name, path, config, parsed, file_digest([weights_file]))
 
 
 def write_peft_adapter(
@@ -289,9 +290,9 @@ def write_peft_adapter(
         }
     )
     directory.mkdir(parents=True, exist_ok=True)
-    files.save_tensors(directory / PEFT_WEIGHTS_NAME, tensors, {"format": "pt"})
+    save_tensors(directory / PEFT_WEIGHTS_NAME, tensors, {"format": "pt"})
     # Top-level keys sorted, as PEFT writes them; pattern order kept: PEFT takes the first match.
-    files.save_json(directory / PEFT_CONFIG_NAME, dict(sorted(written.items())))
+    save_json(directory / PEFT_CONFIG_NAME, dict(sorted(written.items())))
     return directory
 
 
@@ -308,7 +309,7 @@ def _adapter_files(path: Path) -> tuple[Path, Path | None]:
             reason="missing",
         )
     if not path.is_dir():
-        files.refuse_pickle(path)
+        refuse_pickle(path)
         sibling = path.parent / PEFT_CONFIG_NAME
         return path, sibling if sibling.is_file() else None
     weights = path / PEFT_WEIGHTS_NAME
@@ -317,7 +318,7 @@ def _adapter_files(path: Path) -> tuple[Path, Path | None]:
         return weights, config if config.is_file() else None
     for pickled in ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth"):
         if (path / pickled).is_file():
-            files.refuse_pickle(path / pickled)
+            refuse_pickle(path / pickled)
     candidates = sorted(path.glob("*.safetensors"))
     if len(candidates) == 1:
         return candidates[0], config if config.is_file() else None
@@ -334,7 +335,7 @@ def _peft_config(
     path: Path, weights_file: Path, config_file: Path | None, metadata: Mapping[str, str]
 ) -> dict[str, Any]:
     if config_file is not None:
-        config = files.read_json(config_file)
+        config = read_json(config_file)
         if not isinstance(config, dict):
             raise AdapterConfigError(f"{config_file} is not a JSON object; regenerate it")
         return config

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from safemerge.numerics import FLOAT32_TINY_SUBNORMAL, U32, ulp
+from safemerge.merge.numerics import FLOAT32_TINY_SUBNORMAL, U32, ulp
 
 Term = tuple[torch.Tensor, torch.Tensor, float]
 

@@ -14,7 +14,7 @@ import itertools
 
 import torch
 
-from safemerge.numerics import U32
+from safemerge.merge.numerics import U32
 
 #: bitsandbytes' NF4 code (normal-float quantiles), in storage order.
 NF4_CODE = (

@@ -6,10 +6,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from safemerge.adapter import LoraAdapter
-from safemerge.adapter_keys import RawLayer
 from safemerge.errors import AdapterConfigError
-from safemerge.files import Checkpoint
+from safemerge.io.adapter_keys import RawLayer
+from safemerge.io.checkpoint import Checkpoint
+from safemerge.merge.adapter import LoraAdapter
 
 # Where each part of a diffusion model that kohya's prefixes name lives in a combined base
 # (diffusers pipeline components, or the original single-file layout).

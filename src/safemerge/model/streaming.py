@@ -1,0 +1,459 @@
+"""Fuse adapter files into a safetensors model, streaming from disk to disk.
+
+:func:`fuse_files` opens the base lazily, makes every check that can be made up front
+before anything is written, then reads each tensor, casts it, fuses it if adapted,
+checks it against its error bound, writes and drops it; the output appears whole,
+through :func:`safemerge.io.writer.write_model`, or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeAlias
+
+import torch
+from torch import nn
+
+from safemerge.errors import (
+    AdapterConfigError,
+    ModelFuseError,
+    ModelWriteError,
+    SafemergeError,
+    UnsupportedLayerError,
+)
+from safemerge.io import writer
+from safemerge.io.adapter_formats import AdapterSet, load_adapter
+from safemerge.io.checkpoint import Checkpoint, open_checkpoint, read_json
+from safemerge.io.shard_writer import tensor_nbytes
+from safemerge.layer import fuse
+from safemerge.merge.adapter import LoraAdapter
+from safemerge.merge.bound_check import BoundCheck
+from safemerge.merge.numerics import SUPPORTED_DTYPES
+from safemerge.merge.record import FuseRecord
+from safemerge.merge.request import check_request
+from safemerge.merge.view import view_layer
+from safemerge.model.memory import peak_rss_bytes, release_free_heap
+from safemerge.model.report import BIAS, CAST, UNCHANGED, LayerResult, ModelFuseReport
+from safemerge.model.transaction import (
+    check_scale,
+    checked_against_bound,
+    finite_weight,
+    plan_error,
+)
+
+#: Adapters for :func:`fuse_files`: paths, each optionally with its weight.
+AdapterPaths: TypeAlias = Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], float]]
+
+
+#: After writing a tensor at least this large, freed heap memory is handed back.
+_TRIM_BYTES = 1 << 20
+
+
+def fuse_files(
+    base: str | os.PathLike[str],
+    adapters: AdapterPaths,
+    output: str | os.PathLike[str],
+    *,
+    scale: float = 1.0,
+    dtype: torch.dtype | None = None,
+    shard_size: int = writer.DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: Callable[[LayerResult], None] | None = None,
+) -> ModelFuseReport:
+    """Fuse adapter files into a safetensors model, streaming from disk to a new directory.
+
+    Everything that can be checked is checked before anything is written: the output
+    path, the adapters' keys and shapes against the base, every layer's kind and
+    options, the dtypes, the free disk space. Then each tensor is read, cast to
+    ``dtype``, fused if adapted (its every element checked against its error bound),
+    written, and dropped, so memory stays of the order of the largest tensor. The
+    output is a new model directory that appears whole or not at all; the inputs are
+    only read. The other files of a base directory (``config.json``, tokenizer
+    files...) are copied beside the weights.
+
+    Args:
+        base: a model directory (``model.safetensors``, or shards and their index), an
+            index file, or one ``.safetensors`` file (then no other file is copied).
+        adapters: adapter paths (PEFT directories, kohya or diffusers files), or
+            ``(path, weight)`` pairs; several adapters on one layer are fused together.
+        output: the model directory to create.
+        scale: overall multiplier for every adapter.
+        dtype: the output's floating-point dtype (every floating tensor is cast, and
+            adapters are fused in it); None keeps each tensor's own dtype.
+        shard_size: the largest shard, in bytes (a larger tensor gets its own shard).
+        overwrite: replace an existing ``output``, once the new model is complete.
+        progress: called with each tensor's :class:`LayerResult` once it is ready to
+            write; an exception it raises aborts the fuse (nothing is written).
+
+    Returns:
+        The :class:`ModelFuseReport`.
+
+    Raises:
+        CheckpointError, AdapterFormatError, AdapterConfigError: an input cannot be read
+            (the base's ``config.json`` included, if it has one), or an adapter does not
+            fit the base.
+        ModelFuseError: a layer cannot be fused as asked (all of them listed), or an
+            unexpected error while fusing one (named).
+        ModelWriteError: ``output`` exists, is an input, or there is no room for it.
+        NonFiniteMergeError: a layer's merge would not be finite (the layer named).
+        In every case nothing is left under ``output``.
+    """
+    started = time.perf_counter()
+    base_path = Path(base)
+    output_path = Path(output)
+    writer.check_output(output_path, overwrite=overwrite)
+    check_scale(scale)
+    _check_dtype(dtype)
+    weighted_paths = _paths(adapters)
+    _refuse_output_over_inputs(output_path, [base_path, *(path for path, _ in weighted_paths)])
+    with open_checkpoint(base_path) as checkpoint:
+        sets = [(load_adapter(path, base=checkpoint), weight) for path, weight in weighted_paths]
+        plan = [
+            (name, checkpoint.info(name).shape, _output_dtype(checkpoint.info(name).dtype, dtype))
+            for name in checkpoint.names
+        ]
+        dtypes = {name: planned_dtype for name, _, planned_dtype in plan}
+        layers = _file_layers(checkpoint, sets, scale, dtypes)
+        copy_from = _copy_source(base_path)
+        if copy_from is not None and (copy_from / "config.json").is_file():
+            read_json(copy_from / "config.json")  # a truncated config fails now, not later
+        _check_space(output_path, plan, copy_from)
+        metadata = _provenance(checkpoint.metadata, sets, scale, dtype)
+        results: list[LayerResult] = []
+        tensors = _fused_tensors(checkpoint, plan, layers, scale, results, progress)
+        try:
+            written = writer.write_model(
+                output_path,
+                tensors,
+                plan=plan,
+                shard_size=shard_size,
+                metadata=metadata,
+                copy_from=copy_from,
+                overwrite=overwrite,
+            )
+        except SafemergeError as error:
+            error.add_note(f"fuse_files: nothing was written to {output_path}")
+            raise
+    return ModelFuseReport(
+        layers=tuple(results),
+        parameters=sum(result.numel for result in results),
+        fused_parameters=sum(result.numel for result in results if result.fused),
+        tensors_written=written.tensors,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        output=written.path,
+        shard_count=written.shard_count,
+        written_bytes=written.total_size,
+        metadata=metadata,
+        copied=written.copied,
+    )
+
+
+@dataclass(frozen=True)
+class _FileLayer:
+    """An adapted weight of a checkpoint: its kind, adapters, and the bias a LoRA bias needs."""
+
+    weight: str
+    kind: str
+    pairs: list[tuple[LoraAdapter, float]]
+    bias: str | None
+
+
+def _paths(adapters: AdapterPaths) -> list[tuple[Path, float]]:
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    pairs: list[tuple[Path, float]] = []
+    for position, item in enumerate(adapters):
+        if isinstance(item, tuple) and len(item) == 2:
+            pairs.append((Path(item[0]), finite_weight(item[1], position)))
+        elif isinstance(item, (str, os.PathLike)):
+            pairs.append((Path(item), 1.0))
+        else:
+            raise AdapterConfigError(
+                f"adapters[{position}] must be a path or a (path, weight) pair; got "
+                f"{type(item).__name__}"
+            )
+    if not pairs:
+        raise AdapterConfigError("no adapters given: pass at least one adapter path")
+    return pairs
+
+
+def _check_dtype(dtype: torch.dtype | None) -> None:
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise AdapterConfigError(f"dtype={dtype} is not an output dtype safemerge writes: {names}")
+
+
+def _output_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and stored.is_floating_point else stored
+
+
+def _refuse_output_over_inputs(output: Path, inputs: Sequence[Path]) -> None:
+    target = output.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if target == source or target in source.parents or source in target.parents:
+            raise ModelWriteError(
+                f"output {output} would overlap input {path}; the inputs are never "
+                f"modified: write the merged model to a new directory",
+                path=output,
+                reason="same-as-input",
+            )
+
+
+def _file_layers(
+    checkpoint: Checkpoint,
+    sets: Sequence[tuple[AdapterSet, float]],
+    scale: float,
+    dtypes: Mapping[str, torch.dtype],
+) -> dict[str, _FileLayer]:
+    """Every adapted weight, checked up front on meta tensors; a ModelFuseError lists misfits."""
+    kinds: dict[str, str] = {}
+    requested: dict[str, list[tuple[LoraAdapter, float]]] = {}
+    problems: list[tuple[str, str]] = []
+    for adapter_set, weight in sets:
+        for name, adapter in adapter_set.layers.items():
+            kind = adapter_set.kinds.get(name, "linear")
+            if kinds.setdefault(name, kind) != kind:
+                problems.append(
+                    (
+                        name,
+                        f"{adapter_set.path} adapts it as {kind}, another adapter as {kinds[name]}",
+                    )
+                )
+            requested.setdefault(name, []).append((adapter, weight))
+    layers: dict[str, _FileLayer] = {}
+    for name in checkpoint.names:
+        if name not in requested:
+            continue
+        pairs = requested[name]
+        bias_name = name.removesuffix("weight") + "bias"
+        needs_bias = any(adapter.lora_bias is not None for adapter, _ in pairs)
+        if needs_bias and bias_name not in checkpoint:
+            problems.append((name, f"a LoRA bias needs the layer's bias {bias_name!r}"))
+            continue
+        bias = bias_name if needs_bias else None
+        shape = checkpoint.info(name).shape
+        weight_meta = torch.empty(shape, dtype=dtypes[name], device="meta")
+        bias_meta = (
+            None
+            if bias is None
+            else torch.empty(checkpoint.info(bias).shape, dtype=dtypes[bias], device="meta")
+        )
+        try:
+            layer = _layer(kinds[name], weight_meta, bias_meta)
+            check_request(view_layer(layer, name), pairs, scale)
+        except (AdapterConfigError, UnsupportedLayerError) as error:
+            problems.append((name, str(error)))
+            continue
+        layers[name] = _FileLayer(name, kinds[name], pairs, bias)
+    if problems:
+        raise plan_error(problems, checkpoint.path, "nothing was written")
+    return layers
+
+
+class _StoredTransposed(nn.Module):
+    """A matmul layer storing its weight ``(in, out)`` (GPT-2's Conv1D), for the fuse."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+
+def _layer(kind: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A module of ``kind`` around a bare weight (and bias), sharing their storage."""
+    weight_parameter = nn.Parameter(weight, requires_grad=False)
+    bias_parameter = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    layer: nn.Module
+    with torch.device("meta"):  # the throwaway initial parameters cost nothing
+        if kind == "linear":
+            layer = nn.Linear(1, 1, bias=False)
+        elif kind == "embedding":
+            layer = nn.Embedding(1, 1)
+        elif kind in ("conv1d", "conv2d", "conv3d"):
+            conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}[kind]
+            layer = conv(1, 1, 1, bias=False)
+        elif kind == "fan_in_fan_out":
+            return _StoredTransposed(weight_parameter, bias_parameter)
+        else:
+            raise UnsupportedLayerError(f"layer kind {kind!r} cannot be fused from a file")
+    layer.weight = weight_parameter
+    if bias_parameter is not None:
+        layer.bias = bias_parameter
+    return layer
+
+
+def _copy_source(base: Path) -> Path | None:
+    if base.is_dir():
+        return base
+    if base.name.endswith(".safetensors.index.json"):
+        return base.parent
+    return None
+
+
+def _check_space(
+    output: Path, plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]], copy_from: Path | None
+) -> None:
+    needed = sum(tensor_nbytes(shape, dtype) for _, shape, dtype in plan)
+    if copy_from is not None:
+        needed += sum(path.stat().st_size for path in writer.files_to_copy(copy_from))
+    existing = output.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise ModelWriteError(
+            f"not enough disk space for {output}: the merged model needs about "
+            f"{needed / 2**30:.2f} GiB but {existing} has {free / 2**30:.2f} GiB free; free "
+            f"some space or write elsewhere",
+            path=output,
+            reason="disk-space",
+        )
+
+
+def _provenance(
+    base_metadata: Mapping[str, str],
+    sets: Sequence[tuple[AdapterSet, float]],
+    scale: float,
+    dtype: torch.dtype | None,
+) -> dict[str, str]:
+    """The base's safetensors metadata, plus what safemerge fused into it."""
+    from safemerge import __version__  # the package imports this module first
+
+    adapters = [
+        {
+            "path": adapter_set.path.name,
+            "digest": f"sha256:{adapter_set.digest}",
+            "format": adapter_set.format,
+            "weight": weight,
+            "layers": len(adapter_set.layers),
+        }
+        for adapter_set, weight in sets
+    ]
+    return {
+        **base_metadata,
+        "format": "pt",
+        "safemerge_version": __version__,
+        "safemerge_adapters": json.dumps(adapters),
+        "safemerge_scale": repr(float(scale)),
+        "safemerge_dtype": "keep" if dtype is None else str(dtype).removeprefix("torch."),
+    }
+
+
+def _fused_tensors(
+    checkpoint: Checkpoint,
+    plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    layers: Mapping[str, _FileLayer],
+    scale: float,
+    results: list[LayerResult],
+    progress: Callable[[LayerResult], None] | None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor in plan order: read, cast, fused if adapted; its result recorded."""
+    by_bias = {layer.bias: layer for layer in layers.values() if layer.bias is not None}
+    dtypes = {name: dtype for name, _, dtype in plan}
+    done: dict[str, tuple[torch.Tensor, LayerResult]] = {}
+    total = len(plan)
+    for position, (name, shape, dtype) in enumerate(plan, start=1):
+        started = time.perf_counter()
+        if name not in done:
+            layer = layers.get(name) or by_bias.get(name)
+            if layer is None:
+                tensor = _read(checkpoint, name, dtype)
+                kind = UNCHANGED if tensor.dtype == checkpoint.info(name).dtype else CAST
+                result = LayerResult(name, kind, shape, dtype, None, 0.0)
+                done[name] = (tensor, result)
+            else:
+                done.update(_fuse_file_layer(checkpoint, layer, scale, dtypes))
+        tensor, result = done.pop(name)
+        result = _placed(result, position, total, time.perf_counter() - started)
+        results.append(result)
+        if progress is not None:
+            progress(result)
+        yield name, tensor
+        del tensor
+        if tensor_nbytes(shape, dtype) >= _TRIM_BYTES:
+            release_free_heap()
+
+
+def _placed(result: LayerResult, position: int, total: int, seconds: float) -> LayerResult:
+    return LayerResult(
+        result.name,
+        result.kind,
+        result.shape,
+        result.dtype,
+        result.worst_error_of_bound,
+        result.seconds + seconds,
+        result.adapters,
+        position,
+        total,
+    )
+
+
+def _read(checkpoint: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
+    # Not through a memory map: its pages would stay resident, growing memory to the model.
+    tensor = checkpoint.read(name, mapped=False)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _fuse_file_layer(
+    checkpoint: Checkpoint,
+    file_layer: _FileLayer,
+    scale: float,
+    dtypes: Mapping[str, torch.dtype],
+) -> dict[str, tuple[torch.Tensor, LayerResult]]:
+    """Read one adapted layer (weight, and bias when a LoRA bias needs it), fuse and check it."""
+    started = time.perf_counter()
+    name = file_layer.weight
+    weight = _read(checkpoint, name, dtypes[name])
+    bias = (
+        None
+        if file_layer.bias is None
+        else _read(checkpoint, file_layer.bias, dtypes[file_layer.bias])
+    )
+    layer = _layer(file_layer.kind, weight, bias)
+    try:
+        check = BoundCheck(layer, name, file_layer.pairs, scale)
+        record = fuse(layer, file_layer.pairs, scale=scale, name=name, exact_unfuse=False)
+        assert isinstance(record, FuseRecord)
+        worst = checked_against_bound(check, record, name)
+    except SafemergeError as error:
+        error.add_note(f"fuse_files: layer {name!r} of {checkpoint.path}")
+        raise
+    except Exception as error:
+        raise ModelFuseError(
+            f"fusing layer {name!r} of {checkpoint.path} failed with {type(error).__name__}: "
+            f"{error}; nothing was written",
+            problems=[(name, f"{type(error).__name__}: {error}")],
+            path=checkpoint.path,
+        ) from error
+    seconds = time.perf_counter() - started
+    shape = tuple(weight.shape)
+    fused = {
+        name: (
+            weight,
+            LayerResult(
+                name, record.kind, shape, weight.dtype, worst, seconds, len(file_layer.pairs)
+            ),
+        )
+    }
+    if bias is not None and file_layer.bias is not None:
+        fused[file_layer.bias] = (
+            bias,
+            LayerResult(
+                file_layer.bias,
+                BIAS,
+                tuple(bias.shape),
+                bias.dtype,
+                None,
+                0.0,
+                len(file_layer.pairs),
+            ),
+        )
+    return fused
