@@ -39,6 +39,7 @@ import pytest
 import torch
 
 import safemerge
+from safemerge import names
 
 DEFAULT_SPEC = "pytest_safemerge.implementations:SAFEMERGE"
 
@@ -211,7 +212,9 @@ class Implementation:
         from pytest_safemerge.layer_strategies import ALL_TAGS
 
         kinds = getattr(self.target, "layer_kinds", None)
-        return ALL_TAGS if kinds is None else frozenset(kinds)
+        if kinds is None:
+            return ALL_TAGS
+        return frozenset(names.TAG_ALIASES.get(kind, kind) for kind in kinds)
 
     def check_layer_kinds(self) -> None:
         """Raise pytest.UsageError for a ``layer_kinds`` that names unknown tags or no layer."""
@@ -225,12 +228,12 @@ class Implementation:
                 f"--safemerge-impl={self.spec}: layer_kinds={kinds!r} must be a collection of "
                 f"tags, e.g. layer_kinds = {{'linear', 'lora-bias'}}"
             )
-        unknown = sorted(set(kinds) - ALL_TAGS)
-        if unknown or not set(kinds) & set(LAYER_TAGS):
+        unknown = sorted(set(kinds) - ALL_TAGS - set(names.TAG_ALIASES))
+        if unknown or not self.layer_kinds & set(LAYER_TAGS):
             raise pytest.UsageError(
                 f"--safemerge-impl={self.spec}: layer_kinds={sorted(kinds)!r} "
                 + (f"has unknown tags {unknown}" if unknown else "names no layer kind")
-                + f"; layer kinds: {', '.join(LAYER_TAGS)}; options: lora-bias, dora, several"
+                + f"; layer kinds: {names.listed(LAYER_TAGS)}; options: {names.listed(names.OPTION_TAGS)}"
             )
 
     def fuse_layer(

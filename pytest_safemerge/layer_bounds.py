@@ -32,12 +32,16 @@ from typing import Any
 import torch
 
 import safemerge
-from safemerge.merge.numerics import FLOAT32_TINY_SUBNORMAL, U32, overflow_threshold, ulp
+from safemerge.merge.numerics import (
+    FLOAT32_TINY_SUBNORMAL,
+    U32,
+    range_limit,
+    ulp,
+)
 
 __all__ = ["Expected", "LayerExpectation", "expected_layer_fuse", "expected_layer_round_trip"]
 
 #: float32's overflow threshold: its max plus half an ulp there (2**103) rounds to Inf.
-F32_THRESHOLD = float(torch.finfo(torch.float32).max) + 2.0**103
 #: How much a quantizer's bound can grow when what it quantizes moves by ``d`` (the
 #: largest such move over the tensor): 4-bit, ``(h + 2u) s`` grows by at most ``d``
 #: (``h < 1``), and a nested absmax's own rounding error, a distance to a grid of 8-bit
@@ -274,15 +278,15 @@ def _expected_weight(layout: _Layout, *, round_trip: bool) -> Expected:
     dora = any(adapter.magnitude is not None for adapter in layout.adapters)
     if layout.quantized:
         step = _quantized_step(layout.layer)
-        limit = (
-            overflow_threshold(torch.float16)
-            if type(layout.layer).__name__ == "Linear8bitLt"
-            else F32_THRESHOLD
+        # An 8-bit layer's merge lands in float16 first; a 4-bit one is requantized from
+        # the float32 merge itself.
+        limit = range_limit(
+            torch.float16 if type(layout.layer).__name__ == "Linear8bitLt" else torch.float32
         )
     else:
         assert layout.dtype is not None
         step = _float_step(layout.dtype)
-        limit = min(overflow_threshold(layout.dtype), F32_THRESHOLD)
+        limit = range_limit(layout.dtype)
     if layout.quantized:
         fused = _merged(_start(layout), layout.terms, step)
     else:
@@ -394,7 +398,7 @@ def _expected_bias(layout: _Layout, *, round_trip: bool) -> Expected | None:
     step = _bias_step(bias.dtype)
     start = _State(original, torch.zeros_like(original))
     fused = _merged(start, terms, step)
-    limit = min(overflow_threshold(bias.dtype), F32_THRESHOLD)
+    limit = range_limit(bias.dtype)
     if not round_trip:
         return Expected("bias", fused.reference, fused.bound, limit)
     restored = _merged(fused, [(lora_bias, -c) for lora_bias, c in terms], step)

@@ -6,7 +6,7 @@ to fuse into it, a scale, and what the case is about. Cases carry tags, so that 
 implementation can say which it supports (``layer_kinds``):
 
 - layer kinds (:data:`LAYER_TAGS`): ``"linear"``, ``"embedding"``, ``"conv1d"``,
-  ``"conv2d"``, ``"conv3d"``, ``"fan-in-fan-out"``, ``"nf4"``, ``"fp4"``, ``"int8"``;
+  ``"conv2d"``, ``"conv3d"``, ``"fan_in_fan_out"``, ``"nf4"``, ``"fp4"``, ``"int8"``;
 - options (:data:`OPTION_TAGS`): ``"lora-bias"`` (layers with a bias, not embeddings),
   ``"dora"`` (unquantized layers, a single adapter, no lora_bias, as in PEFT),
   ``"several"`` (2 or 3 adapters with their own ranks and alphas, some rsLoRA).
@@ -38,7 +38,7 @@ from hypothesis.strategies import SearchStrategy
 from torch import nn
 
 import safemerge
-from safemerge import synthetic
+from safemerge import names, synthetic
 from safemerge.merge.numerics import overflow_threshold
 
 __all__ = [
@@ -55,24 +55,15 @@ __all__ = [
     "options_for",
 ]
 
-UNQUANTIZED_TAGS: tuple[str, ...] = (
-    "linear",
-    "embedding",
-    "conv1d",
-    "conv2d",
-    "conv3d",
-    "fan-in-fan-out",
-)
-QUANTIZED_TAGS: tuple[str, ...] = ("nf4", "fp4", "int8")
-LAYER_TAGS: tuple[str, ...] = (*UNQUANTIZED_TAGS, *QUANTIZED_TAGS)
-OPTION_TAGS: tuple[str, ...] = ("lora-bias", "dora", "several")
-ALL_TAGS: frozenset[str] = frozenset((*LAYER_TAGS, *OPTION_TAGS))
+UNQUANTIZED_TAGS: tuple[str, ...] = names.UNQUANTIZED_KINDS
+QUANTIZED_TAGS: tuple[str, ...] = names.QUANT_TYPES
+LAYER_TAGS: tuple[str, ...] = names.LAYER_KINDS
+OPTION_TAGS: tuple[str, ...] = names.OPTION_TAGS
+ALL_TAGS: frozenset[str] = names.ALL_TAGS
 
 REFUSED_LAYER_KINDS: tuple[str, ...] = ("nan", "+inf", "-inf", "cast-overflow", "bias-overflow")
 LAYER_CASE_KINDS: tuple[str, ...] = ("random", *REFUSED_LAYER_KINDS)
 
-#: The kind names ``safemerge.matrix_form`` uses for each layer tag.
-_MATRIX_KINDS = {"fan-in-fan-out": "fan_in_fan_out"}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Bias dtypes of a quantized layer (its weight has none of its own: float32 goes in).
 _QUANTIZED_BIAS_DTYPES = (torch.float32, torch.float16)
@@ -317,7 +308,7 @@ class _Built:
 
     @property
     def transposed(self) -> bool:
-        return self.tag in ("embedding", "fan-in-fan-out")
+        return self.tag in ("embedding", "fan_in_fan_out")
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -332,7 +323,7 @@ class _Built:
             use_rslora=parts["use_rslora"],
             lora_bias=parts["lora_bias"],
             magnitude=parts["magnitude"],
-            fan_in_fan_out=self.tag == "fan-in-fan-out",
+            fan_in_fan_out=self.tag == "fan_in_fan_out",
         )
 
     def finish(self) -> nn.Module:
@@ -360,12 +351,12 @@ def _layers(
     dtype = draw(st.sampled_from(_FLOAT_DTYPES))
     kernel: tuple[int, ...] = ()
     module: nn.Module
-    if tag in ("linear", "fan-in-fan-out", "embedding"):
+    if tag in ("linear", "fan_in_fan_out", "embedding"):
         out_features = draw(st.integers(1, _MAX_SIDE))
         in_features = draw(st.integers(1, _MAX_SIDE))
         if tag == "linear":
             module = nn.Linear(in_features, out_features, bias=has_bias)
-        elif tag == "fan-in-fan-out":
+        elif tag == "fan_in_fan_out":
             module = synthetic.TransposedLinear(in_features, out_features, bias=has_bias)
         else:
             module = nn.Embedding(in_features, out_features)  # (num_embeddings, dim)

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 
 from pytest_safemerge.options import Settings
+from safemerge import names
 
 PLAN_KEY = pytest.StashKey["ModelPlan"]()
 TINY = "tiny"
-_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+_FLOAT_DTYPES = names.WEIGHT_DTYPES
 
 
 @dataclass

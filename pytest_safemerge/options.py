@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
-QUANT_CHOICES = ("nf4", "fp4", "int8")
-DTYPE_CHOICES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+from safemerge import names
+
+QUANT_CHOICES = names.QUANT_TYPES
+DTYPE_CHOICES = names.WEIGHT_DTYPES
 
 
 @dataclass(frozen=True)

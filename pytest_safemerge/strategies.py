@@ -37,6 +37,7 @@ from hypothesis.strategies import SearchStrategy
 
 import safemerge
 from pytest_safemerge.layer_strategies import LayerCase, layer_cases
+from safemerge import names
 from safemerge.merge.numerics import SUPPORTED_DTYPES, int_view, overflow_threshold, unravel
 
 __all__ = [
@@ -75,7 +76,7 @@ MERGE_CASE_KINDS: tuple[str, ...] = ("random", *ADVERSARIAL_KINDS)
 MUST_REFUSE_KINDS: frozenset[str] = frozenset({"nan", "+inf", "-inf", "cast-overflow"})
 
 ELEMENTS = ("normal", "bits")
-QUANT_TYPES = ("nf4", "fp4", "int8")
+QUANT_TYPES = names.QUANT_TYPES
 FP16_MAX = 65504.0
 F32_MAX = float(torch.finfo(torch.float32).max)
 #: Ordinary and extreme scales, in the order they shrink to: 1.0 first.

@@ -19,7 +19,6 @@ from pytest_safemerge.results import Row
 from pytest_safemerge.strategies import MergeCase
 
 #: float32's own overflow threshold: its max plus half an ulp there (2**103) rounds to Inf.
-_F32_THRESHOLD = float(torch.finfo(torch.float32).max) + 2.0**103
 
 
 class Checked:
@@ -34,7 +33,9 @@ class Checked:
         # Keep the adapter's strides (non-contiguous cases stay non-contiguous on the CPU).
         self.lora_A = case.adapter.lora_A.to(device)
         self.lora_B = case.adapter.lora_B.to(device)
-        self.scale = float(case.scale * case.adapter.scale)
+        # The one number the tensor contract passes as `scale`: the case's scale times the
+        # adapter's alpha/r (or alpha/sqrt(r)), so the implementation sees B @ A unscaled.
+        self.coefficient = float(case.scale * case.adapter.scale)
         self._exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._comfortably_finite: bool | None = None
 
@@ -65,7 +66,7 @@ class Checked:
         if self._exact is None:
             self._exact = safemerge.merge_bound_parts(
                 self.original,
-                [(self.case.adapter.lora_B, self.case.adapter.lora_A, self.scale)],
+                [(self.case.adapter.lora_B, self.case.adapter.lora_A, self.coefficient)],
                 self.original.dtype,
             )
         return self._exact
@@ -74,7 +75,7 @@ class Checked:
     def threshold(self) -> float:
         """The smallest magnitude that does not fit the weight's dtype after rounding (for
         float32, the one where the float32 sum itself becomes Inf)."""
-        return min(safemerge.numerics.overflow_threshold(self.original.dtype), _F32_THRESHOLD)
+        return safemerge.numerics.range_limit(self.original.dtype)
 
     def comfortably_finite(self) -> bool:
         """The float32 merge is surely below the dtype's overflow threshold (so its cast is
@@ -83,11 +84,11 @@ class Checked:
         if self._comfortably_finite is None:
             reach = self.reference.abs() + self.accumulated
             adapter = self.case.adapter
-            delta = abs(self.scale) * (
+            delta = abs(self.coefficient) * (
                 adapter.lora_B.double().abs() @ adapter.lora_A.double().abs()
             )
             self._comfortably_finite = bool(
-                (reach < self.threshold).all() and (delta < _F32_THRESHOLD / 2).all()
+                (reach < self.threshold).all() and (delta < safemerge.numerics.FLOAT32_RANGE_LIMIT / 2).all()
             )
         return self._comfortably_finite
 
@@ -159,7 +160,7 @@ def check_not_silently_non_finite(prop: str, checked: Checked, call: Call) -> No
 def check_accurate(implementation: Implementation, checked: Checked, row: Row) -> None:
     """Within the bound of a float32 merge and one rounding; a finite merge is not refused."""
     __tracebackhide__ = True
-    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
     if call.refused:
         if checked.comfortably_finite():
             _fail(
@@ -192,7 +193,7 @@ def check_accurate(implementation: Implementation, checked: Checked, row: Row) -
 def check_form(implementation: Implementation, checked: Checked, row: Row) -> None:
     """dtype, shape and device kept; fuse returns a Tensor or None."""
     __tracebackhide__ = True
-    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
     if call.refused:
         return
     if call.returned is not None and not isinstance(call.returned, torch.Tensor):
@@ -215,7 +216,7 @@ def check_adapters_unmodified(implementation: Implementation, checked: Checked, 
         (name, tensor.clone())
         for name, tensor in (("lora_A", checked.lora_A), ("lora_B", checked.lora_B))
     ]
-    implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
     for (name, old), new in zip(before, (checked.lora_A, checked.lora_B), strict=True):
         assertions.assert_unchanged(old, new, what=f"[adapters unmodified] {name}")
 
@@ -227,7 +228,7 @@ def _assert_refused(checked: Checked, call: Call) -> None:
         _fail(
             "refusal",
             f"fuse did not refuse a merge that is not finite in {checked.original.dtype} "
-            f"({checked.case.kind}: {checked.case.detail}; scale {checked.scale!r}); "
+            f"({checked.case.kind}: {checked.case.detail}; scale {checked.coefficient!r}); "
             f"the weight it produced holds {_non_finite_summary(call.result)}",
         )
 
@@ -235,14 +236,14 @@ def _assert_refused(checked: Checked, call: Call) -> None:
 def check_refused(implementation: Implementation, checked: Checked, row: Row) -> None:
     """The call raised: the merge is not finite in the dtype."""
     __tracebackhide__ = True
-    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
     _assert_refused(checked, call)
 
 
 def check_atomic(implementation: Implementation, checked: Checked, row: Row) -> None:
     """A refusal left every bit of the weight as it was."""
     __tracebackhide__ = True
-    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
     if call.refused:
         assertions.assert_atomic(checked.original, checked.weight.detach().cpu())
 
@@ -250,7 +251,7 @@ def check_atomic(implementation: Implementation, checked: Checked, row: Row) -> 
 def check_round_trip(implementation: Implementation, checked: Checked, row: Row) -> None:
     """unfuse(fuse(W)) is W within both merges' bounds, or exactly when claimed."""
     __tracebackhide__ = True
-    fused = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    fused = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
     if fused.refused or not checked.comfortably_finite():
         return
     assert fused.result is not None
@@ -261,7 +262,7 @@ def check_round_trip(implementation: Implementation, checked: Checked, row: Row)
         assertions.assert_roundtrip(checked.original, restored, max_ulps=0)
         row.observe(0.0)
         return
-    bound = checked.bound + _unfuse_bound(merged_cpu, checked.case.adapter, checked.scale)
+    bound = checked.bound + _unfuse_bound(merged_cpu, checked.case.adapter, checked.coefficient)
     row.observe(worst_fraction(restored, checked.original.to(torch.float64), bound))
     assertions.assert_within_bound(
         restored, checked.original.to(torch.float64), bound, what="[round trip] the unfused weight"
@@ -273,7 +274,7 @@ def _unfused(
 ) -> torch.Tensor:
     """``unfuse`` of ``checked``'s adapter from ``merged``; refusing it is a failure."""
     __tracebackhide__ = True
-    call = implementation.unfuse(merged, checked.lora_A, checked.lora_B, checked.scale)
+    call = implementation.unfuse(merged, checked.lora_A, checked.lora_B, checked.coefficient)
     if call.refused:
         _fail(
             prop,
@@ -287,7 +288,7 @@ def check_stacked_round_trip(implementation: Implementation, checked: Checked, r
     """fuse A1, fuse A2, unfuse A2 gives the weight after A1 (exactly when claimed); with
     an exact unfuse, unfusing A1 then gives the original."""
     __tracebackhide__ = True
-    first = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    first = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
     if first.refused or not checked.comfortably_finite():
         return
     assert first.result is not None
@@ -319,7 +320,7 @@ def check_stacked_round_trip(implementation: Implementation, checked: Checked, r
 def check_in_place_agreement(implementation: Implementation, checked: Checked, row: Row) -> None:
     """A returned tensor agrees with the weight written in place."""
     __tracebackhide__ = True
-    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
     if call.refused or not isinstance(call.returned, torch.Tensor) or not call.wrote_in_place:
         return
     if call.returned is checked.weight:
@@ -342,6 +343,6 @@ def check_in_place_agreement(implementation: Implementation, checked: Checked, r
 def check_refused_atomically(implementation: Implementation, checked: Checked, row: Row) -> None:
     """:func:`check_refused` and :func:`check_atomic` on one call (for large weights)."""
     __tracebackhide__ = True
-    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
     _assert_refused(checked, call)
     assertions.assert_atomic(checked.original, checked.weight.detach().cpu())

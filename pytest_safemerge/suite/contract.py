@@ -103,7 +103,7 @@ class ConformanceSuite:
                     note(f"case kind {case.kind!r}: {case.detail or 'ordinary'}")
                     note(
                         f"weight {tuple(checked.weight.shape)} {checked.weight.dtype}, "
-                        f"scale passed {checked.scale!r}"
+                        f"scale passed {checked.coefficient!r}"
                     )
                     check(implementation, checked, row)
 

@@ -123,7 +123,7 @@ def test_adapter_layer(
     case = MergeCase(matrix, safemerge.LoraAdapter(lora_A, lora_B), scale, "adapter")
     checked = Checked(case, safemerge_settings.device)
     row.example("adapter")
-    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.scale)
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
     if call.refused:
         assertions.assert_atomic(checked.original, checked.weight.detach().cpu())
         pytest.fail(

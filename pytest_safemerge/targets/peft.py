@@ -33,26 +33,12 @@ import torch
 from torch import nn
 
 from safemerge.merge.adapter import LoraAdapter
+from safemerge.names import ALL_TAGS
 
 __all__ = ["LAYER_KINDS", "PEFT_LORA", "PeftLoraMerge"]
 
 #: The module-level cases PEFT's LoRA layers take (all of the suite's kinds).
-LAYER_KINDS = frozenset(
-    {
-        "linear",
-        "embedding",
-        "conv1d",
-        "conv2d",
-        "conv3d",
-        "fan-in-fan-out",
-        "nf4",
-        "fp4",
-        "int8",
-        "lora-bias",
-        "dora",
-        "several",
-    }
-)
+LAYER_KINDS = ALL_TAGS
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -277,7 +263,7 @@ def _module_layer(layer: nn.Module, adapters: Sequence[LoraAdapter], scale: floa
     if not adapters:
         raise ValueError("fuse_layer needs at least one adapter")
     kind, base = _base_of(layer, adapters)
-    peft_layer = _wrap(base, adapters, fan_in_fan_out=kind == "fan-in-fan-out", kind=kind)
+    peft_layer = _wrap(base, adapters, fan_in_fan_out=kind == "fan_in_fan_out", kind=kind)
     for index in range(len(adapters)):
         peft_layer.set_scale(_name(index), scale)
     return peft_layer
@@ -293,9 +279,9 @@ def _base_of(layer: nn.Module, adapters: Sequence[LoraAdapter]) -> tuple[str, nn
         return ("int8" if type(layer).__name__ == "Linear8bitLt" else "4bit"), layer
     conv1d = _transformers_conv1d()
     if conv1d is not None and isinstance(layer, conv1d):
-        return "fan-in-fan-out", layer
+        return "fan_in_fan_out", layer
     if transposed == {True}:
-        return "fan-in-fan-out", _as_conv1d(layer)
+        return "fan_in_fan_out", _as_conv1d(layer)
     for kind, cls in (
         ("linear", nn.Linear),
         ("embedding", nn.Embedding),

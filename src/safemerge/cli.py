@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from safemerge import __version__
+from safemerge import __version__, names
 from safemerge.errors import (
     AdapterConfigError,
     AdapterFormatError,
@@ -29,17 +29,11 @@ from safemerge.errors import (
 
 if TYPE_CHECKING:  # the subcommands import their modules when they run
     from safemerge.inspection import AdapterScan
-    from safemerge.model.report import LayerResult, ModelFuseReport
+    from safemerge.model.report import ModelFuseReport, TensorResult
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-}
+_DTYPES = {name: getattr(torch, name) for name in names.WEIGHT_DTYPES}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--dtype",
-        choices=["float32", "float16", "bfloat16"],
+        choices=names.OUTPUT_DTYPES,
         default="bfloat16",
         help="weight dtype of the model",
     )
@@ -217,7 +211,7 @@ class _ProgressBar:
         self.width = width
         self.drawn = False
 
-    def __call__(self, result: LayerResult) -> None:
+    def __call__(self, result: TensorResult) -> None:
         total = max(result.total, 1)
         filled = self.width * result.position // total
         bar = "#" * filled + "." * (self.width - filled)

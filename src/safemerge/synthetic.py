@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from safemerge import names
 from safemerge.merge.adapter import LoraAdapter
 from safemerge.merge.view import view_layer
 
 LAYER_KINDS = ("linear", "embedding", "conv1d", "conv2d", "conv3d", "fan_in_fan_out")
-QUANTIZED_KINDS = ("nf4", "fp4", "int8")
+QUANTIZED_KINDS = names.QUANT_TYPES
 
 _TINY_PROJECTIONS = {
     "q_proj": (64, 64),
@@ -95,7 +96,7 @@ def quantized_linear(
     out_features, in_features = (int(size) for size in weight.shape)
     data = weight.detach().to(torch.float32).cpu()
     layer: Any
-    if quant_type in ("nf4", "fp4"):
+    if quant_type in names.FOUR_BIT_TYPES:
         layer = bnb.nn.Linear4bit(
             in_features,
             out_features,
@@ -121,7 +122,7 @@ def quantized_linear(
         )
         layer.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
     else:
-        raise ValueError(f"quant_type={quant_type!r}: choose one of {', '.join(QUANTIZED_KINDS)}")
+        raise ValueError(f"quant_type={quant_type!r}: choose one of {names.listed(QUANTIZED_KINDS)}")
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     module: nn.Module = layer.to(device)

@@ -46,7 +46,7 @@ ONE_ADAPTER = ALL_TAGS - {"several"}
     layer_cases(layer="linear", options={"dora"}, allowed=ONE_ADAPTER)
     | layer_cases(layer="conv2d", options={"lora-bias"}, allowed=ONE_ADAPTER)
     | layer_cases(layer="embedding", allowed=ONE_ADAPTER)
-    | layer_cases(layer="fan-in-fan-out", options={"dora"}, allowed=ONE_ADAPTER)
+    | layer_cases(layer="fan_in_fan_out", options={"dora"}, allowed=ONE_ADAPTER)
 )
 def test_one_adapter_has_exactly_the_bound_of_expected_fuse(case: LayerCase) -> None:
     (adapter,) = case.adapters

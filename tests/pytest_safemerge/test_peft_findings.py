@@ -123,7 +123,7 @@ class TestConv3d(LayerConformanceSuite):
 
 class TestConforming(LayerConformanceSuite):
     safemerge_impl = declaring(
-        "linear", "embedding", "conv1d", "conv2d", "fan-in-fan-out", "several", "int8"
+        "linear", "embedding", "conv1d", "conv2d", "fan_in_fan_out", "several", "int8"
     )
 '''
 

@@ -41,7 +41,7 @@ def _expected(layer: nn.Module, adapters: list[LoraAdapter], scale: float) -> nn
 
 def test_layer_kinds_are_every_tag_of_the_suite() -> None:
     assert PEFT_LORA.layer_kinds == LAYER_KINDS
-    assert {"linear", "embedding", "conv1d", "conv2d", "conv3d", "fan-in-fan-out"} <= LAYER_KINDS
+    assert {"linear", "embedding", "conv1d", "conv2d", "conv3d", "fan_in_fan_out"} <= LAYER_KINDS
     assert {"nf4", "fp4", "int8", "lora-bias", "dora", "several"} <= LAYER_KINDS
     assert PEFT_LORA.exact_unfuse is False
     assert isinstance(PEFT_LORA, PeftLoraMerge)

@@ -27,12 +27,12 @@ import safemerge.model.streaming as streaming
 from safemerge import (
     AdapterSet,
     CheckpointError,
-    LayerResult,
     LoraAdapter,
     ModelFuseError,
     ModelFuseReport,
     ModelWriteError,
     NonFiniteMergeError,
+    TensorResult,
     fuse,
     fuse_files,
     fuse_model,
@@ -415,7 +415,7 @@ def test_fuse_files_writes_what_fuse_model_gives(
     paths = _adapters(model, tmp_path / "adapters")
     base = _base_directory(model, tmp_path / "base", shard_size=shard_size)
     inputs = _digests(base, tmp_path / "adapters")
-    seen: list[LayerResult] = []
+    seen: list[TensorResult] = []
     report = fuse_files(
         base, [paths[0], (paths[1], 0.5)], tmp_path / "out", scale=0.9, progress=seen.append
     )
@@ -582,7 +582,7 @@ def test_unexpected_errors_and_aborting_progress_write_nothing(
     base, paths = on_disk
     out = tmp_path / "out"
 
-    def stop(result: LayerResult) -> None:
+    def stop(result: TensorResult) -> None:
         if result.position == 7:
             raise KeyboardInterrupt
 

@@ -368,12 +368,12 @@ def unfuse_matrix(
                 )
     except BaseException:
         if in_place:
-            _refuse_rows(blocks, restored_rows)
+            _refuse_restored_rows(blocks, restored_rows)
         raise
     return None if in_place else result
 
 
-def _refuse_rows(blocks: _Blocks, rows: int) -> None:
+def _refuse_restored_rows(blocks: _Blocks, rows: int) -> None:
     """Fuse ``matrix[:rows]`` again after an in-place unfuse failed midway (exact: the
     same arithmetic as the original fuse, from the same original values)."""
     for start, stop in blocks.ranges():

@@ -10,14 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
+from safemerge.names import WEIGHT_DTYPES, listed
+
 #: Weight dtypes safemerge fuses into. The merge itself is always computed in float32.
-SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-)
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(getattr(torch, name) for name in WEIGHT_DTYPES)
 
 #: Explicit mantissa bits (precision minus one) of each supported dtype.
 MANTISSA_BITS: dict[torch.dtype, int] = {
@@ -41,8 +37,9 @@ _WIDE_INT: dict[int, torch.dtype] = {1: torch.int32, 2: torch.int32, 4: torch.in
 def check_supported(dtype: torch.dtype) -> None:
     """Raise TypeError unless ``dtype`` is a weight dtype safemerge fuses into."""
     if dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-        raise TypeError(f"weights of dtype {dtype} cannot be fused; supported dtypes: {names}")
+        raise TypeError(
+            f"weights of dtype {dtype} cannot be fused; supported dtypes: {listed(WEIGHT_DTYPES)}"
+        )
 
 
 def overflow_threshold(dtype: torch.dtype) -> float:
@@ -63,6 +60,21 @@ def overflow_threshold(dtype: torch.dtype) -> float:
     if largest_significand_is_odd:
         return tie
     return float(torch.nextafter(torch.tensor(tie), torch.tensor(math.inf)))
+
+
+#: Where float32's own rounding overflows: ``max + ulp(max)/2`` (the largest float32 has an
+#: odd significand, so a tie there rounds away, to Inf).
+FLOAT32_RANGE_LIMIT = float(torch.finfo(torch.float32).max) + 2.0**103
+
+
+def range_limit(dtype: torch.dtype) -> float:
+    """Smallest magnitude, exact (as float64 holds it), that does not round to a finite
+    ``dtype`` value: :func:`overflow_threshold`, and for float32, whose values always fit
+    float32, :data:`FLOAT32_RANGE_LIMIT`. Finite for every supported dtype.
+    """
+    if dtype == torch.float32:
+        return FLOAT32_RANGE_LIMIT
+    return overflow_threshold(dtype)
 
 
 def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

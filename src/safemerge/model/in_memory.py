@@ -27,7 +27,7 @@ from safemerge.merge.bound_check import BoundCheck
 from safemerge.merge.record import FuseRecord
 from safemerge.merge.request import check_request
 from safemerge.merge.view import LayerView, view_layer
-from safemerge.model.report import LayerResult, ModelFuseReport
+from safemerge.model.report import ModelFuseReport, TensorResult
 from safemerge.model.transaction import (
     check_scale,
     checked_against_bound,
@@ -83,7 +83,7 @@ def fuse_model(
     requested = _requests(adapters, scale)
     layers = _module_layers(module, requested, scale, prefix)
     records: dict[str, FuseRecord | QuantizedFuseRecord] = {}
-    results: list[LayerResult] = []
+    results: list[TensorResult] = []
     current = ""
     try:
         for position, (name, (layer, pairs)) in enumerate(layers.items(), start=1):
@@ -99,7 +99,7 @@ def fuse_model(
                 else checked_against_bound(check, record, name)
             )
             results.append(
-                LayerResult(
+                TensorResult(
                     name=name,
                     kind=record.kind,
                     shape=tuple(record.shape),

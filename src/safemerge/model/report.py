@@ -12,15 +12,15 @@ from safemerge.merge.record import FuseRecord
 from safemerge.model.memory import peak_rss_bytes
 from safemerge.quant.quantized import QuantizedFuseRecord
 
-#: ``LayerResult.kind`` of a tensor written as read (``"cast"`` when only its dtype changed).
+#: ``TensorResult.kind`` of a tensor written as read (``"cast"`` when only its dtype changed).
 UNCHANGED = "unchanged"
 CAST = "cast"
-#: ``LayerResult.kind`` of a layer's bias that its adapters' LoRA biases were added to.
+#: ``TensorResult.kind`` of a layer's bias that its adapters' LoRA biases were added to.
 BIAS = "bias"
 
 
 @dataclass(frozen=True)
-class LayerResult:
+class TensorResult:
     """One tensor of a whole-model fuse: what was done to it, how accurately, how fast.
 
     Attributes:
@@ -64,12 +64,16 @@ class LayerResult:
         return count
 
 
+#: The name this class had before it was known to cover biases and copied tensors too.
+LayerResult = TensorResult
+
+
 @dataclass(frozen=True, eq=False)
 class ModelFuseReport:
     """The result of :func:`safemerge.fuse_model` or :func:`safemerge.fuse_files`.
 
     Attributes:
-        layers: one :class:`LayerResult` per tensor processed, in model order (for
+        layers: one :class:`TensorResult` per tensor processed, in model order (for
             ``fuse_model``, the fused layers only).
         parameters: elements of every tensor processed (written, for ``fuse_files``).
         fused_parameters: elements of the weights adapters were fused into.
@@ -86,7 +90,7 @@ class ModelFuseReport:
             :func:`safemerge.unfuse`) needs to restore it exactly (``fuse_model`` only).
     """
 
-    layers: tuple[LayerResult, ...]
+    layers: tuple[TensorResult, ...]
     parameters: int
     fused_parameters: int
     tensors_written: int
@@ -102,7 +106,7 @@ class ModelFuseReport:
     @classmethod
     def in_memory(
         cls,
-        results: Sequence[LayerResult],
+        results: Sequence[TensorResult],
         records: dict[str, FuseRecord | QuantizedFuseRecord],
         *,
         seconds: float,
@@ -120,7 +124,7 @@ class ModelFuseReport:
         )
 
     @property
-    def fused(self) -> tuple[LayerResult, ...]:
+    def fused(self) -> tuple[TensorResult, ...]:
         """The results of the weights adapters were fused into: one per fused layer."""
         return tuple(layer for layer in self.layers if layer.fused)
 

@@ -8,6 +8,7 @@ through :func:`safemerge.io.writer.write_model`, or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ from safemerge.merge.record import FuseRecord
 from safemerge.merge.request import check_request
 from safemerge.merge.view import view_layer
 from safemerge.model.memory import peak_rss_bytes, release_free_heap
-from safemerge.model.report import BIAS, CAST, UNCHANGED, LayerResult, ModelFuseReport
+from safemerge.model.report import BIAS, CAST, UNCHANGED, ModelFuseReport, TensorResult
 from safemerge.model.transaction import (
     check_scale,
     checked_against_bound,
@@ -64,7 +65,7 @@ def fuse_files(
     dtype: torch.dtype | None = None,
     shard_size: int = writer.DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
-    progress: Callable[[LayerResult], None] | None = None,
+    progress: Callable[[TensorResult], None] | None = None,
 ) -> ModelFuseReport:
     """Fuse adapter files into a safetensors model, streaming from disk to a new directory.
 
@@ -88,7 +89,7 @@ def fuse_files(
             adapters are fused in it); None keeps each tensor's own dtype.
         shard_size: the largest shard, in bytes (a larger tensor gets its own shard).
         overwrite: replace an existing ``output``, once the new model is complete.
-        progress: called with each tensor's :class:`LayerResult` once it is ready to
+        progress: called with each tensor's :class:`TensorResult` once it is ready to
             write; an exception it raises aborts the fuse (nothing is written).
 
     Returns:
@@ -125,7 +126,7 @@ def fuse_files(
             read_json(copy_from / "config.json")  # a truncated config fails now, not later
         _check_space(output_path, plan, copy_from)
         metadata = _provenance(checkpoint.metadata, sets, scale, dtype)
-        results: list[LayerResult] = []
+        results: list[TensorResult] = []
         tensors = _fused_tensors(checkpoint, plan, layers, scale, results, progress)
         try:
             written = writer.write_model(
@@ -352,13 +353,13 @@ def _fused_tensors(
     plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
     layers: Mapping[str, _FileLayer],
     scale: float,
-    results: list[LayerResult],
-    progress: Callable[[LayerResult], None] | None,
+    results: list[TensorResult],
+    progress: Callable[[TensorResult], None] | None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each tensor in plan order: read, cast, fused if adapted; its result recorded."""
     by_bias = {layer.bias: layer for layer in layers.values() if layer.bias is not None}
     dtypes = {name: dtype for name, _, dtype in plan}
-    done: dict[str, tuple[torch.Tensor, LayerResult]] = {}
+    done: dict[str, tuple[torch.Tensor, TensorResult]] = {}
     total = len(plan)
     for position, (name, shape, dtype) in enumerate(plan, start=1):
         started = time.perf_counter()
@@ -367,7 +368,7 @@ def _fused_tensors(
             if layer is None:
                 tensor = _read(checkpoint, name, dtype)
                 kind = UNCHANGED if tensor.dtype == checkpoint.info(name).dtype else CAST
-                result = LayerResult(name, kind, shape, dtype, None, 0.0)
+                result = TensorResult(name, kind, shape, dtype, None, 0.0)
                 done[name] = (tensor, result)
             else:
                 done.update(_fuse_file_layer(checkpoint, layer, scale, dtypes))
@@ -382,18 +383,13 @@ def _fused_tensors(
             release_free_heap()
 
 
-def _placed(result: LayerResult, position: int, total: int, seconds: float) -> LayerResult:
-    return LayerResult(
-        result.name,
-        result.kind,
-        result.shape,
-        result.dtype,
-        result.worst_error_of_bound,
-        result.seconds + seconds,
-        result.adapters,
-        position,
-        total,
-    )
+def _placed(result: TensorResult, position: int, total: int, seconds: float) -> TensorResult:
+    """``result`` at its place in the output, timed by the loop that produced it.
+
+    The time replaces whatever the result carried: a layer's weight and bias are read and
+    fused in one step, timed once here (the tensor handed over later takes no time).
+    """
+    return dataclasses.replace(result, seconds=seconds, position=position, total=total)
 
 
 def _read(checkpoint: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -407,9 +403,11 @@ def _fuse_file_layer(
     file_layer: _FileLayer,
     scale: float,
     dtypes: Mapping[str, torch.dtype],
-) -> dict[str, tuple[torch.Tensor, LayerResult]]:
-    """Read one adapted layer (weight, and bias when a LoRA bias needs it), fuse and check it."""
-    started = time.perf_counter()
+) -> dict[str, tuple[torch.Tensor, TensorResult]]:
+    """Read one adapted layer (weight, and bias when a LoRA bias needs it), fuse and check it.
+
+    The results' times are left at zero: :func:`_fused_tensors` times the whole step.
+    """
     name = file_layer.weight
     weight = _read(checkpoint, name, dtypes[name])
     bias = (
@@ -433,20 +431,19 @@ def _fuse_file_layer(
             problems=[(name, f"{type(error).__name__}: {error}")],
             path=checkpoint.path,
         ) from error
-    seconds = time.perf_counter() - started
     shape = tuple(weight.shape)
     fused = {
         name: (
             weight,
-            LayerResult(
-                name, record.kind, shape, weight.dtype, worst, seconds, len(file_layer.pairs)
+            TensorResult(
+                name, record.kind, shape, weight.dtype, worst, 0.0, len(file_layer.pairs)
             ),
         )
     }
     if bias is not None and file_layer.bias is not None:
         fused[file_layer.bias] = (
             bias,
-            LayerResult(
+            TensorResult(
                 file_layer.bias,
                 BIAS,
                 tuple(bias.shape),

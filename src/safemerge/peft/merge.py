@@ -35,7 +35,7 @@ from safemerge.merge import engine
 from safemerge.merge.headroom import cannot_overflow, weight_magnitude
 from safemerge.merge.record import FuseRecord
 from safemerge.merge.request import coefficients, merged_bias
-from safemerge.model.report import LayerResult, ModelFuseReport
+from safemerge.model.report import ModelFuseReport, TensorResult
 from safemerge.model.transaction import interrupts_deferred, roll_back
 from safemerge.peft.layers import PeftLayer, layer_view, lora_tuner, plan_merge
 from safemerge.quant import bnb
@@ -211,8 +211,8 @@ def _unchanged(lora_layer: Any, record: Record) -> bool:
     return engine.fingerprint(data) == record.fused_fingerprint
 
 
-def _result(layer: PeftLayer, record: Record, position: int, total: int) -> LayerResult:
-    return LayerResult(
+def _result(layer: PeftLayer, record: Record, position: int, total: int) -> TensorResult:
+    return TensorResult(
         name=layer.weight_name,
         kind=record.kind,
         shape=tuple(record.shape),
