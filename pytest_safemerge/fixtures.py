@@ -54,6 +54,7 @@ def safemerge_fuse() -> Iterator[Callable[..., Any]]:
     def fuse(layer: Any, adapters: Any, *, scale: float = 1.0, name: str | None = None) -> Any:
         label = name or type(layer).__name__
         digest = layer_digest(layer)
+        record: safemerge.FuseRecord | safemerge.QuantizedFuseRecord
         if _is_tensor(layer):
             record = safemerge.fuse_weight(layer, adapters, scale=scale, name=label)
         else:
@@ -135,6 +136,7 @@ def safemerge_layer_factory() -> Callable[..., Any]:
     ) -> Any:
         if kind in synthetic.QUANTIZED_KINDS:
             base = synthetic.random_layer("linear", in_features, out_features, seed=seed)
+            assert isinstance(base.weight, torch.Tensor)
             return synthetic.quantized_linear(base.weight, kind, **options)
         return synthetic.random_layer(
             kind, in_features, out_features, dtype=dtype or torch.float32, seed=seed, **options

@@ -164,8 +164,8 @@ def _adapter_copy(adapter: safemerge.LoraAdapter, device: str | torch.device) ->
 
     return replace(
         adapter,
-        lora_A=moved(adapter.lora_A),
-        lora_B=moved(adapter.lora_B),
+        lora_A=adapter.lora_A.to(device, copy=True),
+        lora_B=adapter.lora_B.to(device, copy=True),
         lora_bias=moved(adapter.lora_bias),
         magnitude=moved(adapter.magnitude),
     )

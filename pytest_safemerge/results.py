@@ -15,7 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -68,7 +68,7 @@ def collect_row(report: pytest.TestReport, rows: list[dict[str, Any]]) -> None:
     if data is None:
         return
     if report.when == "call" or (report.when == "setup" and not report.passed):
-        row = dict(data, outcome=report.outcome)
+        row: dict[str, Any] = {**cast(dict[str, Any], data), "outcome": report.outcome}
         if report.skipped and isinstance(report.longrepr, tuple):
             row["detail"] = str(report.longrepr[2]).removeprefix("Skipped: ")
         rows.append(row)

@@ -308,10 +308,10 @@ def _weights(
         return _from_patterns(patterns, dtype).reshape(shape)
     std = draw(st.sampled_from(_STDS))
     weight = _seeded_normal(shape, std, dtype, _generator(draw(_seeds)))
-    largest = _dtype_max(dtype)
+    largest_value = _dtype_max(dtype)
     values = st.one_of(
         st.sampled_from(_special_values(dtype)),
-        st.floats(-largest, largest, allow_nan=False, allow_infinity=False),
+        st.floats(-largest_value, largest_value, allow_nan=False, allow_infinity=False),
     )
     flat = weight.view(-1)
     for index, value in draw(st.lists(st.tuples(positions, values), max_size=min(numel, 4))):

@@ -298,7 +298,7 @@ def check_stacked_round_trip(implementation: Implementation, checked: Checked, r
     other = safemerge.LoraAdapter(adapter.lora_A.flip(0) * 0.5, adapter.lora_B.flip(1))
     second_case = MergeCase(snapshot, other, checked.case.scale, checked.case.kind)
     second = Checked(second_case, checked.device)
-    fused_twice = implementation.fuse(after_first, second.lora_A, second.lora_B, second.scale)
+    fused_twice = implementation.fuse(after_first, second.lora_A, second.lora_B, second.coefficient)
     if fused_twice.refused or not second.comfortably_finite():
         return
     assert fused_twice.result is not None
@@ -307,7 +307,7 @@ def check_stacked_round_trip(implementation: Implementation, checked: Checked, r
         assertions.assert_within_bound(
             back_to_first.detach().cpu(),
             snapshot.to(torch.float64),
-            second.bound + _unfuse_bound(fused_twice.result, other, second.scale),
+            second.bound + _unfuse_bound(fused_twice.result, other, second.coefficient),
             what="[stacked round trip] unfusing the second adapter: the weight",
         )
         return

@@ -18,7 +18,7 @@ cases; a failure shows the shrunk case and says which property broke and how bad
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, event, example, given, note, settings
@@ -111,7 +111,7 @@ class ConformanceSuite:
                 # and its derandomized seed on the name, and prints it with a failure.
                 tag = "".join(c if c.isalnum() else "_" for c in kind.replace("+", "pos"))
                 name = f"{request.node.originalname}__{tag}"
-                property_holds.hypothesis.inner_test.__name__ = name
+                cast(Any, property_holds).hypothesis.inner_test.__name__ = name
                 if max_side <= 16:  # the hand-written cases are small ones
                     for known in known_cases(kind):
                         property_holds = example(known)(property_holds)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from safemerge._version import __version__
 
 #: Each public name and where it lives: a module's attribute, or a module itself.
 _HOMES: dict[str, str] = {
@@ -58,34 +58,47 @@ _HOMES: dict[str, str] = {
 
 __all__ = ["__version__", *sorted(_HOMES)]
 
-if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_layout.py keeps it equal to _HOMES
-    from safemerge import synthetic
-    from safemerge.errors import (
-        AdapterConfigError,
-        AdapterFormatError,
-        CheckpointError,
-        ModelFuseError,
-        ModelWriteError,
-        NonFiniteMergeError,
-        RestoreError,
-        SafemergeError,
-        UnsupportedLayerError,
-    )
-    from safemerge.io.adapter_formats import AdapterSet, load_adapter, write_peft_adapter
-    from safemerge.io.checkpoint import Checkpoint, open_checkpoint
-    from safemerge.io.header import TensorInfo
-    from safemerge.io.writer import WrittenModel, write_model
-    from safemerge.layer import fuse, fuse_weight, unfuse, unfuse_weight
-    from safemerge.merge import bounds, numerics
-    from safemerge.merge.adapter import LoraAdapter
-    from safemerge.merge.bounds import merge_bound, merge_bound_parts
-    from safemerge.merge.record import FuseRecord
-    from safemerge.merge.reference import expected_fuse
-    from safemerge.merge.view import matrix_form
-    from safemerge.model.in_memory import fuse_model, unfuse_model, weight_shapes
-    from safemerge.model.report import LayerResult, ModelFuseReport, TensorResult
-    from safemerge.model.streaming import fuse_files
-    from safemerge.quant.quantized import QuantizedFuseRecord, quantization_bound
+if TYPE_CHECKING:  # what type checkers see (``X as X``: an explicit re-export); tests/test_layout.py
+    # keeps these names equal to _HOMES
+    from safemerge import synthetic as synthetic
+    from safemerge.errors import AdapterConfigError as AdapterConfigError
+    from safemerge.errors import AdapterFormatError as AdapterFormatError
+    from safemerge.errors import CheckpointError as CheckpointError
+    from safemerge.errors import ModelFuseError as ModelFuseError
+    from safemerge.errors import ModelWriteError as ModelWriteError
+    from safemerge.errors import NonFiniteMergeError as NonFiniteMergeError
+    from safemerge.errors import RestoreError as RestoreError
+    from safemerge.errors import SafemergeError as SafemergeError
+    from safemerge.errors import UnsupportedLayerError as UnsupportedLayerError
+    from safemerge.io.adapter_formats import AdapterSet as AdapterSet
+    from safemerge.io.adapter_formats import load_adapter as load_adapter
+    from safemerge.io.adapter_formats import write_peft_adapter as write_peft_adapter
+    from safemerge.io.checkpoint import Checkpoint as Checkpoint
+    from safemerge.io.checkpoint import open_checkpoint as open_checkpoint
+    from safemerge.io.header import TensorInfo as TensorInfo
+    from safemerge.io.writer import WrittenModel as WrittenModel
+    from safemerge.io.writer import write_model as write_model
+    from safemerge.layer import fuse as fuse
+    from safemerge.layer import fuse_weight as fuse_weight
+    from safemerge.layer import unfuse as unfuse
+    from safemerge.layer import unfuse_weight as unfuse_weight
+    from safemerge.merge import bounds as bounds
+    from safemerge.merge import numerics as numerics
+    from safemerge.merge.adapter import LoraAdapter as LoraAdapter
+    from safemerge.merge.bounds import merge_bound as merge_bound
+    from safemerge.merge.bounds import merge_bound_parts as merge_bound_parts
+    from safemerge.merge.record import FuseRecord as FuseRecord
+    from safemerge.merge.reference import expected_fuse as expected_fuse
+    from safemerge.merge.view import matrix_form as matrix_form
+    from safemerge.model.in_memory import fuse_model as fuse_model
+    from safemerge.model.in_memory import unfuse_model as unfuse_model
+    from safemerge.model.in_memory import weight_shapes as weight_shapes
+    from safemerge.model.report import LayerResult as LayerResult
+    from safemerge.model.report import ModelFuseReport as ModelFuseReport
+    from safemerge.model.report import TensorResult as TensorResult
+    from safemerge.model.streaming import fuse_files as fuse_files
+    from safemerge.quant.quantized import QuantizedFuseRecord as QuantizedFuseRecord
+    from safemerge.quant.quantized import quantization_bound as quantization_bound
 
 
 def __getattr__(name: str) -> Any:

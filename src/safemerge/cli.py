@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from safemerge import __version__, names
+from safemerge import names
+from safemerge._version import __version__
 from safemerge.errors import (
     AdapterConfigError,
     AdapterFormatError,

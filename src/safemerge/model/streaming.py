@@ -326,7 +326,7 @@ def _provenance(
     dtype: torch.dtype | None,
 ) -> dict[str, str]:
     """The base's safetensors metadata, plus what safemerge fused into it."""
-    from safemerge import __version__  # the package imports this module first
+    from safemerge._version import __version__
 
     adapters = [
         {
