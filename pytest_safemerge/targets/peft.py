@@ -8,7 +8,7 @@ LoRA layer class for its kind (``peft.tuners.lora.layer.Linear``, ``Embedding``,
 ``merge(safe_merge=True)`` and ``unmerge()`` do the work. Nothing here corrects PEFT: what
 PEFT gets wrong, the suite sees.
 
-Two contracts (DESIGN.md, "The plugin's contract"):
+Two contracts (``docs/design.md``, "The plugin's contracts"):
 
 - tensor level: ``fuse(weight, lora_A, lora_B, scale)`` returns the merged weight (PEFT's
   safe merge computes into a copy and swaps it in, so the weight passed is not written);

@@ -35,7 +35,7 @@ def float32_merge(
     weight: torch.Tensor, adapter: safemerge.LoraAdapter, scale: float
 ) -> torch.Tensor:
     """The reference sum before the cast back: ``float32(W) + c * (B @ A)``, with
-    ``c = adapter.scale * scale`` as in DESIGN.md."""
+    ``c = adapter.scale * scale`` as in ``docs/design.md``, "The arithmetic"."""
     delta = adapter.lora_B.float() @ adapter.lora_A.float()
     return weight.float() + (adapter.scale * scale) * delta
 

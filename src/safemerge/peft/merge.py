@@ -5,7 +5,7 @@
 float32 with safemerge's guard, and all or nothing. It works in three steps:
 
 1. plan: every LoRA layer and adapter is checked (:func:`safemerge.peft.layers.plan_merge`);
-2. prove: for each layer, :func:`safemerge.headroom.cannot_overflow` shows from the
+2. prove: for each layer, :func:`safemerge.merge.headroom.cannot_overflow` shows from the
    adapter factors and ``max|W|`` that the guard cannot refuse it; the few layers it
    cannot vouch for (DoRA, a broken adapter, a weight near its dtype's range) are merged
    first, each keeping its exact-unfuse correction, and a refusal among them unmerges
