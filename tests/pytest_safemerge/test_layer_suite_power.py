@@ -1,8 +1,8 @@
-"""The layer conformance suite fails every bug in ``buggy_layer_impls`` in the property meant
-to catch it, and passes safemerge's engine and the correct references.
+"""The layer conformance suite fails every bug in ``support.buggy_layer_impls`` in the property
+meant to catch it, and passes safemerge's engine and the correct references.
 
 Each run drives pytest through ``pytester`` in an empty directory, as a downstream user
-would: ``pytest --safemerge-impl=buggy_layer_impls:NAME``, ``-k`` picking one property
+would: ``pytest --safemerge-impl=support.buggy_layer_impls:NAME``, ``-k`` picking one property
 and ``--safemerge-examples=1`` the fewest examples (each cell of the exploration still
 gets its own few, and the suite's hand-written cases), which keeps this module near a
 minute.
@@ -16,15 +16,13 @@ from pathlib import Path
 import bitsandbytes  # noqa: F401  (imported once: pytester's in-process runs forget modules)
 import pytest
 
-try:
-    from . import buggy_layer_impls  # type: ignore[import-not-found]
-except ImportError:
-    import buggy_layer_impls  # type: ignore[no-redef]
-
 from pytest_safemerge.layer_strategies import ALL_TAGS, REFUSED_LAYER_KINDS
 from pytest_safemerge.suite.layer_contract import LAYER_PROPERTY_NAMES
 
-HERE = Path(buggy_layer_impls.__file__).parent
+from support import buggy_layer_impls
+
+#: tests/, the directory that makes ``support.buggy_layer_impls`` importable.
+TESTS = Path(buggy_layer_impls.__file__).parents[1]
 FEW = "--safemerge-examples=1"
 #: What Hypothesis prints before the failing case: a shrunk generated one, or one of the
 #: suite's hand-written cases.
@@ -32,9 +30,9 @@ FAILING_CASE_MARKERS = ("Failing test case", "Falsifying example", "Failing expl
 
 
 def run_suite(pytester: pytest.Pytester, name: str, *args: str) -> pytest.RunResult:
-    pytester.syspathinsert(HERE)
+    pytester.syspathinsert(TESTS)
     return pytester.runpytest(
-        f"--safemerge-impl=buggy_layer_impls:{name}", "-p", "no:cacheprovider", *args
+        f"--safemerge-impl=support.buggy_layer_impls:{name}", "-p", "no:cacheprovider", *args
     )
 
 
@@ -57,7 +55,7 @@ def test_the_layer_suite_passes_correct_references(pytester: pytest.Pytester, na
     result = run_suite(pytester, name, FEW, "-k", "layer")
 
     result.assert_outcomes(passed=6, deselected=9)
-    result.stdout.fnmatch_lines([f"layer contract (buggy_layer_impls:{name}):"])
+    result.stdout.fnmatch_lines([f"layer contract (support.buggy_layer_impls:{name}):"])
 
 
 def test_safemerge_passes_the_layer_suite_and_reports_what_it_met(

