@@ -1,15 +1,25 @@
 """Merge implementations under test: loading ``MODULE:OBJECT``, safemerge's own engine, and
 one call of an implementation observed (what it returned, raised, and wrote in place).
 
-The tensor-level contract (DESIGN.md, "The plugin's contract")::
+The tensor-level contract (``docs/design.md``, "Tensor contract")::
 
     fuse(weight, lora_A, lora_B, scale) -> Tensor | None
     unfuse(weight, lora_A, lora_B, scale) -> Tensor | None    # optional
     exact_unfuse: bool                                        # optional, default False
 
 ``weight`` is ``(out, in)``, ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``; the call
-updates ``weight`` in place (returning None) or returns the new weight, and raises when
+updates ``weight`` in place (returning None) or returns the new weight, and refuses when
 the merged weight would not be finite in ``weight.dtype``, leaving ``weight`` unchanged.
+
+Declarations (optional; docs/design.md, "Cells, capabilities and refusals")::
+
+    dtypes: Collection[torch.dtype]             # weight dtypes supported; default all
+    refusal_errors: tuple[type[Exception], ...]  # what a refusal raises; default (ValueError,)
+
+A refusal is an exception of ``refusal_errors`` (ValueError and its subclasses by
+default: safemerge's, PEFT's and diffusers' refusals all are). Any other exception where a
+refusal is due is a crash, and fails the refusal cells ("refused by crashing"); on a case
+whose merge is finite it fails the cell as an unsupported dtype or layer unless declared.
 
 The module-level contract (optional; the layer suite runs when ``fuse_layer`` exists)::
 
@@ -146,7 +156,7 @@ def load_implementation(spec: str | None) -> Implementation:
             f"lora_B, scale); see the contract in pytest_safemerge.implementations"
         )
     implementation = Implementation(spec, target)
-    implementation.check_layer_kinds()
+    implementation.check_declarations()
     return implementation
 
 
@@ -166,9 +176,22 @@ class Call:
     result: torch.Tensor | None
     wrote_in_place: bool
 
+    refusal_errors: tuple[type[BaseException], ...] = (ValueError,)
+
     @property
     def refused(self) -> bool:
+        """It raised (a refusal, or a crash: see :attr:`crashed`)."""
         return self.error is not None
+
+    @property
+    def crashed(self) -> bool:
+        """It raised something that is not one of the implementation's refusal errors."""
+        return self.error is not None and not isinstance(self.error, self.refusal_errors)
+
+
+def describe_error(error: BaseException | None) -> str:
+    """``"TypeError: message"``."""
+    return "nothing" if error is None else f"{type(error).__name__}: {error}"
 
 
 @dataclass(frozen=True)
@@ -183,18 +206,75 @@ class Implementation:
         return callable(getattr(self.target, "unfuse", None))
 
     @property
+    def refusal_errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions that count as a refusal (``refusal_errors``, default ValueError)."""
+        declared = getattr(self.target, "refusal_errors", None)
+        return (ValueError,) if declared is None else tuple(declared)
+
+    @property
+    def dtypes(self) -> frozenset[str] | None:
+        """Names of the weight dtypes the implementation declares (None: undeclared)."""
+        declared = getattr(self.target, "dtypes", None)
+        if declared is None:
+            return None
+        return frozenset(str(dtype).removeprefix("torch.") for dtype in declared)
+
+    def check_declarations(self) -> None:
+        """Raise pytest.UsageError for a ``dtypes``, ``refusal_errors`` or ``layer_kinds``
+        that the suite cannot use, naming the value and the fix."""
+        declared = getattr(self.target, "dtypes", None)
+        if declared is not None:
+            if isinstance(declared, str) or not all(
+                isinstance(dtype, torch.dtype) for dtype in declared
+            ):
+                raise pytest.UsageError(
+                    f"--safemerge-impl={self.spec}: dtypes={declared!r} must be a collection of "
+                    f"torch dtypes, e.g. dtypes = {{torch.float32, torch.bfloat16}}"
+                )
+            unknown = sorted((self.dtypes or frozenset()) - set(names.WEIGHT_DTYPES))
+            if unknown or not self.dtypes:
+                raise pytest.UsageError(
+                    f"--safemerge-impl={self.spec}: dtypes={sorted(self.dtypes or ())!r} "
+                    + (
+                        f"names dtypes the suite has no cases for: {unknown}"
+                        if unknown
+                        else "is empty"
+                    )
+                    + f"; weight dtypes: {names.listed(names.WEIGHT_DTYPES)}"
+                )
+        errors = getattr(self.target, "refusal_errors", None)
+        if errors is not None and (
+            isinstance(errors, type)
+            or not all(isinstance(e, type) and issubclass(e, BaseException) for e in errors)
+            or not tuple(errors)
+        ):
+            raise pytest.UsageError(
+                f"--safemerge-impl={self.spec}: refusal_errors={errors!r} must be a non-empty "
+                f"tuple of exception classes, e.g. refusal_errors = (ValueError,)"
+            )
+        self.check_layer_kinds()
+
+    def dtype_skip_reason(self, dtype: str, selected: Sequence[str] | None) -> str | None:
+        """Why the cells of weight dtype ``dtype`` do not run, or None when they do."""
+        if selected is not None and dtype not in selected:
+            return f"{dtype} not selected (--safemerge-dtypes={','.join(selected)})"
+        if self.dtypes is not None and dtype not in self.dtypes:
+            return f"{self.spec} does not declare {dtype} (dtypes = {sorted(self.dtypes)})"
+        return None
+
+    @property
     def exact_unfuse(self) -> bool:
         return bool(getattr(self.target, "exact_unfuse", False))
 
     def fuse(
         self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float
     ) -> Call:
-        return _observe(self.target.fuse, weight, lora_A, lora_B, scale)
+        return _observe(self.target.fuse, weight, lora_A, lora_B, scale, self.refusal_errors)
 
     def unfuse(
         self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float
     ) -> Call:
-        return _observe(self.target.unfuse, weight, lora_A, lora_B, scale)
+        return _observe(self.target.unfuse, weight, lora_A, lora_B, scale, self.refusal_errors)
 
     # --- the module-level contract ---------------------------------------------------------
 
@@ -239,25 +319,30 @@ class Implementation:
     def fuse_layer(
         self, layer: torch.nn.Module, adapters: Sequence[safemerge.LoraAdapter], scale: float
     ) -> LayerCall:
-        return _observe_layer(self.target.fuse_layer, layer, adapters, scale)
+        return _observe_layer(self.target.fuse_layer, layer, adapters, scale, self.refusal_errors)
 
     def unfuse_layer(
         self, layer: torch.nn.Module, adapters: Sequence[safemerge.LoraAdapter], scale: float
     ) -> LayerCall:
-        return _observe_layer(self.target.unfuse_layer, layer, adapters, scale)
+        return _observe_layer(self.target.unfuse_layer, layer, adapters, scale, self.refusal_errors)
 
 
 def _observe(
-    method: Any, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float
+    method: Any,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    refusal_errors: tuple[type[BaseException], ...],
 ) -> Call:
     before = safemerge.numerics.int_view(weight.detach().contiguous()).clone()
     try:
         with torch.no_grad():
             returned = method(weight, lora_A, lora_B, scale)
-    except Exception as error:  # the contract: refusing is raising any Exception
-        return Call(error, None, None, _changed(before, weight))
+    except Exception as error:  # a refusal or a crash: the checks tell them apart
+        return Call(error, None, None, _changed(before, weight), refusal_errors)
     result = returned if isinstance(returned, torch.Tensor) else weight
-    return Call(None, returned, result, _changed(before, weight))
+    return Call(None, returned, result, _changed(before, weight), refusal_errors)
 
 
 def _changed(before: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -280,22 +365,34 @@ class LayerCall:
     error: Exception | None
     returned: object
     changed: tuple[str, ...]
+    refusal_errors: tuple[type[BaseException], ...] = (ValueError,)
 
     @property
     def refused(self) -> bool:
+        """It raised (a refusal, or a crash: see :attr:`crashed`)."""
         return self.error is not None
+
+    @property
+    def crashed(self) -> bool:
+        """It raised something that is not one of the implementation's refusal errors."""
+        return self.error is not None and not isinstance(self.error, self.refusal_errors)
 
 
 def _observe_layer(
-    method: Any, layer: torch.nn.Module, adapters: Sequence[safemerge.LoraAdapter], scale: float
+    method: Any,
+    layer: torch.nn.Module,
+    adapters: Sequence[safemerge.LoraAdapter],
+    scale: float,
+    refusal_errors: tuple[type[BaseException], ...],
 ) -> LayerCall:
     before = layer_snapshot(layer)
     try:
         with torch.no_grad():
             returned = method(layer, adapters, scale)
-    except Exception as error:  # the contract: refusing is raising any Exception
-        return LayerCall(error, None, changed_tensors(before, layer_snapshot(layer)))
-    return LayerCall(None, returned, changed_tensors(before, layer_snapshot(layer)))
+    except Exception as error:  # a refusal or a crash: the checks tell them apart
+        changed = changed_tensors(before, layer_snapshot(layer))
+        return LayerCall(error, None, changed, refusal_errors)
+    return LayerCall(None, returned, changed_tensors(before, layer_snapshot(layer)), refusal_errors)
 
 
 def layer_tensors(layer: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

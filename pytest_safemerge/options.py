@@ -89,6 +89,12 @@ OPTIONS: tuple[Option, ...] = (
         "each weight's own dtype)",
     ),
     Option(
+        "dtypes",
+        f"comma-separated weight dtypes whose cells of the tensor and layer contracts run "
+        f"({names.listed(DTYPE_CHOICES)}; default: every dtype the implementation declares, "
+        f"all of them when it declares none)",
+    ),
+    Option(
         "scale",
         "overall scale for --safemerge-adapter (PEFT's lora_scale)",
         default="1.0",
@@ -96,8 +102,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "examples",
-        "Hypothesis examples per property of the tensor and layer contracts (the layer "
-        "suite shares them among its cells, a kind of case on a layer kind, 3 at least each)",
+        "Hypothesis examples per property, shared among its cells (one per weight dtype, "
+        "or per layer kind and dtype) and their kinds of case, a few at least each",
         default="100",
         kind="int",
     ),
@@ -136,6 +142,7 @@ class Settings:
     max_layers: int
     quant: str | None
     dtype: str | None
+    dtypes: tuple[str, ...] | None
     scale: float
     examples: int
     layer_examples: int
@@ -164,6 +171,18 @@ def read_settings(config: pytest.Config) -> Settings:
     )
 
 
+def _dtype_names(option: Option, text: str) -> tuple[str, ...]:
+    chosen = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in chosen if name not in DTYPE_CHOICES]
+    if unknown or not chosen:
+        raise pytest.UsageError(
+            f"{option.flag}={text!r}: "
+            + (f"unknown dtypes {unknown}" if unknown else "names no dtype")
+            + f"; choose among {names.listed(DTYPE_CHOICES)}, e.g. {option.flag}=float32,bfloat16"
+        )
+    return chosen
+
+
 def _convert(option: Option, raw: object) -> Any:
     if option.kind == "bool":
         return bool(raw)
@@ -184,9 +203,11 @@ def _convert(option: Option, raw: object) -> Any:
             f"{', e.g. ' + option.flag + '=' + str(option.default) if option.default else ''}"
         ) from None
     if option.name == "quant" and text not in QUANT_CHOICES:
-        raise pytest.UsageError(f"{option.flag}={text!r}: choose one of {', '.join(QUANT_CHOICES)}")
+        raise pytest.UsageError(f"{option.flag}={text!r}: choose one of {names.listed(QUANT_CHOICES)}")
     if option.name == "dtype" and text not in DTYPE_CHOICES:
-        raise pytest.UsageError(f"{option.flag}={text!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+        raise pytest.UsageError(f"{option.flag}={text!r}: choose one of {names.listed(DTYPE_CHOICES)}")
+    if option.name == "dtypes":
+        return _dtype_names(option, text)
     if option.name == "impl" and ":" not in text:
         raise pytest.UsageError(
             f"{option.flag}={text!r}: expected MODULE:OBJECT, e.g. "

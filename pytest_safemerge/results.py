@@ -1,10 +1,21 @@
-"""What the suite found: one row per property or layer, gathered across pytest-xdist workers.
+"""What the suite found: one row per cell, gathered across pytest-xdist workers.
 
-A test of the suite fills its row while it runs (examples, worst error as a fraction of
-its bound, adversarial kinds generated); the row travels in the test report's
-``user_properties``, so pytest-xdist carries it from the workers to the controller, which
-prints the summary table and writes the JSON report. Imports only the standard library
-and pytest.
+A cell is one pytest item: a property of the tensor contract on one weight dtype, a
+property of the layer contract on one layer kind (and dtype), or a layer of the model
+suite. It fills its row while it runs (examples, worst error as a fraction of its bound,
+kinds of case met); the row travels in the test report's ``user_properties``, so
+pytest-xdist carries it from the workers to the controller, which prints the matrix and
+writes the JSON report. Imports only the standard library, pytest and the torch-free
+:mod:`safemerge.names`.
+
+A row of the JSON report (``--safemerge-report``)::
+
+    {"contract": "tensor" | "layer" | "model", "property": "accuracy",
+     "dtype": "bfloat16" | null, "kind": "nf4" | null, "layer": null | "model.q_proj.weight",
+     "result": "passed" | "failed" | "skipped", "status": "passed" | "failed" | "skipped"
+     | "unsupported", "examples": 20, "worst_fraction": 0.41 | null,
+     "message": "" | "[accuracy] ...", "kinds": {"random": 4, ...}, "target": "MODULE:OBJECT",
+     "nodeid": "..."}
 """
 
 from __future__ import annotations
@@ -19,14 +30,19 @@ from typing import Any, cast
 
 import pytest
 
+from safemerge import names
+
 PROPERTY_KEY = "safemerge"
+#: A failure message longer than this is cut in the terminal matrix (the JSON keeps it whole).
+_SHOWN_MESSAGE = 240
 
 #: Rows of this run, filled on the controller (or the only process) as reports arrive.
 ROWS_KEY = pytest.StashKey[list[dict[str, Any]]]()
 
 
 class Row:
-    """The row a running test fills: ``row.observe(fraction)`` per checked result."""
+    """The row a running cell fills: ``row.example(kind)`` per case, ``row.observe(f)`` per
+    checked result."""
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.data = data
@@ -44,34 +60,69 @@ class Row:
             self.data["worst_fraction"] = fraction
 
     def note(self, text: str) -> None:
-        self.data["detail"] = text
+        self.data["message"] = text
+
+    def unsupported(self) -> None:
+        """The cell fails because the implementation crashed on finite cases."""
+        self.data["status"] = "unsupported"
 
 
-def start_row(item: pytest.Item, group: str, name: str, target: str) -> Row:
+def start_row(
+    item: pytest.Item,
+    *,
+    contract: str,
+    prop: str,
+    target: str,
+    dtype: str | None = None,
+    kind: str | None = None,
+    layer: str | None = None,
+) -> Row:
     data: dict[str, Any] = {
-        "group": group,
-        "name": name,
+        "contract": contract,
+        "property": prop,
+        "dtype": dtype,
+        "kind": kind,
+        "layer": layer,
         "target": target,
         "examples": 0,
         "worst_fraction": None,
         "kinds": {},
-        "detail": "",
+        "message": "",
+        "status": None,
         "nodeid": item.nodeid,
     }
     item.user_properties.append((PROPERTY_KEY, data))
     return Row(data)
 
 
+def skipped_row(item: pytest.Item, reason: str, **cell: Any) -> None:
+    """The row of a cell that does not run (declared unsupported, or not selected)."""
+    row = start_row(item, **cell)
+    row.note(reason)
+
+
 def collect_row(report: pytest.TestReport, rows: list[dict[str, Any]]) -> None:
-    """Keep the row of a finished test (its call, or its setup when that failed or skipped)."""
+    """Keep the row of a finished cell (its call, or its setup when that failed or skipped)."""
     data = next((value for key, value in report.user_properties if key == PROPERTY_KEY), None)
     if data is None:
         return
     if report.when == "call" or (report.when == "setup" and not report.passed):
-        row: dict[str, Any] = {**cast(dict[str, Any], data), "outcome": report.outcome}
+        row: dict[str, Any] = {**cast(dict[str, Any], data), "result": report.outcome}
+        row["status"] = row["status"] if report.failed and row["status"] else report.outcome
         if report.skipped and isinstance(report.longrepr, tuple):
-            row["detail"] = str(report.longrepr[2]).removeprefix("Skipped: ")
+            row["message"] = str(report.longrepr[2]).removeprefix("Skipped: ")
+        elif report.failed:
+            row["message"] = _failure_message(report)
         rows.append(row)
+
+
+def _failure_message(report: pytest.TestReport) -> str:
+    """The assertion's own words: the line that names the property (``[accuracy] ...``)."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = str(getattr(crash, "message", "") or report.longreprtext)
+    return text.removeprefix("AssertionError: ").removeprefix(
+        "pytest_safemerge.suite.checks.UnsupportedCase: "
+    )
 
 
 def _fraction(value: float | None) -> str:
@@ -82,22 +133,118 @@ def _fraction(value: float | None) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.3g}"
 
 
+_MARKS = {"passed": "ok", "failed": "FAILED", "skipped": "skip", "unsupported": "unsupported"}
+
+
+def _mark(row: dict[str, Any]) -> str:
+    mark = _MARKS[row["status"]]
+    if row["status"] == "failed" and row["worst_fraction"] is not None:
+        mark += f" {_fraction(row['worst_fraction'])}"
+    return mark
+
+
 def summary_lines(rows: Iterable[dict[str, Any]]) -> list[str]:
-    """The terminal table: one line per row, grouped (contract properties, layers, ...)."""
+    """The terminal summary: a matrix per contract (properties x cells), the model suite's
+    layers as a list, then each failure's message."""
+    rows = list(rows)
     lines: list[str] = []
-    by_group: dict[str, list[dict[str, Any]]] = {}
+    by_contract: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        by_group.setdefault(row["group"], []).append(row)
-    for group, members in by_group.items():
-        members.sort(key=lambda r: r["name"])
-        width = max(len(r["name"]) for r in members)
-        lines.append(f"{group} ({members[0]['target']}):")
+        by_contract.setdefault(row["contract"], []).append(row)
+    for contract in ("tensor", "layer"):
+        members = by_contract.get(contract)
+        if members:
+            lines.extend(_matrix(contract, members))
+    if "model" in by_contract:
+        lines.extend(_layer_list(by_contract["model"]))
+    failures = [row for row in rows if row["result"] == "failed"]
+    if failures:
+        lines.append("failed cells:")
+        for row in sorted(failures, key=_cell_key):
+            message = row["message"].splitlines()[0] if row["message"] else ""
+            if len(message) > _SHOWN_MESSAGE:
+                message = message[: _SHOWN_MESSAGE - 3] + "..."
+            lines.append(f"  {_cell_name(row)}: {message}")
+    return lines
+
+
+def _cell_name(row: dict[str, Any]) -> str:
+    where = "/".join(part for part in (row["kind"], row["dtype"], row["layer"]) if part)
+    return f"{row['contract']} {row['property']}" + (f" [{where}]" if where else "")
+
+
+def _cell_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """Contract, property, then layer kinds and dtypes in the order names lists them."""
+    return (
+        row["contract"],
+        row["property"],
+        _position(names.LAYER_KINDS, row["kind"]),
+        _position(names.WEIGHT_DTYPES, row["dtype"]),
+        str(row["layer"] or ""),
+    )
+
+
+def _position(order: tuple[str, ...], value: str | None) -> tuple[int, str]:
+    return (order.index(value) if value in order else len(order), str(value or ""))
+
+
+def _column(row: dict[str, Any]) -> str:
+    return "/".join(part for part in (row["kind"], row["dtype"]) if part) or "-"
+
+
+def _matrix(contract: str, members: list[dict[str, Any]]) -> list[str]:
+    """Properties down, cells (dtype, or layer kind/dtype) across: one mark each."""
+    columns = list(dict.fromkeys(_column(row) for row in sorted(members, key=_cell_key)))
+    properties = sorted({row["property"] for row in members})
+    shown = {prop: prop.removeprefix("layer ") for prop in properties}
+    marks = {(row["property"], _column(row)): _mark(row) for row in members}
+    examples = sum(row["examples"] for row in members)
+    lines = [f"{contract} contract ({members[0]['target']}; {examples} examples):"]
+    # A wide layer matrix is printed transposed: cells down, properties across.
+    transposed = len(columns) > 6
+    across, down = (properties, columns) if transposed else (columns, properties)
+    head = max(len(shown.get(name, name)) for name in down)
+    widths = [
+        max(
+            len(shown.get(name, name)),
+            *(len(marks.get(_key(transposed, d, name), "")) for d in down),
+        )
+        for name in across
+    ]
+    lines.append(
+        "  "
+        + " " * head
+        + "  "
+        + "  ".join(f"{shown.get(n, n):<{w}}" for n, w in zip(across, widths, strict=True))
+    )
+    for name in down:
+        cells = [marks.get(_key(transposed, name, other), "") for other in across]
+        lines.append(
+            f"  {shown.get(name, name):<{head}}  "
+            + "  ".join(f"{c:<{w}}" for c, w in zip(cells, widths, strict=True)).rstrip()
+        )
+    return lines
+
+
+def _key(transposed: bool, down: str, across: str) -> tuple[str, str]:
+    return (across, down) if transposed else (down, across)
+
+
+def _layer_list(members: list[dict[str, Any]]) -> list[str]:
+    """The model suite: one line per layer checked."""
+    lines: list[str] = []
+    by_property: dict[str, list[dict[str, Any]]] = {}
+    for row in members:
+        by_property.setdefault(row["property"], []).append(row)
+    for prop, group in by_property.items():
+        group.sort(key=lambda r: str(r["layer"]))
+        width = max(len(str(r["layer"])) for r in group)
+        lines.append(f"{prop} ({group[0]['target']}):")
         lines.append(f"  {'':{width}}  examples  worst/bound  result")
-        for row in members:
+        for row in group:
             lines.append(
-                f"  {row['name']:{width}}  {row['examples']:>8}  "
-                f"{_fraction(row['worst_fraction']):>11}  {row['outcome']}"
-                + (f"  ({row['detail']})" if row["detail"] and row["outcome"] != "passed" else "")
+                f"  {row['layer']!s:{width}}  {row['examples']:>8}  "
+                f"{_fraction(row['worst_fraction']):>11}  {row['status']}"
             )
     return lines
 
@@ -106,13 +253,11 @@ def write_report(path: str, rows: list[dict[str, Any]], header: dict[str, Any]) 
     """Write the JSON report atomically: a temporary file in the same directory, renamed."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    outcomes = [row["outcome"] for row in rows]
+    results = [row["result"] for row in rows]
     document = {
         **header,
-        "summary": {o: outcomes.count(o) for o in ("passed", "failed", "skipped")},
-        "results": [
-            _finite_json(row) for row in sorted(rows, key=lambda r: (r["group"], r["name"]))
-        ],
+        "summary": {result: results.count(result) for result in ("passed", "failed", "skipped")},
+        "results": [_finite_json(row) for row in sorted(rows, key=_cell_key)],
     }
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:

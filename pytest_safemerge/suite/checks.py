@@ -14,11 +14,10 @@ from hypothesis.control import currently_in_test_context
 
 import safemerge
 from pytest_safemerge import assertions
-from pytest_safemerge.implementations import Call, Implementation
+from pytest_safemerge.implementations import Call, Implementation, describe_error
 from pytest_safemerge.results import Row
 from pytest_safemerge.strategies import MergeCase
-
-#: float32's own overflow threshold: its max plus half an ulp there (2**103) rounds to Inf.
+from safemerge.merge.numerics import FLOAT32_RANGE_LIMIT
 
 
 class Checked:
@@ -79,17 +78,24 @@ class Checked:
 
     def comfortably_finite(self) -> bool:
         """The float32 merge is surely below the dtype's overflow threshold (so its cast is
-        finite: the threshold already holds the cast's rounding), and so is the float32
-        delta ``scale * B @ A`` that a correct merge computes first."""
+        finite: the threshold already holds the cast's rounding), and every float32
+        intermediate of the scaled product is finite in whichever order a correct merge
+        computes it (``scale * B``, ``B @ A``, then the scaling, or the scaled delta): the
+        delta alone may be far beyond the weight's dtype (a delta-overflow case), but
+        never beyond float32's."""
         if self._comfortably_finite is None:
             reach = self.reference.abs() + self.accumulated
             adapter = self.case.adapter
-            delta = abs(self.coefficient) * (
-                adapter.lora_B.double().abs() @ adapter.lora_A.double().abs()
+            lora_B, lora_A = adapter.lora_B.double().abs(), adapter.lora_A.double().abs()
+            coefficient = abs(self.coefficient)
+            largest = max(
+                _largest(lora_B @ lora_A) * max(coefficient, 1.0),
+                coefficient * _largest(lora_B),
+                coefficient * _largest(lora_A),
             )
-            self._comfortably_finite = bool(
-                (reach < self.threshold).all() and (delta < safemerge.numerics.FLOAT32_RANGE_LIMIT / 2).all()
-            )
+            # A margin far above the float32 rounding of the r-term sums (r * 2**-24).
+            within_float32 = largest * (1 + 2**-10) < FLOAT32_RANGE_LIMIT
+            self._comfortably_finite = bool((reach < self.threshold).all()) and within_float32
         return self._comfortably_finite
 
     def surely_overflows(self) -> bool:
@@ -102,6 +108,10 @@ class Checked:
 
     def fraction(self, result: torch.Tensor) -> float:
         return worst_fraction(result, self.reference, self.bound)
+
+
+def _largest(values: torch.Tensor) -> float:
+    return float(values.max()) if values.numel() else 0.0
 
 
 def worst_fraction(actual: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor) -> float:
@@ -136,6 +146,35 @@ def _fail(prop: str, message: str) -> None:
     raise AssertionError(f"[{prop}] {message}")
 
 
+class UnsupportedCase(AssertionError):
+    """The implementation crashed on a case whose merge is finite: it looks as if it does
+    not support the case's dtype (or layer kind). The cell fails, reported as unsupported."""
+
+
+def refused(prop: str, checked: Checked, call: Call) -> bool:
+    """Whether the call refused; a crash (an exception not in ``refusal_errors``) fails."""
+    __tracebackhide__ = True
+    if not call.crashed:
+        return call.refused
+    dtype = str(checked.original.dtype).removeprefix("torch.")
+    if checked.case.must_refuse:
+        _fail(
+            prop,
+            f"refused by crashing: {describe_error(call.error)} (on a {checked.case.kind} case "
+            f"in {dtype}: {checked.case.detail}). A refusal raises one of the implementation's "
+            f"refusal_errors (ValueError by default); declare refusal_errors = (MyError,) if "
+            f"it refuses with another exception",
+        )
+    raise UnsupportedCase(
+        f"[{prop}] fuse crashed on a {dtype} merge whose result is finite "
+        f"({checked.case.kind} case): {describe_error(call.error)}. It looks as if {dtype} "
+        f"weights are unsupported: declare the dtypes the implementation supports "
+        f"(dtypes = {{torch.float32, torch.bfloat16}} on the object) or choose them with "
+        f"--safemerge-dtypes; if this exception is a refusal, raise ValueError or declare "
+        f"refusal_errors"
+    )
+
+
 def check_not_silently_non_finite(prop: str, checked: Checked, call: Call) -> None:
     """A call that did not refuse must not have produced a non-finite or overflowed value."""
     __tracebackhide__ = True
@@ -161,7 +200,7 @@ def check_accurate(implementation: Implementation, checked: Checked, row: Row) -
     """Within the bound of a float32 merge and one rounding; a finite merge is not refused."""
     __tracebackhide__ = True
     call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
-    if call.refused:
+    if refused("accuracy", checked, call):
         if checked.comfortably_finite():
             _fail(
                 "accuracy",
@@ -194,7 +233,7 @@ def check_form(implementation: Implementation, checked: Checked, row: Row) -> No
     """dtype, shape and device kept; fuse returns a Tensor or None."""
     __tracebackhide__ = True
     call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
-    if call.refused:
+    if refused("form", checked, call):
         return
     if call.returned is not None and not isinstance(call.returned, torch.Tensor):
         _fail("form", f"fuse returned a {type(call.returned).__name__}; expected a Tensor or None")
@@ -216,14 +255,15 @@ def check_adapters_unmodified(implementation: Implementation, checked: Checked, 
         (name, tensor.clone())
         for name, tensor in (("lora_A", checked.lora_A), ("lora_B", checked.lora_B))
     ]
-    implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
+    call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
+    refused("adapters unmodified", checked, call)
     for (name, old), new in zip(before, (checked.lora_A, checked.lora_B), strict=True):
         assertions.assert_unchanged(old, new, what=f"[adapters unmodified] {name}")
 
 
 def _assert_refused(checked: Checked, call: Call) -> None:
     __tracebackhide__ = True
-    if not call.refused:
+    if not refused("refusal", checked, call):
         assert call.result is not None
         _fail(
             "refusal",
@@ -244,7 +284,7 @@ def check_atomic(implementation: Implementation, checked: Checked, row: Row) -> 
     """A refusal left every bit of the weight as it was."""
     __tracebackhide__ = True
     call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
-    if call.refused:
+    if refused("atomicity", checked, call):
         assertions.assert_atomic(checked.original, checked.weight.detach().cpu())
 
 
@@ -252,7 +292,7 @@ def check_round_trip(implementation: Implementation, checked: Checked, row: Row)
     """unfuse(fuse(W)) is W within both merges' bounds, or exactly when claimed."""
     __tracebackhide__ = True
     fused = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
-    if fused.refused or not checked.comfortably_finite():
+    if refused("round trip", checked, fused) or not checked.comfortably_finite():
         return
     assert fused.result is not None
     merged = fused.result
@@ -278,7 +318,7 @@ def _unfused(
     if call.refused:
         _fail(
             prop,
-            f"unfuse refused to undo a fuse it accepted: {type(call.error).__name__}: {call.error}",
+            f"unfuse raised on undoing a fuse it accepted: {describe_error(call.error)}",
         )
     assert call.result is not None
     return call.result
@@ -289,7 +329,7 @@ def check_stacked_round_trip(implementation: Implementation, checked: Checked, r
     an exact unfuse, unfusing A1 then gives the original."""
     __tracebackhide__ = True
     first = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
-    if first.refused or not checked.comfortably_finite():
+    if refused("stacked round trip", checked, first) or not checked.comfortably_finite():
         return
     assert first.result is not None
     after_first = first.result
@@ -299,7 +339,7 @@ def check_stacked_round_trip(implementation: Implementation, checked: Checked, r
     second_case = MergeCase(snapshot, other, checked.case.scale, checked.case.kind)
     second = Checked(second_case, checked.device)
     fused_twice = implementation.fuse(after_first, second.lora_A, second.lora_B, second.coefficient)
-    if fused_twice.refused or not second.comfortably_finite():
+    if refused("stacked round trip", second, fused_twice) or not second.comfortably_finite():
         return
     assert fused_twice.result is not None
     back_to_first = _unfused(implementation, "stacked round trip", fused_twice.result, second)
@@ -321,7 +361,9 @@ def check_in_place_agreement(implementation: Implementation, checked: Checked, r
     """A returned tensor agrees with the weight written in place."""
     __tracebackhide__ = True
     call = implementation.fuse(checked.weight, checked.lora_A, checked.lora_B, checked.coefficient)
-    if call.refused or not isinstance(call.returned, torch.Tensor) or not call.wrote_in_place:
+    if refused("in-place agreement", checked, call):
+        return
+    if not isinstance(call.returned, torch.Tensor) or not call.wrote_in_place:
         return
     if call.returned is checked.weight:
         return

@@ -18,22 +18,31 @@ cases; a failure shows the shrunk case and says which property broke and how bad
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, example, given, note, settings
+import torch
+from hypothesis import event, note
 
 from pytest_safemerge.implementations import Implementation, load_implementation
 from pytest_safemerge.options import Settings
-from pytest_safemerge.results import Row, start_row
-from pytest_safemerge.strategies import MergeCase, merge_cases
-from pytest_safemerge.suite import checks
+from pytest_safemerge.results import start_row
+from pytest_safemerge.strategies import MergeCase, kinds_for_dtype, merge_cases
+from pytest_safemerge.suite import checks, runner
 from pytest_safemerge.suite.checks import Checked
 from pytest_safemerge.suite.known_cases import known_cases
+from safemerge import names
 
 #: Cases whose merge is finite and must be accurate (ordinary, and adversarial kinds a
 #: careless merge gets wrong without producing a non-finite value).
-ACCURATE_KINDS = ("random", "fp16-product-overflow", "subnormal", "cancellation", "non-contiguous")
+ACCURATE_KINDS = (
+    "random",
+    "fp16-product-overflow",
+    "subnormal",
+    "cancellation",
+    "non-contiguous",
+    "delta-overflow",
+)
 #: Cases every correct implementation refuses, whatever the weight and the scale.
 REFUSED_KINDS = ("nan", "+inf", "-inf", "cast-overflow")
 EVERY_KIND = (*ACCURATE_KINDS, *REFUSED_KINDS)
@@ -50,12 +59,14 @@ PROPERTY_NAMES = {
     "test_fuse_refuses_non_finite_in_large_weights": "refusal in large weights",
     "test_in_place_agrees_with_returned": "in-place agreement",
 }
-#: The fewest examples each kind of case gets, whatever --safemerge-examples says.
-_LEAST_PER_KIND = 5
+#: The fewest examples each kind of case gets in one cell, whatever --safemerge-examples says.
+_LEAST_PER_KIND = 3
 
 
+@pytest.mark.parametrize("weight_dtype", names.WEIGHT_DTYPES)
 class ConformanceSuite:
-    """The properties every merge implementation must have (DESIGN.md, the plugin's contract)."""
+    """The properties every merge implementation must have (docs/design.md, "Tensor
+    contract"), one cell per property and weight dtype (``test_fuse_is_accurate[bfloat16]``)."""
 
     @pytest.fixture
     def implementation(self, safemerge_impl: Any, safemerge_settings: Settings) -> Implementation:
@@ -67,56 +78,75 @@ class ConformanceSuite:
         request: pytest.FixtureRequest,
         implementation: Implementation,
         safemerge_settings: Settings,
+        weight_dtype: str,
     ) -> Callable[..., None]:
-        """Run a property over generated cases, filling this test's row of the summary."""
+        """Run a property over this cell's generated and hand-written cases, filling its row
+        of the summary; skip a cell the implementation does not declare or the run does not
+        select."""
         prop = PROPERTY_NAMES[request.node.originalname]
-        row = start_row(request.node, "tensor contract", prop, implementation.spec)
-        examples = safemerge_settings.examples
+        row = start_row(
+            request.node,
+            contract="tensor",
+            prop=prop,
+            target=implementation.spec,
+            dtype=weight_dtype,
+        )
+        selected = safemerge_settings.dtypes
+        reason = implementation.dtype_skip_reason(weight_dtype, selected)
+        if reason is not None:
+            pytest.skip(reason)
+        cells = sum(
+            implementation.dtype_skip_reason(name, selected) is None for name in names.WEIGHT_DTYPES
+        )
+        dtype: torch.dtype = getattr(torch, weight_dtype)
         device = safemerge_settings.device
 
         def run(
-            check: Callable[[Implementation, Checked, Row], None],
+            check: Callable[[Implementation, Checked, Any], None],
             kinds: Sequence[str],
             *,
             must_see: Sequence[str] = (),
             min_side: int = 1,
             max_side: int = 16,
             budget: int | None = None,
+            least: int = _LEAST_PER_KIND,
         ) -> None:
-            # One Hypothesis run per kind of case, each with its share of the examples:
-            # a single run over all kinds spends its budget unevenly (it mutates the
-            # examples it has, so it stays with the kinds it met first).
-            share = max((budget or examples) // len(kinds), _LEAST_PER_KIND)
-            for kind in kinds:
+            applicable = kinds_for_dtype(dtype)
+            kinds = tuple(kind for kind in kinds if kind in applicable)
+            if not kinds:
+                pytest.skip(f"no case of this property applies to {weight_dtype} weights")
 
-                @settings(
-                    settings.default,
-                    max_examples=share,
-                    deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+            def check_one(case: MergeCase) -> None:
+                row.example(case.kind)
+                event(f"adapter dtype: {case.adapter.lora_A.dtype}")
+                checked = Checked(case, device)
+                note(f"case kind {case.kind!r}: {case.detail or 'ordinary'}")
+                note(
+                    f"weight {tuple(checked.weight.shape)} {checked.weight.dtype}, adapter "
+                    f"{checked.lora_A.dtype}, scale passed {checked.coefficient!r}"
                 )
-                @given(merge_cases(kinds=(kind,), min_side=min_side, max_side=max_side))
-                def property_holds(case: MergeCase) -> None:
-                    row.example(case.kind)
-                    event(f"dtype: {case.weight.dtype}")
-                    checked = Checked(case, device)
-                    note(f"case kind {case.kind!r}: {case.detail or 'ordinary'}")
-                    note(
-                        f"weight {tuple(checked.weight.shape)} {checked.weight.dtype}, "
-                        f"scale passed {checked.coefficient!r}"
-                    )
-                    check(implementation, checked, row)
+                check(implementation, checked, row)
 
-                # Named after the test and the kind: Hypothesis keys its example database
-                # and its derandomized seed on the name, and prints it with a failure.
-                tag = "".join(c if c.isalnum() else "_" for c in kind.replace("+", "pos"))
-                name = f"{request.node.originalname}__{tag}"
-                cast(Any, property_holds).hypothesis.inner_test.__name__ = name
-                if max_side <= 16:  # the hand-written cases are small ones
-                    for known in known_cases(kind):
-                        property_holds = example(known)(property_holds)
-                property_holds()
-            _assert_explored(row, must_see)
+            small = max_side <= 16  # the hand-written cases are small ones
+            runner.explore(
+                name=f"{request.node.originalname}__{weight_dtype}",
+                row=row,
+                strategies={
+                    kind: merge_cases(
+                        dtype=dtype, kinds=(kind,), min_side=min_side, max_side=max_side
+                    )
+                    for kind in kinds
+                },
+                known={kind: known_cases(kind, dtype) for kind in kinds if small},
+                examples_per_kind=runner.budget(
+                    safemerge_settings.examples if budget is None else budget,
+                    cells,
+                    len(kinds),
+                    least=least,
+                ),
+                check=check_one,
+                must_see=[kind for kind in must_see if kind in kinds],
+            )
 
         return run
 
@@ -162,7 +192,8 @@ class ConformanceSuite:
             must_see=REFUSED_KINDS,
             min_side=64,
             max_side=1100,
-            budget=4 * _LEAST_PER_KIND,
+            budget=0,  # one case of each kind per cell: each is up to 1.2 million elements
+            least=1,
         )
 
     def test_unfuse_round_trip(self, implementation: Implementation, explore: Any) -> None:
@@ -200,15 +231,3 @@ def as_implementation(target: Any, settings: Settings) -> Implementation:
         return named
     kind = target if isinstance(target, type) else type(target)
     return Implementation(f"{kind.__module__}.{kind.__qualname__}", target)
-
-
-def _assert_explored(row: Row, kinds: Sequence[str]) -> None:
-    """The property met every kind it is about (an unexplored property proves nothing)."""
-    __tracebackhide__ = True
-    seen = row.data["kinds"]
-    missing = [kind for kind in kinds if not seen.get(kind)]
-    if missing:
-        raise AssertionError(
-            f"the property never met the case kinds {missing} (met: {seen}): the strategy "
-            f"generated no valid example of them"
-        )

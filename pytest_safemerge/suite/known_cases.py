@@ -2,18 +2,19 @@
 
 Generated cases find most bugs; these pin the ones that hide in a corner a random draw
 rarely visits: a result exactly at the dtype's largest value, a sum just past its
-overflow threshold, a NaN behind a zero scale or a zero ``lora_B``, a subnormal result
-on a zero weight.
+overflow threshold, a delta past it with the sum well inside, a NaN behind a zero scale
+or a zero ``lora_B``, a subnormal result on a zero weight.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 import safemerge
-from pytest_safemerge.strategies import MergeCase
+from pytest_safemerge.strategies import F32_MAX, MergeCase, representable
 
 _NARROW = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -51,6 +52,28 @@ def _at_the_limit() -> list[MergeCase]:
     return cases
 
 
+def _delta_rounding_beyond_the_bound() -> list[MergeCase]:
+    # A delta 16 times the weight, whose own rounding to bfloat16 is near half an ulp in the
+    # direction the fuse's cast already went: an unfuse that subtracts the delta cast to the
+    # weight's dtype lands 2.6 times the round trip's bound away from the weight, a float32
+    # unfuse 0.82 of it (found by search; random draws meet such a pair under some seeds only).
+    return [
+        _case(
+            [[-0.51171875]],
+            torch.bfloat16,
+            [[8.279741287231445]],
+            [[1.0]],
+            1.0,
+            "random",
+            "a delta 16 times the weight: its rounding to bfloat16 is not within a round trip's bound",
+        )
+    ]
+
+
+def _ordinary() -> list[MergeCase]:
+    return [*_at_the_limit(), *_delta_rounding_beyond_the_bound()]
+
+
 def _just_past_the_threshold() -> list[MergeCase]:
     # The float32 sum lands a quarter of the way from the threshold to the next value:
     # beyond the range, so it must be refused (e4m3fn saturates silently to 448 there).
@@ -68,6 +91,41 @@ def _just_past_the_threshold() -> list[MergeCase]:
                 1.0,
                 "cast-overflow",
                 f"{largest:g} + {step:g} is just past {dtype}'s threshold {threshold:g}",
+            )
+        )
+    return cases
+
+
+def _delta_past_the_range() -> list[MergeCase]:
+    # The float32 delta alone is beyond the dtype's range, the sum well inside it: a merge
+    # that casts the delta to the weight's dtype (PEFT: ``delta_weight.to(orig_dtype)``)
+    # or checks it there refuses a finite result.
+    cases = [
+        _case(
+            [[-60000.0]],
+            torch.float16,
+            [[70000.0]],
+            [[1.0]],
+            1.0,
+            "delta-overflow",
+            "-60000 + 70000 = 10000: the delta alone is Inf in float16 (PEFT refuses it)",
+        )
+    ]
+    for dtype in _NARROW:
+        largest = float(torch.finfo(dtype).max)
+        threshold = safemerge.numerics.overflow_threshold(dtype)
+        # Halfway from the threshold to max * 1.5 (float32's max for bfloat16).
+        delta = representable((threshold + min(1.5 * largest, F32_MAX)) / 2, torch.float32)
+        cases.append(
+            _case(
+                [[0.0, -largest]],
+                dtype,
+                [[0.0, delta]],
+                [[1.0]],
+                1.0,
+                "delta-overflow",
+                f"-{largest:g} + {delta:g} = {delta - largest:g} in the last element: the "
+                f"delta alone is beyond {dtype}'s threshold {threshold:g}",
             )
         )
     return cases
@@ -108,14 +166,19 @@ def _subnormal_results() -> list[MergeCase]:
     ]
 
 
-def known_cases(kind: str) -> list[MergeCase]:
-    """The hand-written cases of one kind of :func:`pytest_safemerge.strategies.merge_cases`."""
-    if kind == "random":
-        return _at_the_limit()
-    if kind == "cast-overflow":
-        return _just_past_the_threshold()
-    if kind in ("nan", "+inf", "-inf"):
-        return _hidden_non_finite(kind)
-    if kind == "subnormal":
-        return _subnormal_results()
-    return []
+def known_cases(kind: str, dtype: torch.dtype | None = None) -> list[MergeCase]:
+    """The hand-written cases of one kind of :func:`pytest_safemerge.strategies.merge_cases`;
+    with ``dtype``, only those whose weight has that dtype."""
+    cases = _KNOWN.get(kind, list)()
+    return [case for case in cases if dtype is None or case.weight.dtype == dtype]
+
+
+_KNOWN: dict[str, Callable[[], list[MergeCase]]] = {
+    "random": _ordinary,
+    "cast-overflow": _just_past_the_threshold,
+    "delta-overflow": _delta_past_the_range,
+    "nan": lambda: _hidden_non_finite("nan"),
+    "+inf": lambda: _hidden_non_finite("+inf"),
+    "-inf": lambda: _hidden_non_finite("-inf"),
+    "subnormal": _subnormal_results,
+}

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, example, given, note, settings
+import torch
+from hypothesis import event, note
 
 from pytest_safemerge.implementations import Implementation
 from pytest_safemerge.layer_strategies import (
-    LAYER_TAGS,
     REFUSED_LAYER_KINDS,
     LayerCase,
     kinds_for,
@@ -35,10 +35,11 @@ from pytest_safemerge.layer_strategies import (
 )
 from pytest_safemerge.options import Settings
 from pytest_safemerge.results import Row, start_row
-from pytest_safemerge.suite import layer_checks
+from pytest_safemerge.suite import layer_checks, runner
 from pytest_safemerge.suite.contract import as_implementation
 from pytest_safemerge.suite.known_layer_cases import known_layer_cases
 from pytest_safemerge.suite.layer_checks import LayerChecked
+from safemerge import names
 
 #: The summary's name of each property; failures are prefixed with it.
 LAYER_PROPERTY_NAMES = {
@@ -51,14 +52,36 @@ LAYER_PROPERTY_NAMES = {
 }
 ACCURATE_KINDS = ("random",)
 EVERY_KIND = ("random", *REFUSED_LAYER_KINDS)
-#: The fewest examples each cell (kind of case x layer kind x option) gets.
-_LEAST_PER_CELL = 3
+#: Weight dtypes of the unquantized layer kinds (a quantized layer's weight is its codes).
+LAYER_DTYPES = ("float32", "float16", "bfloat16")
+#: The fewest examples each run of a cell (a kind of case, with an option) gets.
+_LEAST_PER_RUN = 1
 
 
 @dataclass(frozen=True)
-class Cell:
-    """One Hypothesis run: a kind of case on a layer kind, with options required (random
-    cases get a run per option, so that every option is met; adversarial ones draw theirs)."""
+class LayerCell:
+    """One pytest item of the layer contract: a layer kind, and its weight dtype (None for
+    a quantized kind, named by its quantization type)."""
+
+    layer: str
+    dtype: str | None
+
+    @property
+    def id(self) -> str:
+        return self.layer if self.dtype is None else f"{self.layer}-{self.dtype}"
+
+
+LAYER_CELLS: tuple[LayerCell, ...] = (
+    *(LayerCell(layer, dtype) for layer in names.UNQUANTIZED_KINDS for dtype in LAYER_DTYPES),
+    *(LayerCell(quant, None) for quant in names.QUANT_TYPES),
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One Hypothesis run inside a cell: a kind of case on the cell's layer, with options
+    required (random cases get a run per option, so that every option is met;
+    adversarial ones draw theirs)."""
 
     kind: str
     layer: str
@@ -66,27 +89,41 @@ class Cell:
 
     @property
     def name(self) -> str:
-        kind = {"+inf": "posinf", "-inf": "neginf"}.get(self.kind, self.kind)
-        parts = [kind, self.layer, *sorted(self.options)]
-        return "__".join("".join(c if c.isalnum() else "_" for c in part) for part in parts)
+        return "__".join([self.kind, *sorted(self.options)])
 
 
-def cells(kinds: Sequence[str], allowed: Collection[str]) -> list[Cell]:
-    """Every cell of ``kinds`` the implementation's tags allow."""
-    found: list[Cell] = []
+def runs(kinds: Sequence[str], layer: str, allowed: Collection[str]) -> list[Run]:
+    """Every run of ``kinds`` on ``layer`` that the implementation's tags allow."""
+    found: list[Run] = []
     for kind in kinds:
-        for layer in LAYER_TAGS:
-            if layer not in allowed or kind not in kinds_for(layer, allowed):
-                continue
-            focuses: list[frozenset[str]] = [frozenset()]
-            if kind == "random":
-                focuses += [frozenset({o}) for o in sorted(options_for(layer) & set(allowed))]
-            found.extend(Cell(kind, layer, focus) for focus in focuses)
+        if kind not in kinds_for(layer, allowed):
+            continue
+        focuses: list[frozenset[str]] = [frozenset()]
+        if kind == "random":
+            focuses += [frozenset({o}) for o in sorted(options_for(layer) & set(allowed))]
+        found.extend(Run(kind, layer, focus) for focus in focuses)
     return found
 
 
+def cell_skip_reason(
+    cell: LayerCell, implementation: Implementation, selected: Sequence[str] | None
+) -> str | None:
+    """Why ``cell`` does not run, or None when it does."""
+    if cell.layer not in implementation.layer_kinds:
+        return (
+            f"{implementation.spec} does not declare {cell.layer} "
+            f"(layer_kinds = {sorted(implementation.layer_kinds)})"
+        )
+    if cell.dtype is None:
+        return None
+    return implementation.dtype_skip_reason(cell.dtype, selected)
+
+
+@pytest.mark.parametrize("layer_cell", LAYER_CELLS, ids=[cell.id for cell in LAYER_CELLS])
 class LayerConformanceSuite:
-    """The properties every module-level merge implementation must have."""
+    """The properties every module-level merge implementation must have, one cell per
+    property, layer kind and dtype (``test_fuse_layer_is_accurate[linear-bfloat16]``,
+    ``[nf4]``)."""
 
     @pytest.fixture
     def implementation(self, safemerge_impl: Any, safemerge_settings: Settings) -> Implementation:
@@ -102,46 +139,66 @@ class LayerConformanceSuite:
         request: pytest.FixtureRequest,
         implementation: Implementation,
         safemerge_settings: Settings,
+        layer_cell: LayerCell,
     ) -> Callable[..., None]:
-        """Run a property over generated layer cases, filling this test's row."""
+        """Run a property over this cell's generated layer cases, filling its row."""
         prop = LAYER_PROPERTY_NAMES[request.node.originalname]
-        row = start_row(request.node, "layer contract", prop, implementation.spec)
+        row = start_row(
+            request.node,
+            contract="layer",
+            prop=prop,
+            target=implementation.spec,
+            dtype=layer_cell.dtype,
+            kind=layer_cell.layer,
+        )
         row.data["tags"] = {}
+        selected = safemerge_settings.dtypes
+        reason = cell_skip_reason(layer_cell, implementation, selected)
+        if reason is not None:
+            pytest.skip(reason)
+        active = sum(cell_skip_reason(c, implementation, selected) is None for c in LAYER_CELLS)
         allowed = implementation.layer_kinds
         device = safemerge_settings.device
+        dtype = None if layer_cell.dtype is None else getattr(torch, layer_cell.dtype)
 
         def run(
             check: Callable[[Implementation, LayerChecked, Row], None], kinds: Sequence[str]
         ) -> None:
-            explored = cells(kinds, allowed)
-            share = max(safemerge_settings.examples // max(len(explored), 1), _LEAST_PER_CELL)
-            for cell in explored:
+            planned = runs(kinds, layer_cell.layer, allowed)
 
-                @settings(
-                    settings.default,
-                    max_examples=share,
-                    deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-                )
-                @given(
-                    layer_cases(
-                        layer=cell.layer, kind=cell.kind, options=cell.options, allowed=allowed
+            def check_one(case: LayerCase) -> None:
+                _record(row, case)
+                note(f"case kind {case.kind!r}: {case.detail or 'ordinary'}")
+                note(case.describe())
+                check(implementation, LayerChecked(case, device), row)
+
+            runner.explore(
+                name=f"{request.node.originalname}__{layer_cell.id}",
+                row=row,
+                strategies={
+                    one.name: layer_cases(
+                        layer=one.layer,
+                        kind=one.kind,
+                        options=one.options,
+                        allowed=allowed,
+                        dtype=dtype,
                     )
-                )
-                def property_holds(case: LayerCase) -> None:
-                    _record(row, case)
-                    note(f"case kind {case.kind!r}: {case.detail or 'ordinary'}")
-                    note(case.describe())
-                    check(implementation, LayerChecked(case, device), row)
-
-                # Named after the test and the cell: Hypothesis keys its example database
-                # and its derandomized seed on the name, and prints it with a failure.
-                name = f"{request.node.originalname}__{cell.name}"
-                property_holds.hypothesis.inner_test.__name__ = name  # type: ignore[attr-defined]
-                for known in known_layer_cases(cell.kind, cell.layer, cell.options, allowed):
-                    property_holds = example(known)(property_holds)
-                property_holds()
-            _assert_explored(row, explored, kinds)
+                    for one in planned
+                },
+                known={
+                    one.name: [
+                        case
+                        for case in known_layer_cases(one.kind, one.layer, one.options, allowed)
+                        if dtype is None or case.layer.weight.dtype == dtype
+                    ]
+                    for one in planned
+                },
+                examples_per_kind=runner.budget(
+                    safemerge_settings.examples, active, len(planned), least=_LEAST_PER_RUN
+                ),
+                check=check_one,
+            )
+            _assert_explored(row, planned, kinds)
 
         return run
 
@@ -195,20 +252,17 @@ def _record(row: Row, case: LayerCase) -> None:
         event(f"dtype: {case.layer.weight.dtype}")
 
 
-def _assert_explored(row: Row, explored: Sequence[Cell], kinds: Sequence[str]) -> None:
-    """The property met every kind of case and every tag its cells are about (an
+def _assert_explored(row: Row, planned: Sequence[Run], kinds: Sequence[str]) -> None:
+    """The cell met every kind of case and every option its runs are about (an
     unexplored property proves nothing)."""
     __tracebackhide__ = True
-    seen_kinds, seen_tags = row.data["kinds"], row.data["tags"]
-    wanted_kinds = sorted({cell.kind for cell in explored})
-    wanted_tags = sorted(
-        {cell.layer for cell in explored} | {o for c in explored for o in c.options}
-    )
-    missing = [kind for kind in wanted_kinds if not seen_kinds.get(kind)]
-    missing += [tag for tag in wanted_tags if not seen_tags.get(tag)]
-    if not explored or missing:
+    if not planned:
+        pytest.skip(f"no case of {list(kinds)} applies to this layer kind with its tags")
+    runner.assert_explored(row, sorted({one.kind for one in planned}))
+    seen = row.data["tags"]
+    missing = sorted({o for one in planned for o in one.options} - set(seen))
+    if missing:
         raise AssertionError(
-            f"the property never met {missing or list(kinds)} (met kinds {seen_kinds}, tags "
-            f"{seen_tags}): the strategy generated no valid example of them"
-            + ("" if explored else ", or layer_kinds allows none of them")
+            f"the property never met the options {missing} (met {seen}): the strategy "
+            f"generated no valid example of them"
         )

@@ -69,7 +69,13 @@ def test_layer_merges(
 ) -> None:
     """Generated adapters fuse accurately into this real weight (and unfuse), a NaN or Inf
     adapter is refused with the weight untouched, and so is a sum overflowing its dtype."""
-    row = start_row(request.node, "model layers", model_layer, implementation.spec)
+    row = start_row(
+        request.node,
+        contract="model",
+        prop="model layers",
+        target=implementation.spec,
+        layer=model_layer,
+    )
     matrix = layer_cases.as_matrix(plan.read(model_layer, safemerge_settings))
     device = safemerge_settings.device
     seed = _seed(model_layer)
@@ -107,7 +113,13 @@ def test_adapter_layer(
     """The real adapter fuses into this layer without a non-finite value, within the
     merge's bound; the merged layer's outputs match the unmerged adapter's within their
     bound; and the unfuse restores the weight (exactly, if the implementation claims it)."""
-    row = start_row(request.node, "adapter layers", adapter_layer, implementation.spec)
+    row = start_row(
+        request.node,
+        contract="model",
+        prop="adapter layers",
+        target=implementation.spec,
+        layer=adapter_layer,
+    )
     adapter = plan.adapter.layers[adapter_layer]
     if adapter.magnitude is not None:
         pytest.skip(
@@ -162,7 +174,14 @@ def test_quantized_layer(
 
     quant = safemerge_settings.quant
     assert quant is not None
-    row = start_row(request.node, f"quantized layers ({quant})", quant_layer, "safemerge")
+    row = start_row(
+        request.node,
+        contract="model",
+        prop=f"quantized layers ({quant})",
+        target="safemerge",
+        kind=quant,
+        layer=quant_layer,
+    )
     weight = plan.read(quant_layer, safemerge_settings).float()
     layer = synthetic.quantized_linear(weight, quant, device=safemerge_settings.device)
     adapter = plan.adapter.layers.get(quant_layer) if plan.adapter is not None else None

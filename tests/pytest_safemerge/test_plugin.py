@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import bitsandbytes  # noqa: F401  (see below)
 import pytest
@@ -14,7 +15,8 @@ import safemerge
 import safemerge.io.atomic
 import safemerge.io.checkpoint
 from pytest_safemerge.options import OPTIONS
-from safemerge import synthetic
+from pytest_safemerge.suite.layer_contract import LAYER_DTYPES
+from safemerge import names, synthetic
 
 # bitsandbytes is imported above, once: pytester's in-process runs forget the modules they
 # import, and bitsandbytes cannot register its torch operators a second time.
@@ -41,7 +43,14 @@ LAYER_PROPERTIES = (
     "layer round trip",
 )
 EVERY_PROPERTY = (*PROPERTIES, *LAYER_PROPERTIES)
-FAST = "--safemerge-examples=40"  # the least that still checks every kind was explored
+#: The cells: each tensor property on each weight dtype, each layer property on each layer
+#: kind (unquantized ones in three dtypes).
+TENSOR_CELLS = len(PROPERTIES) * len(names.WEIGHT_DTYPES)
+LAYER_CELLS = len(LAYER_PROPERTIES) * (
+    len(names.UNQUANTIZED_KINDS) * len(LAYER_DTYPES) + len(names.QUANT_TYPES)
+)
+EVERY_CELL = TENSOR_CELLS + LAYER_CELLS
+FAST = "--safemerge-examples=40"
 
 HALF_PRECISION_IMPL = '''
 import torch
@@ -63,9 +72,25 @@ HALF = HalfPrecision()
 '''
 
 
-def rows_of(path: Path) -> dict[str, dict[str, object]]:
+#: The keys every row of the JSON report has (README, "Options, report, xdist").
+ROW_KEYS = {
+    "contract",
+    "property",
+    "dtype",
+    "kind",
+    "result",
+    "examples",
+    "worst_fraction",
+    "message",
+}
+
+
+def rows_of(path: Path) -> dict[tuple[object, ...], dict[str, Any]]:
+    """The report's rows by cell: (contract, property, kind, dtype)."""
     document = json.loads(path.read_text())
-    return {row["name"]: row for row in document["results"]}
+    rows = document["results"]
+    assert all(set(row) >= ROW_KEYS for row in rows)
+    return {(r["contract"], r["property"], r["kind"], r["dtype"]): r for r in rows}
 
 
 def test_every_option_has_an_ini_key_and_help(pytester: pytest.Pytester) -> None:
@@ -84,26 +109,42 @@ def test_without_its_options_the_plugin_adds_nothing(pytester: pytest.Pytester) 
 
 def test_the_suite_runs_in_an_empty_directory_against_safemerge(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--safemerge-suite", FAST, "--safemerge-report=report.json")
-    result.assert_outcomes(passed=len(EVERY_PROPERTY))
+    result.assert_outcomes(passed=EVERY_CELL)
     result.stdout.fnmatch_lines(
         [
             "*implementation under test pytest_safemerge.implementations:SAFEMERGE; layer suite "
             "collected*",
             "*= safemerge =*",
-            "tensor contract (pytest_safemerge.implementations:SAFEMERGE):",
+            "tensor contract (pytest_safemerge.implementations:SAFEMERGE; * examples):",
+            "*float32*float16*bfloat16*float8_e4m3fn*float8_e5m2",
+            "  accuracy  *ok*ok*ok*ok*ok",
         ]
     )
-    result.stdout.fnmatch_lines(["layer contract (pytest_safemerge.implementations:SAFEMERGE):"])
+    result.stdout.fnmatch_lines(
+        [
+            "layer contract (pytest_safemerge.implementations:SAFEMERGE; * examples):",
+            "*layer accuracy*layer adapters unmodified*",
+            "  linear/float32 *ok*ok*ok*ok*ok*ok",
+            "  nf4 *ok*ok*ok*ok*ok*ok",
+        ]
+    )
     rows = rows_of(pytester.path / "report.json")
-    assert set(rows) == set(EVERY_PROPERTY)
-    assert all(row["outcome"] == "passed" for row in rows.values())
-    # The properties explored what they are about.
-    refusal_kinds = rows["refusal"]["kinds"]
-    assert isinstance(refusal_kinds, dict)
-    assert set(refusal_kinds) == {"nan", "+inf", "-inf", "cast-overflow"}
-    accuracy = rows["accuracy"]
-    assert isinstance(accuracy["worst_fraction"], float) and 0 < accuracy["worst_fraction"] <= 1
-    assert rows["round trip"]["worst_fraction"] == 0.0  # safemerge's unfuse is exact
+    assert len(rows) == EVERY_CELL
+    assert {row["result"] for row in rows.values()} == {"passed"}
+    assert {(c, p) for c, p, _, _ in rows} == {("tensor", p) for p in PROPERTIES} | {
+        ("layer", p) for p in LAYER_PROPERTIES
+    }
+    # Every cell explored what it is about: on float16, every kind of refusal.
+    refusal = rows[("tensor", "refusal", None, "float16")]
+    assert set(refusal["kinds"]) == {"nan", "+inf", "-inf", "cast-overflow"}
+    assert set(rows[("tensor", "refusal", None, "float32")]["kinds"]) == {"nan", "+inf", "-inf"}
+    for dtype in names.WEIGHT_DTYPES:
+        accuracy = rows[("tensor", "accuracy", None, dtype)]
+        assert (
+            isinstance(accuracy["worst_fraction"], float) and 0 <= accuracy["worst_fraction"] <= 1
+        )
+        assert rows[("tensor", "round trip", None, dtype)]["worst_fraction"] == 0.0  # exact
+    assert rows[("layer", "layer accuracy", "nf4", None)]["examples"] > 0
 
 
 def test_ini_keys_set_the_options_and_the_command_line_wins(pytester: pytest.Pytester) -> None:
@@ -113,8 +154,8 @@ def test_ini_keys_set_the_options_and_the_command_line_wins(pytester: pytest.Pyt
         "    from pytest_safemerge.options import SETTINGS_KEY\n"
         "    assert request.config.stash[SETTINGS_KEY].examples == 41\n"
     )
-    result = pytester.runpytest("--safemerge-examples=41")
-    result.assert_outcomes(passed=len(EVERY_PROPERTY) + 1)
+    result = pytester.runpytest("--safemerge-examples=41", "-k", "examples")
+    result.assert_outcomes(passed=1, deselected=EVERY_CELL)
 
 
 @pytest.mark.parametrize(
@@ -125,6 +166,11 @@ def test_ini_keys_set_the_options_and_the_command_line_wins(pytester: pytest.Pyt
         ("--safemerge-impl=os.path", "*expected MODULE:OBJECT*"),
         ("--safemerge-examples=-3", "*--safemerge-examples='-3': expected a non-negative int*"),
         ("--safemerge-quant=int4", "*choose one of nf4, fp4, int8*"),
+        (
+            "--safemerge-dtypes=float32,float64",
+            "*--safemerge-dtypes='float32,float64': unknown dtypes ['float64']; choose among "
+            "float32, float16, bfloat16, float8_e4m3fn, float8_e5m2*",
+        ),
         ("--safemerge-model=missing_dir", "*--safemerge-model=missing_dir*"),
     ],
 )
@@ -143,15 +189,18 @@ def test_a_buggy_implementation_fails_with_a_shrunk_example(pytester: pytest.Pyt
     # The float16 product loses accuracy (and, depending on the examples drawn, a factor
     # underflowing in float16 also hides a sum that overflows: refusal may fail too).
     outcomes = result.parseoutcomes()
-    assert outcomes.get("failed", 0) >= 1 and outcomes.get("skipped") == 2  # no unfuse
+    # No unfuse: the round-trip cells are skipped, on every dtype.
+    assert outcomes.get("failed", 0) >= 1 and outcomes.get("skipped") == 2 * 5
     result.stdout.fnmatch_lines(
         [
             "*AssertionError: [[]accuracy[]] the fused weight is not within its error bound.",
             "*Mismatched elements: * / * (*%)",
             "*Greatest error as a fraction of its bound: * at index (*",
-            "*Failing test case: test_fuse_is_accurate__*(*",
-            "*accuracy * failed*",
-            "*round trip * skipped*(half_merge:HALF has no unfuse)*",
+            "*Failing test case: test_fuse_is_accurate__float32__*(*",
+            "  accuracy  *FAILED *",
+            "  round trip  *skip*skip*skip*skip*skip",
+            "failed cells:",
+            "  tensor accuracy [[]float32[]]: [[]accuracy[]] the fused weight is not within*",
         ]
     )
 
@@ -180,29 +229,39 @@ def test_a_subclass_or_a_conftest_fixture_selects_the_implementation(
             "        return SAFEMERGE\n"
         )
     )
-    result = pytester.runpytest(FAST, "-k", "accurate")
-    result.assert_outcomes(passed=1, failed=1, deselected=2 * len(PROPERTIES) - 2)
-    result.stdout.fnmatch_lines(["*FAILED test_ours.py::TestHalf::test_fuse_is_accurate*"])
+    result = pytester.runpytest(FAST, "-k", "accurate and float32")
+    result.assert_outcomes(passed=1, failed=1, deselected=2 * TENSOR_CELLS - 2)
+    result.stdout.fnmatch_lines(
+        ["*FAILED test_ours.py::TestHalf::test_fuse_is_accurate[[]float32[]]*"]
+    )
 
 
 def test_safemerge_only_deselects_other_tests(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_own(): pass")
-    result = pytester.runpytest("--safemerge-only", FAST, "-k", "refus")
+    result = pytester.runpytest(
+        "--safemerge-only", FAST, "-k", "refus", "--safemerge-dtypes=float16"
+    )
     # "refus" picks the refusal properties (small and large weights, layers) and the
-    # atomicity of weights and of layers.
-    result.assert_outcomes(passed=5, deselected=len(EVERY_PROPERTY) - 5 + 1)
+    # atomicity of weights and of layers: 3 tensor cells per dtype, 2 layer cells per layer
+    # kind and dtype. --safemerge-dtypes skips the other dtypes' cells (quantized layer
+    # kinds have no weight dtype: they run).
+    layer_kinds = len(names.UNQUANTIZED_KINDS)
+    ran = 3 + 2 * (layer_kinds + len(names.QUANT_TYPES))
+    skipped = 3 * 4 + 2 * layer_kinds * 2
+    result.assert_outcomes(passed=ran, skipped=skipped, deselected=EVERY_CELL - ran - skipped + 1)
+    result.stdout.fnmatch_lines(["*SKIPPED*float32 not selected (--safemerge-dtypes=float16)*"])
 
 
 def test_under_xdist_the_rows_of_every_worker_are_gathered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess(
         "-n", "2", "--safemerge-suite", FAST, "--safemerge-report=report.json"
     )
-    result.assert_outcomes(passed=len(EVERY_PROPERTY))
-    result.stdout.fnmatch_lines(["*= safemerge =*", "*round trip*passed*"])
+    result.assert_outcomes(passed=EVERY_CELL)
+    result.stdout.fnmatch_lines(["*= safemerge =*", "  round trip  *ok*ok*ok*ok*ok"])
     rows = rows_of(pytester.path / "report.json")
-    assert set(rows) == set(EVERY_PROPERTY)
-    # Every property ran its share of examples (the large-weight one has its own budget).
-    assert all(row["examples"] >= 20 for row in rows.values())
+    assert len(rows) == EVERY_CELL
+    # Every cell ran, and its examples came back from its worker.
+    assert all(row["examples"] >= 1 and row["result"] == "passed" for row in rows.values())
 
 
 # --- the model suite ---------------------------------------------------------------------
@@ -224,11 +283,13 @@ def test_tiny_model_and_adapter_are_checked_layer_by_layer(pytester: pytest.Pyte
         ]
     )
     document = json.loads((pytester.path / "r.json").read_text())
-    groups = {row["group"] for row in document["results"]}
-    assert groups == {"model layers", "adapter layers"}
-    assert all(
-        0 < row["worst_fraction"] <= 1 for row in document["results"] if row["outcome"] == "passed"
-    )
+    rows = document["results"]
+    assert {(row["contract"], row["property"]) for row in rows} == {
+        ("model", "model layers"),
+        ("model", "adapter layers"),
+    }
+    assert all(set(row) >= ROW_KEYS and row["layer"] for row in rows)
+    assert all(0 < row["worst_fraction"] <= 1 for row in rows if row["result"] == "passed")
 
 
 def test_a_broken_adapter_fails_naming_its_layers(pytester: pytest.Pytester) -> None:

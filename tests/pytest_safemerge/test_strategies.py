@@ -15,10 +15,13 @@ from hypothesis.errors import InvalidArgument
 
 import safemerge
 from pytest_safemerge import strategies as sms
-from safemerge.merge.numerics import SUPPORTED_DTYPES, int_view
+from pytest_safemerge.suite.known_cases import known_cases
+from safemerge.merge.numerics import SUPPORTED_DTYPES, int_view, overflow_threshold
 
 FP16_MAX = 65504.0
 NO_DATABASE = settings(database=None, max_examples=60)
+NARROW = tuple(d for d in SUPPORTED_DTYPES if d != torch.float32)
+HALF = (torch.float16, torch.bfloat16)
 
 
 def runs() -> range:
@@ -164,10 +167,13 @@ def _check_planted(case: sms.MergeCase) -> None:
 
 
 def _check_fp16_product_overflow(case: sms.MergeCase) -> None:
-    A, B = case.adapter.lora_A, case.adapter.lora_B
+    A, B = case.adapter.lora_A.float(), case.adapter.lora_B.float()
     products32 = B[:, :, None] * A[None, :, :]  # every B[i,k] * A[k,j], in float32
     assert torch.isfinite(products32).all()
     assert products32.abs().max() > FP16_MAX
+    # The planted product's factors are exact in float16 (the bulk's need not be).
+    exact16 = (B.half().float() == B)[:, :, None] & (A.half().float() == A)[None, :, :]
+    assert (products32.abs()[exact16] > FP16_MAX).any()
     # At the case's scale, a float32 merge into a zero weight fits the weight's dtype.
     weight = torch.zeros_like(case.weight)
     safemerge.fuse_weight(weight, case.adapter, scale=case.scale)
@@ -188,7 +194,7 @@ def _check_subnormal(case: sms.MergeCase) -> None:
 
 
 def _check_cancellation(case: sms.MergeCase) -> None:
-    A, B = case.adapter.lora_A, case.adapter.lora_B
+    A, B = case.adapter.lora_A.float(), case.adapter.lora_B.float()
     assert (B @ A == 0).all()
     assert (B[:, :, None] * A[None, :, :]).abs().max() >= 128 * 128
     weight = case.weight.clone()
@@ -219,6 +225,28 @@ def _check_cast_overflow(case: sms.MergeCase) -> None:
     assert error.nan_count == error.posinf_count == error.neginf_count == 0
 
 
+def _exact_delta(case: sms.MergeCase) -> torch.Tensor:
+    adapter = case.adapter
+    return (case.scale * adapter.scale) * (adapter.lora_B.double() @ adapter.lora_A.double())
+
+
+def _check_delta_overflow(case: sms.MergeCase) -> None:
+    dtype = case.weight.dtype
+    largest = float(torch.finfo(dtype).max)
+    delta = _exact_delta(case)
+    exact = case.weight.double() + delta
+    # The delta alone is beyond the dtype's range (and finite in float32) ...
+    assert float(delta.abs().max()) > overflow_threshold(dtype)
+    assert float(delta.abs().max()) <= float(torch.finfo(torch.float32).max)
+    # ... while the exact sum is well inside it, and so is the float32 merge.
+    assert float(exact.abs().max()) <= 0.51 * largest
+    merged32 = float32_merge(case.weight, case.adapter, case.scale)
+    assert float((merged32.double() - exact).abs().max()) <= 2.0**-20 * largest
+    weight = case.weight.clone()
+    safemerge.fuse_weight(weight, case.adapter, scale=case.scale)  # accepted
+    assert torch.isfinite(weight.float()).all()
+
+
 def _check_random(case: sms.MergeCase) -> None:
     weight = case.weight.clone()
     try:
@@ -239,6 +267,7 @@ CHECKS: dict[str, Callable[[sms.MergeCase], None]] = {
     "cancellation": _check_cancellation,
     "non-contiguous": _check_non_contiguous,
     "cast-overflow": _check_cast_overflow,
+    "delta-overflow": _check_delta_overflow,
 }
 
 
@@ -252,6 +281,8 @@ def test_merge_cases_cover_every_kind_and_each_has_its_defining_property() -> No
         seen[case.kind] += 1
         seen[f"last:{case.kind}"] += "(the last element)" in case.detail
         seen[f"dtype:{case.weight.dtype}"] += 1
+        seen[f"adapter:{case.adapter.lora_A.dtype}"] += 1
+        assert case.adapter.lora_A.dtype == case.adapter.lora_B.dtype
         assert case.must_refuse == (case.kind in sms.MUST_REFUSE_KINDS)
         CHECKS[case.kind](case)
 
@@ -259,6 +290,7 @@ def test_merge_cases_cover_every_kind_and_each_has_its_defining_property() -> No
         *sms.MERGE_CASE_KINDS,
         *(f"last:{kind}" for kind in ("nan", "+inf", "-inf")),
         *(f"dtype:{dtype}" for dtype in SUPPORTED_DTYPES),
+        *(f"adapter:{dtype}" for dtype in sms.ADAPTER_DTYPES),
     ]
     for _ in runs():
         explore()
@@ -304,6 +336,201 @@ def test_quantization_configs_cover_every_type_with_valid_settings() -> None:
     assert all(seen[label] for label in labels), seen
 
 
+# --- adapter dtypes, delta overflow, kinds per dtype -----------------------------------------
+
+
+def _exact_in(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    values = tensor.float()
+    return torch.equal(values.to(dtype).float(), values)
+
+
+@pytest.mark.parametrize(
+    "kind", [k for k in sms.MERGE_CASE_KINDS if k not in sms.WEIGHT_KINDS], ids=str
+)
+def test_half_precision_adapters_occur_in_every_kind_that_takes_them(kind: str) -> None:
+    """Every kind but the two overflow ones draws float16 and bfloat16 factors, and their
+    values are exact in that dtype (a subnormal case's in the weight's subnormals too)."""
+    seen: Counter[str] = Counter()
+
+    @settings(database=None, max_examples=40)
+    @given(sms.merge_cases(kinds=(kind,), max_side=6))
+    def explore(case: sms.MergeCase) -> None:
+        A, B = case.adapter.lora_A, case.adapter.lora_B
+        assert A.dtype == B.dtype and A.dtype in sms.ADAPTER_DTYPES
+        seen[str(A.dtype)] += 1
+        for values in (t[torch.isfinite(t.float())] for t in (A, B)):
+            assert _exact_in(values, A.dtype)
+            assert all(sms.representable(v, A.dtype) == v for v in values.float().tolist())
+        if kind == "subnormal":
+            row = A.float()[A.float() != 0]
+            assert (row.abs() < float(torch.finfo(case.weight.dtype).smallest_normal)).all()
+            assert _exact_in(row, case.weight.dtype)
+
+    required = [str(dtype) for dtype in HALF]
+    for _ in runs():
+        explore()
+        if all(seen[label] for label in required):
+            break
+    assert all(seen[label] for label in required), dict(seen)
+
+
+def test_the_overflow_kinds_keep_float32_factors() -> None:
+    @settings(database=None, max_examples=30)
+    @given(sms.merge_cases(kinds=sms.WEIGHT_KINDS, adapter_dtype=torch.float16, max_side=4))
+    def check(case: sms.MergeCase) -> None:
+        assert case.adapter.lora_A.dtype == case.adapter.lora_B.dtype == torch.float32
+
+    check()
+
+
+def _product_in_adapter_dtype_ratio(case: sms.MergeCase) -> float:
+    """How far ``W + c * (B @ A)``, with ``B @ A`` computed in the adapter's dtype, is from
+    the exact merge, as a multiple of a float32 merge's error bound (inf: not finite)."""
+    A, B = case.adapter.lora_A, case.adapter.lora_B
+    coefficient = float(case.scale * case.adapter.scale)
+    reference, accumulated, bound = safemerge.merge_bound_parts(
+        case.weight, [(B, A, coefficient)], case.weight.dtype
+    )
+    limit = safemerge.numerics.range_limit(case.weight.dtype)
+    if float((reference.abs() + accumulated).max()) >= limit:
+        return 0.0  # near the range's limit: no accuracy to speak of
+    merged = (case.weight.float() + coefficient * (B @ A).float()).to(case.weight.dtype)
+    if not bool(torch.isfinite(merged.float()).all()):
+        return math.inf
+    error = (merged.double() - reference).abs()
+    return float(torch.where(error == 0, torch.zeros_like(error), error / bound).max())
+
+
+@pytest.mark.parametrize("adapter_dtype", HALF, ids=str)
+def test_a_product_in_the_half_adapter_dtype_is_far_outside_the_float32_bound(
+    adapter_dtype: torch.dtype,
+) -> None:
+    """Ordinary random cases on a float32 weight: a merge computing ``B @ A`` in the
+    adapter's float16 or bfloat16 is off by hundreds to thousands of times the bound of a
+    float32 merge in most of them (measured: 60-70 %, median ratio about 1e3 for float16
+    and 4e3 for bfloat16), and the smallest such case has rank 1 and one element."""
+    strategy = sms.merge_cases(dtype=torch.float32, kinds=("random",), adapter_dtype=adapter_dtype)
+    ratios: list[float] = []
+
+    @settings(database=None, max_examples=80)
+    @given(strategy)
+    def explore(case: sms.MergeCase) -> None:
+        assert case.adapter.lora_A.dtype == adapter_dtype
+        ratios.append(_product_in_adapter_dtype_ratio(case))
+
+    explore()
+    far = sum(ratio > 100 for ratio in ratios)
+    assert far >= len(ratios) / 4, sorted(ratios)
+    smallest = find(
+        strategy, lambda case: _product_in_adapter_dtype_ratio(case) > 100, settings=NO_DATABASE
+    )
+    assert tuple(smallest.weight.shape) == (1, 1) and smallest.adapter.rank == 1
+
+
+@pytest.mark.parametrize("dtype", NARROW, ids=str)
+def test_delta_overflow_cases_have_a_delta_beyond_the_range_and_a_sum_within(
+    dtype: torch.dtype,
+) -> None:
+    @settings(database=None, max_examples=40)
+    @given(sms.merge_cases(dtype=dtype, kinds=("delta-overflow",), max_side=8))
+    def check(case: sms.MergeCase) -> None:
+        assert case.kind == "delta-overflow" and not case.must_refuse
+        assert case.weight.dtype == dtype
+        _check_delta_overflow(case)
+
+    check()
+    # Shrunk: one element, rank 1, scale 1, the weight at minus the dtype's max.
+    case = find(
+        sms.merge_cases(dtype=dtype, kinds=("delta-overflow",)),
+        lambda case: True,
+        settings=NO_DATABASE,
+    )
+    assert tuple(case.weight.shape) == (1, 1) and case.adapter.rank == 1
+    assert case.scale == 1.0
+    assert float(case.weight) == -float(torch.finfo(dtype).max)
+
+
+def test_a_float16_delta_overflow_case_is_the_peft_finding() -> None:
+    """A delta beyond 65504 into a weight near -65504, as in
+    ``benchmarks/peft_findings/delta_overflow_refused.py`` (-60000 + 70000 = 10000)."""
+    case = find(
+        sms.merge_cases(dtype=torch.float16, kinds=("delta-overflow",)),
+        lambda case: float(case.weight.float().min()) > -61000,
+        settings=NO_DATABASE,
+    )
+    delta = float(_exact_delta(case).max())
+    assert delta > FP16_MAX and float(case.weight) + delta < FP16_MAX / 2
+
+
+@pytest.mark.parametrize("dtype", NARROW, ids=str)
+def test_known_delta_overflow_cases_filter_by_dtype(dtype: torch.dtype) -> None:
+    cases = known_cases("delta-overflow", dtype)
+    assert cases and all(case.weight.dtype == dtype for case in cases)
+    for case in cases:
+        assert case.kind == "delta-overflow"
+        _check_delta_overflow(case)
+    assert known_cases("delta-overflow", torch.float32) == []
+    every = known_cases("delta-overflow")
+    assert {case.weight.dtype for case in every} == set(NARROW)
+    assert known_cases("cast-overflow", dtype)[0].weight.dtype == dtype
+
+
+def test_kinds_for_dtype_lists_what_merge_cases_makes_for_it() -> None:
+    assert sms.kinds_for_dtype(None) == sms.MERGE_CASE_KINDS
+    for dtype in NARROW:
+        assert sms.kinds_for_dtype(dtype) == sms.MERGE_CASE_KINDS
+    float32_kinds = sms.kinds_for_dtype(torch.float32)
+    assert set(sms.MERGE_CASE_KINDS) - set(float32_kinds) == {"cast-overflow", "delta-overflow"}
+    no_subnormal = sms.kinds_for_dtype(torch.bfloat16, adapter_dtype=torch.float16)
+    assert "subnormal" not in no_subnormal and "delta-overflow" in no_subnormal
+
+    seen: set[str] = set()
+
+    @settings(database=None, max_examples=80)
+    @given(sms.merge_cases(dtype=torch.float32, max_side=4))
+    def explore(case: sms.MergeCase) -> None:
+        assert case.weight.dtype == torch.float32 and case.kind in float32_kinds
+        seen.add(case.kind)
+
+    explore()
+    assert seen <= set(float32_kinds)
+
+
+# --- rounding to a dtype -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", SUPPORTED_DTYPES, ids=str)
+def test_representable_rounds_as_torch_casts_float32_within_the_range(dtype: torch.dtype) -> None:
+    @settings(database=None, max_examples=200)
+    @given(st.floats(width=32, allow_nan=False, allow_infinity=False))
+    def check(value: float) -> None:
+        largest = float(torch.finfo(dtype).max)
+        rounded = sms.representable(value, dtype)
+        assert abs(rounded) <= largest
+        assert math.copysign(1, rounded) == math.copysign(1, value)
+        cast = float(torch.tensor(value, dtype=torch.float32).to(dtype).float())
+        if math.isfinite(cast) and abs(value) <= largest:
+            assert rounded == cast
+
+    check()
+
+
+def test_representable_rounds_once_and_never_past_the_largest_value() -> None:
+    # Just above the tie between 1 and 1 + 2**-10: through float32 (as torch casts a
+    # float64) it becomes the tie and rounds to even, 1.0; rounded once, it rounds up.
+    value = 1 + 2**-11 + 2**-40
+    assert float(torch.tensor(value, dtype=torch.float64).to(torch.float16)) == 1.0
+    assert sms.representable(value, torch.float16) == 1 + 2**-10
+    assert sms.representable(70000.0, torch.float16) == FP16_MAX
+    assert sms.representable(-math.inf, torch.float16) == -FP16_MAX
+    assert sms.representable(470.0, torch.float8_e4m3fn) == 448.0  # 480 is past the max
+    assert sms.representable(460.0, torch.float8_e4m3fn) == 448.0
+    assert sms.representable(2.0**-25, torch.float16) == 0.0  # the tie with 2**-24: to even
+    assert math.copysign(1, sms.representable(-(2.0**-30), torch.float16)) == -1
+    with pytest.raises(ValueError, match="NaN"):
+        sms.representable(math.nan, torch.float16)
+
+
 # --- invalid arguments ----------------------------------------------------------------------
 
 INVALID: list[tuple[Callable[[], object], str]] = [
@@ -338,6 +565,28 @@ INVALID: list[tuple[Callable[[], object], str]] = [
         lambda: sms.merge_cases(dtype=torch.float32, kinds=("cast-overflow",)),
         "dtype=torch.float32",
     ),
+    (
+        lambda: sms.merge_cases(dtype=torch.float32, kinds=("delta-overflow",)),
+        "dtype=torch.float32",
+    ),
+    (lambda: sms.merge_cases(adapter_dtype=torch.float64), "adapter_dtype=torch.float64"),
+    (
+        lambda: sms.merge_cases(
+            dtype=torch.float32, kinds=("subnormal",), adapter_dtype=torch.float16
+        ),
+        "['subnormal']",
+    ),
+    (
+        lambda: sms.adversarial_adapters(
+            out_features=2,
+            in_features=2,
+            weight_dtype=torch.bfloat16,
+            kinds=("subnormal",),
+            adapter_dtype=torch.float16,
+        ),
+        "adapter_dtype=torch.float16",
+    ),
+    (lambda: sms.kinds_for_dtype(torch.int8), "dtype=torch.int8"),
     (lambda: sms.merge_cases(kinds=("overflow",)), "kinds=('overflow',)"),
     (lambda: sms.quantization_configs(min_blocksize=48), "min_blocksize=48"),
     (lambda: sms.quantization_configs(max_blocksize=8192), "max_blocksize=8192"),

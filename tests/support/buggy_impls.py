@@ -337,6 +337,28 @@ class AddmmAlphaZero(CorrectMerge):
         return torch.addmm(_float32(weight), _float32(lora_B), _float32(lora_A), alpha=scale)
 
 
+class RefusesByCrashing(CorrectMerge):
+    """Detects a non-finite merge correctly, then, to name the broken factor, tests
+    ``not torch.isfinite(lora_A)`` (no ``.all()``): with more than one element that raises
+    ``RuntimeError: Boolean value of Tensor with more than one value is ambiguous``, not a
+    refusal (a ValueError), so a NaN adapter crashes the merge instead of being refused.
+
+    Seen in: PEFT ``tuners/lora/bnb.py`` ``Linear4bit.merge`` and ``Linear8bitLt.merge``
+    (``if safe_merge and not torch.isfinite(bias_data):``, no ``.all()``; the suite's PEFT
+    finding, ``benchmarks/peft_findings/bnb_lora_bias_safe_merge.py``).
+    """
+
+    def fuse(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor | None:
+        with torch.no_grad():
+            merged = self.merged(weight, lora_A, lora_B, scale)
+            try:
+                result = self.checked_cast(merged, weight.dtype)
+            except MergeRefused:
+                broken = "lora_A" if not torch.isfinite(lora_A) else "lora_B"
+                raise MergeRefused(f"the adapter's {broken} seems to be broken") from None
+            return self.commit(weight, result)
+
+
 # --- inaccurate merges ---------------------------------------------------------------------
 
 
@@ -443,6 +465,40 @@ class FlushesSubnormals(CorrectMerge):
             return super().merged(weight, lora_A, lora_B, scale)
         finally:
             torch.set_flush_denormal(False)
+
+
+class ProductInAdapterDtype(CorrectMerge):
+    """Computes ``B @ A`` in the adapter's own dtype (``lora_A.dtype``), then scales and
+    adds in float32: with float16 or bfloat16 factors the product is rounded to 11 or 8
+    bits (and a float16 product beyond 65504 is Inf) before the float32 sum. Correct for
+    float32 adapters, unlike :class:`Float16Matmul`; only half-precision adapters show it.
+
+    Seen in: PEFT ``LoraLayer.get_delta_weight`` (``cast_to_fp32 = device.type == "cpu" and
+    dtype in (float16, bfloat16)``: on CUDA ``weight_B @ weight_A`` runs in the adapter's
+    dtype).
+    """
+
+    def delta(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+        return scale * _float32(lora_B.to(lora_A.dtype) @ lora_A)
+
+
+class DeltaGuarded(CorrectMerge):
+    """Besides the float32 sum, checks the delta cast to the weight's dtype,
+    ``isfinite(delta.to(weight.dtype))``: a delta beyond the dtype's range is refused
+    even where ``W + delta`` is well inside it (float16: -60000 + 70000 = 10000). The
+    float8_e4m3fn cast saturates, so there only float16, bfloat16 and float8_e5m2 show it.
+
+    Seen in: PEFT ``tuners/lora/layer.py`` ``Linear.merge(safe_merge=True)``
+    (``orig_weight += delta_weight.to(orig_dtype)`` then ``isfinite``: the cast delta is
+    Inf; the suite's PEFT finding ``benchmarks/peft_findings/delta_overflow_refused.py``),
+    without the double rounding of :class:`DeltaCastToWeightDtype`.
+    """
+
+    def merged(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+        delta = self.delta(weight, lora_A, lora_B, scale)
+        if not bool(torch.isfinite(_float32(delta.to(weight.dtype))).all()):
+            raise MergeRefused("NaNs detected in the delta weights")
+        return _float32(weight) + delta
 
 
 # --- adapters, atomicity ---------------------------------------------------------------------
@@ -656,10 +712,35 @@ class InPlaceDiffersFromReturned(CorrectMerge):
             return result
 
 
+# --- correct, but not on every dtype ----------------------------------------------------------
+
+
+class NoFloat8(CorrectMerge):
+    """A correct float32 merge whose guard reads the cast result's largest magnitude,
+    ``merged.to(dtype).abs().max()`` (NaN and Inf propagate through ``max``): torch has
+    no ``max`` for float8, so every float8 weight raises ``NotImplementedError: "max_all"
+    not implemented for 'Float8_e4m3fn'`` (a RuntimeError), refusal due or not. Not a bug
+    to catch everywhere: the suite must fail its float8 cells only (unsupported, or
+    refused by crashing) and pass every float32, float16 and bfloat16 cell.
+
+    Seen in: torch 2.13 (no ``max``, ``isfinite`` or ``add`` for float8_e4m3fn; PEFT's
+    float8 finding, ``benchmarks/peft_findings/float8_weights.py``, is its ``add_stub``).
+    """
+
+    def checked_cast(self, merged: Tensor, dtype: torch.dtype) -> Tensor:
+        cast = merged.to(dtype)
+        if not bool(torch.isfinite(cast.abs().max())):
+            raise MergeRefused(f"the merged weight is not finite in {dtype}")
+        return cast
+
+
 # --- the catalogue ---------------------------------------------------------------------------
 
 CORRECT = CorrectMerge()
 CORRECT_RETURNING = CorrectReturning()
+#: Correct on float32, float16 and bfloat16 weights; raises NotImplementedError on float8
+#: ones (see :class:`NoFloat8`): must fail only its float8 cells. Not in :data:`BUGS`.
+CORRECT_WITHOUT_FLOAT8 = NoFloat8()
 
 GUARD_ON_FLOAT32_SUM = GuardOnFloat32Sum()
 GUARD_ISNAN_ONLY = GuardIsnanOnly()
@@ -698,6 +779,9 @@ SQUEEZES_UNIT_DIMS = SqueezesUnitDims()
 RETURNS_SELF = ReturnsSelf()
 MOVES_TO_CPU = MovesToCpu()
 IN_PLACE_DIFFERS_FROM_RETURNED = InPlaceDiffersFromReturned()
+REFUSES_BY_CRASHING = RefusesByCrashing()
+PRODUCT_IN_ADAPTER_DTYPE = ProductInAdapterDtype()
+DELTA_GUARDED = DeltaGuarded()
 
 ACCURATE = "test_fuse_is_accurate"
 FORM = "test_fuse_keeps_form"
@@ -749,6 +833,12 @@ BUGS: dict[str, tuple[object, str]] = {
     "RETURNS_SELF": (RETURNS_SELF, FORM),
     "MOVES_TO_CPU": (MOVES_TO_CPU, FORM),
     "IN_PLACE_DIFFERS_FROM_RETURNED": (IN_PLACE_DIFFERS_FROM_RETURNED, AGREES),
+    # Caught by "nan"/"+inf"/"-inf" cases (a crash where a refusal is due).
+    "REFUSES_BY_CRASHING": (REFUSES_BY_CRASHING, REFUSES),
+    # Caught by "random" cases with a float16 or bfloat16 adapter (a float32 weight's above all).
+    "PRODUCT_IN_ADAPTER_DTYPE": (PRODUCT_IN_ADAPTER_DTYPE, ACCURATE),
+    # Caught by "delta-overflow" cases (float16, bfloat16, float8_e5m2 weights).
+    "DELTA_GUARDED": (DELTA_GUARDED, ACCURATE),
 }
 
 #: Bugs only an accelerator can show (the suite must run with ``--safemerge-device=cuda``).
