@@ -30,7 +30,7 @@ from pytest_safemerge.results import start_row
 from pytest_safemerge.strategies import MergeCase, kinds_for_dtype, merge_cases
 from pytest_safemerge.suite import checks, runner
 from pytest_safemerge.suite.checks import Checked
-from pytest_safemerge.suite.known_cases import known_cases
+from pytest_safemerge.suite.known_cases import known_cases, known_large_cases
 from safemerge import names
 
 #: Cases whose merge is finite and must be accurate (ordinary, and adversarial kinds a
@@ -110,6 +110,7 @@ class ConformanceSuite:
             max_side: int = 16,
             budget: int | None = None,
             least: int = _LEAST_PER_KIND,
+            known: Callable[[str, torch.dtype], list[MergeCase]] = known_cases,
         ) -> None:
             applicable = kinds_for_dtype(dtype)
             kinds = tuple(kind for kind in kinds if kind in applicable)
@@ -127,7 +128,6 @@ class ConformanceSuite:
                 )
                 check(implementation, checked, row)
 
-            small = max_side <= 16  # the hand-written cases are small ones
             runner.explore(
                 name=f"{request.node.originalname}__{weight_dtype}",
                 row=row,
@@ -137,7 +137,7 @@ class ConformanceSuite:
                     )
                     for kind in kinds
                 },
-                known={kind: known_cases(kind, dtype) for kind in kinds if small},
+                known={kind: known(kind, dtype) for kind in kinds},
                 examples_per_kind=runner.budget(
                     safemerge_settings.examples if budget is None else budget,
                     cells,
@@ -194,6 +194,7 @@ class ConformanceSuite:
             max_side=1100,
             budget=0,  # one case of each kind per cell: each is up to 1.2 million elements
             least=1,
+            known=known_large_cases,
         )
 
     def test_unfuse_round_trip(self, implementation: Implementation, explore: Any) -> None:

@@ -182,3 +182,35 @@ _KNOWN: dict[str, Callable[[], list[MergeCase]]] = {
     "-inf": lambda: _hidden_non_finite("-inf"),
     "subnormal": _subnormal_results,
 }
+
+
+#: A large weight's side: 65 x 65 = 4225 elements, so that blocks of 4096, 2048, 1024 or
+#: 64 elements leave a partial last block, which holds the last row.
+_LARGE_SIDE = 65
+
+
+def known_large_cases(kind: str, dtype: torch.dtype) -> list[MergeCase]:
+    """A large weight whose only non-finite (or overflowing) merged elements are in its
+    last row: a guard that checks in blocks and skips the partial last one lets them
+    through. For the refusal kinds; none for other kinds."""
+    side = _LARGE_SIDE
+    weight = torch.zeros(side, side)
+    lora_A = torch.ones(1, side)
+    lora_B = torch.zeros(side, 1)
+    if kind in ("nan", "+inf", "-inf"):
+        # B's last row alone is non-finite: NaN * 0 is NaN, so a non-finite value in A
+        # would spread over a whole column, into the first block.
+        lora_B[-1, 0] = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}[kind]
+        detail = f"{kind} in lora_B's last row: only the weight's last row is not finite"
+    elif kind == "cast-overflow" and dtype != torch.float32:
+        largest = float(torch.finfo(dtype).max)
+        threshold = safemerge.numerics.overflow_threshold(dtype)
+        weight[-1, -1] = largest
+        lora_A.zero_()
+        lora_A[0, -1] = 1.25 * (threshold - largest)
+        lora_B[-1, 0] = 1.0
+        detail = f"the last element, {largest:g}, pushed past {dtype}'s threshold {threshold:g}"
+    else:
+        return []
+    adapter = safemerge.LoraAdapter(lora_A, lora_B)
+    return [MergeCase(weight.to(dtype), adapter, 1.0, kind, detail)]

@@ -742,6 +742,26 @@ CORRECT_RETURNING = CorrectReturning()
 #: ones (see :class:`NoFloat8`): must fail only its float8 cells. Not in :data:`BUGS`.
 CORRECT_WITHOUT_FLOAT8 = NoFloat8()
 
+
+class DeclaresNoFloat8(NoFloat8):
+    """:class:`NoFloat8` saying what it supports: its float8 cells are skipped, not failed."""
+
+    dtypes = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
+class DeclaresEverything(CorrectMerge):
+    """The correct merge with every declaration spelled out as its default."""
+
+    dtypes = frozenset(
+        {torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+    )
+    refusal_errors = (ValueError,)
+
+
+#: Correct references with declarations: they must pass every cell they declare.
+CORRECT_DECLARING_NO_FLOAT8 = DeclaresNoFloat8()
+CORRECT_DECLARING_EVERYTHING = DeclaresEverything()
+
 GUARD_ON_FLOAT32_SUM = GuardOnFloat32Sum()
 GUARD_ISNAN_ONLY = GuardIsnanOnly()
 GUARD_ANY_NOT_ALL = GuardAnyNotAll()
