@@ -18,6 +18,12 @@ anywhere in lora_A, lora_B, lora_bias or the DoRA magnitude (at any scale, 0 inc
 stored in (float16 for an int8 layer, whose Int8Params quantize through float16; float32
 itself for float32 and 4-bit layers); ``"bias-overflow"``: the same for the bias.
 
+Dtypes: an unquantized layer's weight is float32, float16 or bfloat16 (``dtype=`` picks
+one: a cell of the suite); every adapter's tensors are float32, float16 or bfloat16
+(``adapter_dtype=``), holding the values the expected results are computed from. 4-bit
+layers are either narrower than a block (blocks straddle rows) or rows of 1 to 4 whole
+blocks, as real layers are (:func:`rows_are_whole_blocks`).
+
 Like :mod:`pytest_safemerge.strategies`, the bulk of every tensor comes from a drawn seed,
 and what a property hinges on (sizes, dtype, options, ranks, scales, where a NaN is
 planted) is drawn by Hypothesis, so that a failure shrinks to a small, readable case.
@@ -38,12 +44,15 @@ from hypothesis.strategies import SearchStrategy
 from torch import nn
 
 import safemerge
+from pytest_safemerge._strategies.values import representable
 from safemerge import names, synthetic
-from safemerge.merge.numerics import overflow_threshold
+from safemerge.merge.numerics import FLOAT32_RANGE_LIMIT, overflow_threshold
 
 __all__ = [
+    "ADAPTER_DTYPES",
     "ALL_TAGS",
     "LAYER_CASE_KINDS",
+    "LAYER_DTYPES",
     "LAYER_TAGS",
     "OPTION_TAGS",
     "QUANTIZED_TAGS",
@@ -53,6 +62,7 @@ __all__ = [
     "kinds_for",
     "layer_cases",
     "options_for",
+    "rows_are_whole_blocks",
 ]
 
 UNQUANTIZED_TAGS: tuple[str, ...] = names.UNQUANTIZED_KINDS
@@ -65,6 +75,10 @@ REFUSED_LAYER_KINDS: tuple[str, ...] = ("nan", "+inf", "-inf", "cast-overflow", 
 LAYER_CASE_KINDS: tuple[str, ...] = ("random", *REFUSED_LAYER_KINDS)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Weight dtypes of the unquantized layer kinds (``layer_cases(dtype=...)``).
+LAYER_DTYPES: tuple[torch.dtype, ...] = _FLOAT_DTYPES
+#: Dtypes of an adapter's tensors (``layer_cases(adapter_dtype=...)``).
+ADAPTER_DTYPES: tuple[torch.dtype, ...] = _FLOAT_DTYPES
 #: Bias dtypes of a quantized layer (its weight has none of its own: float32 goes in).
 _QUANTIZED_BIAS_DTYPES = (torch.float32, torch.float16)
 _F32_MAX = float(torch.finfo(torch.float32).max)
@@ -78,7 +92,10 @@ def _fits_blocks(out_features: int, in_features: int, blocksize: int) -> bool:
     return (out_features * in_features) % blocksize == 0
 
 
-#: (out, in) pairs with sides up to 16 that bitsandbytes' 4-bit quantization accepts.
+#: (out, in) pairs with sides up to 16 that bitsandbytes' 4-bit quantization accepts. Every
+#: row is narrower than a block, so blocks straddle rows (bitsandbytes 0.50's CPU
+#: dequantize_4bit misreads those on some CPUs: an implementation that uses it shows that
+#: bug here, see benchmarks/peft_findings/bnb_cpu_dequantize_4bit.py).
 _FOUR_BIT_SHAPES = {
     blocksize: tuple(
         (out_features, in_features)
@@ -88,6 +105,26 @@ _FOUR_BIT_SHAPES = {
     )
     for blocksize in _BLOCKSIZES
 }
+#: (out, in) pairs whose rows are whole blocks (in a multiple of the blocksize, 1 to 4 of
+#: them), as real layers' are: each block lies within one row, and a row holds several.
+_ALIGNED_FOUR_BIT_SHAPES = {
+    blocksize: tuple(
+        (out_features, in_features)
+        for in_features in (32, 64, 128)
+        if in_features % blocksize == 0
+        for out_features in range(1, 5)
+    )
+    for blocksize in _BLOCKSIZES
+}
+
+
+def rows_are_whole_blocks(case: LayerCase) -> bool:
+    """A 4-bit case whose ``in_features`` is a multiple of its blocksize (no block
+    straddles two rows); False for every other case."""
+    state = getattr(getattr(case.layer, "weight", None), "quant_state", None)
+    if case.layer_tag not in names.FOUR_BIT_TYPES or state is None:
+        return False
+    return int(state.shape[1]) % int(state.blocksize) == 0
 
 
 def options_for(layer: str) -> frozenset[str]:
@@ -210,6 +247,8 @@ def layer_cases(
     kind: str = "random",
     options: Collection[str] = (),
     allowed: Collection[str] = ALL_TAGS,
+    dtype: torch.dtype | str | None = None,
+    adapter_dtype: torch.dtype | str | None = None,
 ) -> SearchStrategy[LayerCase]:
     """:class:`LayerCase` objects of one layer kind and one kind of case.
 
@@ -220,11 +259,26 @@ def layer_cases(
         options: option tags every case carries (each must fit ``layer`` and the kind).
         allowed: every tag a case may carry (an implementation's ``layer_kinds``); other
             options are drawn among those allowed.
+        dtype: the weight dtype of an unquantized layer, one of :data:`LAYER_DTYPES` (a
+            ``torch.dtype`` or its name), so that a runner can generate one cell (layer
+            kind x dtype) at a time; None draws it. A quantized layer's weight is its
+            quantization (its bias dtype is drawn): pass None for those.
+        adapter_dtype: the dtype of every adapter tensor (lora_A, lora_B, lora_bias,
+            magnitude), one of :data:`ADAPTER_DTYPES`; None draws one per adapter. The
+            values are drawn representable in it, and the expected results are computed
+            from them as they are.
     """
     if layer not in LAYER_TAGS:
         raise InvalidArgument(f"layer={layer!r} is not one of {LAYER_TAGS}; pass one of them")
     if kind not in LAYER_CASE_KINDS:
         raise InvalidArgument(f"kind={kind!r} is not one of {LAYER_CASE_KINDS}; pass one of them")
+    weight_dtype = _dtype_argument("dtype", dtype, LAYER_DTYPES)
+    if weight_dtype is not None and layer in QUANTIZED_TAGS:
+        raise InvalidArgument(
+            f"dtype={dtype!r} does not apply to layer={layer!r}: a quantized layer's weight is "
+            f"its {layer} quantization, and its bias dtype is drawn; pass dtype=None"
+        )
+    adapters_dtype = _dtype_argument("adapter_dtype", adapter_dtype, ADAPTER_DTYPES)
     allowed = frozenset(allowed)
     unknown = (set(options) | allowed) - ALL_TAGS
     if unknown:
@@ -244,7 +298,25 @@ def layer_cases(
             f"options={sorted(options)} do not fit layer={layer!r}, kind={kind!r} with "
             f"allowed={sorted(allowed)} (possible: {sorted(possible)}; dora goes alone)"
         )
-    return _layer_cases(layer, kind, options, possible)
+    return _layer_cases(layer, kind, options, possible, weight_dtype, adapters_dtype)
+
+
+def _dtype_argument(
+    name: str, value: torch.dtype | str | None, choices: tuple[torch.dtype, ...]
+) -> torch.dtype | None:
+    """``value`` as one of ``choices`` (a dtype or its name, ``"float16"``), or None."""
+    if value is None:
+        return None
+    found = value
+    if isinstance(value, str):
+        found = getattr(torch, value.removeprefix("torch."), value)
+    if isinstance(found, torch.dtype) and found in choices:
+        return found
+    listed = names.listed(str(choice).removeprefix("torch.") for choice in choices)
+    raise InvalidArgument(
+        f"{name}={value!r} is not one of {listed}; pass one of them (a torch.dtype or its "
+        f"name, e.g. {name}=torch.bfloat16), or {name}=None to draw it"
+    )
 
 
 @st.composite
@@ -266,14 +338,21 @@ def _option_sets(
 
 @st.composite
 def _layer_cases(
-    draw: st.DrawFn, layer: str, kind: str, required: frozenset[str], possible: frozenset[str]
+    draw: st.DrawFn,
+    layer: str,
+    kind: str,
+    required: frozenset[str],
+    possible: frozenset[str],
+    dtype: torch.dtype | None,
+    adapter_dtype: torch.dtype | None,
 ) -> LayerCase:
     options = draw(_option_sets(required, possible))
     generator = torch.Generator().manual_seed(draw(_seeds))
-    built = draw(_layers(layer, options, kind, generator))
+    built = draw(_layers(layer, options, kind, generator, dtype))
     count = draw(st.integers(2, 3)) if "several" in options else 1
     adapters = [
-        draw(_adapters(built, options, kind, generator, first=index == 0)) for index in range(count)
+        draw(_adapters(built, options, kind, generator, adapter_dtype, first=index == 0))
+        for index in range(count)
     ]
     scale = draw(st.sampled_from((1.0, 0.5, -1.0, 2.0, 0.0, 1 / 3, 1e-3, -0.0)))
     detail = ""
@@ -341,14 +420,20 @@ def _normal(shape: tuple[int, ...], std: float, generator: torch.Generator) -> t
 
 @st.composite
 def _layers(
-    draw: st.DrawFn, tag: str, options: frozenset[str], kind: str, generator: torch.Generator
+    draw: st.DrawFn,
+    tag: str,
+    options: frozenset[str],
+    kind: str,
+    generator: torch.Generator,
+    dtype: torch.dtype | None,
 ) -> _Built:
     needs_bias = "lora-bias" in options
     has_bias = tag != "embedding" and (needs_bias or draw(st.booleans()))
     std = draw(st.sampled_from((1.0, 0.02, 30.0) if tag not in QUANTIZED_TAGS else (1.0, 0.02)))
     if tag in QUANTIZED_TAGS:
         return draw(_quantized(tag, has_bias, std, generator))
-    dtype = draw(st.sampled_from(_FLOAT_DTYPES))
+    if dtype is None:
+        dtype = draw(st.sampled_from(_FLOAT_DTYPES))
     kernel: tuple[int, ...] = ()
     module: nn.Module
     if tag in ("linear", "fan_in_fan_out", "embedding"):
@@ -396,7 +481,9 @@ def _quantized(
         quant = {"threshold": draw(st.sampled_from((0.0, 6.0)))}
     else:
         blocksize = draw(st.sampled_from(_BLOCKSIZES))
-        out_features, in_features = draw(st.sampled_from(_FOUR_BIT_SHAPES[blocksize]))
+        # Rows narrower than a block (blocks straddle rows), or rows of whole blocks.
+        shapes = _ALIGNED_FOUR_BIT_SHAPES if draw(st.booleans()) else _FOUR_BIT_SHAPES
+        out_features, in_features = draw(st.sampled_from(shapes[blocksize]))
         quant = {"blocksize": blocksize, "nested": draw(st.booleans())}
     weight = _normal((out_features, in_features), std, generator)
     bias = None
@@ -416,19 +503,22 @@ def _adapters(
     options: frozenset[str],
     kind: str,
     generator: torch.Generator,
+    dtype: torch.dtype | None,
     *,
     first: bool,
 ) -> dict[str, Any]:
-    """The parts of one adapter (tensors still editable, for planting)."""
+    """The parts of one adapter (tensors still editable, for planting), all of one dtype:
+    ``dtype``, or drawn. Values are drawn in float32 and rounded into it once; the tensors
+    hold the values that the expected results are computed from."""
     rank = draw(st.integers(1, 8))
     overflow = kind in ("cast-overflow", "bias-overflow")
     # An overflow case computes the planted values from the adapter's scale: alpha=None
     # keeps that scale at 1 (sqrt(rank) with rsLoRA), so the values stay float32-finite.
     alpha = None if overflow else draw(st.sampled_from((None, 16.0, 1.0, 8.0, 2.0 * rank, 0.5)))
     use_rslora = draw(st.booleans())
-    dtype = torch.float32
-    if not overflow and built.dtype != torch.float32 and draw(st.booleans()):
-        dtype = built.dtype  # adapters stored in the weight's dtype: upcast before the matmul
+    if dtype is None:
+        # float32 (PEFT's default), or half: a merge upcasts before the matmul.
+        dtype = draw(st.sampled_from(ADAPTER_DTYPES))
     spread = draw(st.sampled_from((1.0, 0.1, 3.0))) / built.in_features**0.5
     lora_A = _normal((rank, built.in_features, *built.kernel), spread, generator)
     lora_B = _normal(
@@ -448,7 +538,7 @@ def _adapters(
         "alpha": alpha,
         "use_rslora": use_rslora,
         "lora_bias": None if lora_bias is None else lora_bias.to(dtype),
-        "magnitude": magnitude,
+        "magnitude": None if magnitude is None else magnitude.to(dtype),
     }
 
 
@@ -507,7 +597,7 @@ def _overflow(
     threshold = overflow_threshold(storage)
     largest = float(torch.finfo(storage).max)
     sign = draw(st.sampled_from((1.0, -1.0)))
-    start = _representable(draw(st.sampled_from((0.5, 0.75, 1.0))) * largest, storage)
+    start = representable(draw(st.sampled_from((0.5, 0.75, 1.0))) * largest, storage)
     # bfloat16 has float32's range: beyond its threshold there is room for less than one
     # of its roundings near the max, so a sum merged in steps (each rounded, as PEFT does)
     # may come back in range. With several adapters the float32 sum overflows instead.
@@ -521,18 +611,27 @@ def _overflow(
         beyond = f"finite in float32, beyond {storage}'s threshold {threshold:g}"
     push = (target - start) / len(adapters)
     coefficients = [_adapter_scale(parts) for parts in adapters]
-    feasible = [
-        s
-        for s in (1.0, 0.5, 2.0, -1.0, 4.0, 1e-3, 1e30)
-        if all(abs(push / (s * c)) < 0.99 * _F32_MAX for c in coefficients)
-    ]
+    split = kind == "cast-overflow"  # a weight's delta has two factors, a bias's one
+
+    def plantable(scale: float) -> bool:
+        return all(
+            _planted_factors(push / (scale * c), parts["lora_A"].dtype, split=split) is not None
+            for parts, c in zip(adapters, coefficients, strict=True)
+        )
+
+    feasible = [s for s in _OVERFLOW_SCALES if plantable(s)]
+    if not feasible:  # half adapters push a float32-range sum only at larger scales
+        feasible = [s for s in _LARGE_OVERFLOW_SCALES if plantable(s)]
+    assert feasible, f"no scale plants {push:g} into {[p['lora_A'].dtype for p in adapters]}"
     scale = draw(st.sampled_from(feasible))
+    pushes = []
     if kind == "cast-overflow":
         row = draw(st.integers(0, built.matrix.shape[0] - 1))
         column = draw(st.integers(0, built.matrix.shape[1] - 1))
         built.matrix[row, column] = sign * start
         for parts, coefficient in zip(adapters, coefficients, strict=True):
-            _plant_delta(built, parts, row, column, sign * push / (scale * coefficient))
+            planted = _plant_delta(built, parts, row, column, sign * push / (scale * coefficient))
+            pushes.append(scale * coefficient * planted)
         where = f"weight matrix [{row}, {column}]"
     else:
         assert built.bias is not None
@@ -540,12 +639,24 @@ def _overflow(
         built.bias[row] = sign * start
         for parts, coefficient in zip(adapters, coefficients, strict=True):
             if parts["lora_bias"] is None:
-                parts["lora_bias"] = _normal((built.out_features,), 0.02, generator)
-            parts["lora_bias"][row] = sign * push / (scale * coefficient)
+                lora_bias = _normal((built.out_features,), 0.02, generator)
+                parts["lora_bias"] = lora_bias.to(parts["lora_A"].dtype)
+            factors = _planted_factors(
+                sign * push / (scale * coefficient), parts["lora_bias"].dtype, split=False
+            )
+            assert factors is not None
+            parts["lora_bias"][row] = factors[1]
+            pushes.append(scale * coefficient * factors[1])
         where = f"bias[{row}]"
+    # Each planted value is rounded away from zero into its adapter's dtype: the sum is at
+    # least the target (beyond float32's range, a little more, when the target is near it).
+    total = sign * start + math.fsum(pushes)
+    if abs(total) >= FLOAT32_RANGE_LIMIT:
+        beyond = f"beyond float32's range ({_F32_MAX:g}): the float32 sum is Inf"
     detail = (
-        f"{where} = {sign * start:g} plus {len(adapters)} x {sign * push:g} = "
-        f"{sign * target:g}: {beyond}"
+        f"{where} = {sign * start:g} plus "
+        + " + ".join(f"{one:g}" for one in pushes)
+        + f" = {total:g}: {beyond}"
     )
     return scale, detail
 
@@ -557,20 +668,61 @@ def _weight_storage_dtype(built: _Built) -> torch.dtype:
     return built.dtype  # float32 for 4-bit layers: the absmax is float32
 
 
-def _plant_delta(built: _Built, parts: dict[str, Any], row: int, column: int, value: float) -> None:
+def _plant_delta(
+    built: _Built, parts: dict[str, Any], row: int, column: int, value: float
+) -> float:
     """Make rank component 0 of the adapter add ``value`` (times its coefficient) at
-    ``M[row, column]`` and nothing elsewhere."""
+    ``M[row, column]`` and nothing elsewhere, as a power of two (1 when ``value`` fits the
+    adapter's dtype) times ``value`` over it rounded away from zero into that dtype.
+    Returns the product planted (``value`` or a little more in magnitude)."""
     lora_A = parts["lora_A"].view(parts["lora_A"].shape[0], -1)
     lora_B = parts["lora_B"].view(parts["lora_B"].shape[0], -1)
+    factors = _planted_factors(value, lora_A.dtype, split=True)
+    assert factors is not None, f"{value:g} cannot be planted in {lora_A.dtype}"
+    power, rest = factors
     lora_A[0].zero_()
     lora_B[:, 0].zero_()
     if built.transposed:  # M += lora_A^T @ lora_B^T
-        lora_A[0, row] = value
-        lora_B[column, 0] = 1.0
+        lora_A[0, row] = rest
+        lora_B[column, 0] = power
     else:  # M += lora_B @ lora_A
-        lora_B[row, 0] = 1.0
-        lora_A[0, column] = value
+        lora_B[row, 0] = power
+        lora_A[0, column] = rest
+    return power * rest
 
 
-def _representable(value: float, dtype: torch.dtype) -> float:
-    return float(torch.tensor(value, dtype=torch.float64).to(dtype).to(torch.float64))
+#: Scales an overflow case draws from, when its planted values fit the adapters' dtypes.
+_OVERFLOW_SCALES = (1.0, 0.5, 2.0, -1.0, 4.0, 1e-3, 1e30)
+#: Otherwise (float16 adapters, whose largest value is 65504, pushing a bias past float16's
+#: range, or a sum past float32's or bfloat16's).
+_LARGE_OVERFLOW_SCALES = (16.0, 1e35)
+
+
+def _planted_factors(
+    value: float, dtype: torch.dtype, *, split: bool
+) -> tuple[float, float] | None:
+    """``(power, rest)``, both exact in ``dtype``, with ``power * rest`` equal to ``value``
+    or a little beyond it in magnitude (``rest`` a normal number, rounded away from zero);
+    None when there are none. ``power`` is 1 when ``value`` fits ``dtype`` and always
+    without ``split`` (a single factor, as a lora_bias), else a power of two near the
+    square root of ``|value|``."""
+    info = torch.finfo(dtype)
+    smallest, largest = float(info.smallest_normal), float(info.max)
+    magnitude = abs(value)
+    if magnitude == 0 or not math.isfinite(magnitude):
+        return None
+    power = 1.0
+    if split and not smallest <= magnitude <= largest / 2:
+        power = 2.0 ** round(math.log2(magnitude) / 2)
+    rest = magnitude / power  # exact: a power of two
+    if not (smallest <= power <= largest and smallest <= rest <= largest):
+        return None
+    rounded = _away_from_zero(rest, dtype)
+    return None if rounded > largest else (power, math.copysign(rounded, value))
+
+
+def _away_from_zero(magnitude: float, dtype: torch.dtype) -> float:
+    """The least ``dtype`` value at or above ``magnitude`` (a positive normal float)."""
+    info = torch.finfo(dtype)
+    spacing = math.ldexp(float(info.eps), math.frexp(magnitude)[1] - 1)
+    return math.ceil(magnitude / spacing) * spacing

@@ -2,7 +2,8 @@
 
 Generated cases find these too, but not on every draw: each one pins a corner down with
 a few numbers (a two-element bias that a guard without ``.all()`` chokes on, a lora_bias
-whose scale is not 1, a float16 bias pushed just past 65504, a non-square DoRA layer).
+whose scale is not 1, a float16 bias pushed just past 65504, a non-square DoRA layer,
+4-bit rows of whole blocks, bfloat16 adapters on a float32 layer).
 """
 
 from __future__ import annotations
@@ -37,14 +38,22 @@ def _adapter(
     use_rslora: bool = False,
     lora_bias: list[float] | None = None,
     magnitude: list[float] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> safemerge.LoraAdapter:
+    """An adapter whose tensors hold these values in ``dtype`` (each exact in it)."""
+
+    def exact(values: list[float] | list[list[float]]) -> torch.Tensor:
+        tensor, wanted = torch.tensor(values, dtype=dtype), torch.tensor(values).double()
+        assert bool(((tensor.double() == wanted) | wanted.isnan()).all()), (values, dtype)
+        return tensor
+
     return safemerge.LoraAdapter(
-        torch.tensor(lora_A),
-        torch.tensor(lora_B),
+        exact(lora_A),
+        exact(lora_B),
         alpha=alpha,
         use_rslora=use_rslora,
-        lora_bias=None if lora_bias is None else torch.tensor(lora_bias),
-        magnitude=None if magnitude is None else torch.tensor(magnitude),
+        lora_bias=None if lora_bias is None else exact(lora_bias),
+        magnitude=None if magnitude is None else exact(magnitude),
     )
 
 
@@ -130,6 +139,36 @@ def _cases() -> tuple[LayerCase, ...]:
             [_adapter([[0.5] * 8, [-0.25] * 8], [[1.0, 0.5]] * 4)],
             1.0, "random", {"fp4"}, "fp4",
             "an FP4 layer 4 x 8 with blocks of 32",
+        ),
+        _case(
+            # Rows of whole blocks, as real layers have: 2 rows of 2 blocks of 32, each
+            # block in one row (a row-wise fast path that takes the blocks in the wrong
+            # order misplaces them; narrow layers, whose blocks straddle rows, never see it).
+            synthetic.quantized_linear(
+                torch.linspace(-3.0, 2.0, 128).reshape(2, 64), "nf4", blocksize=32
+            ),
+            [_adapter([[0.25] * 64], [[0.5], [-1.0]])],
+            1.0, "random", {"nf4"}, "nf4",
+            "an NF4 layer 2 x 64: rows of 2 blocks of 32",
+        ),
+        _case(
+            # 4 rows of 2 nested blocks of 64, and a bias.
+            synthetic.quantized_linear(
+                torch.linspace(-1.0, 1.5, 512).reshape(4, 128), "fp4", blocksize=64,
+                nested=True, bias=torch.tensor([0.5, -0.25, 1.0, 0.0]),
+            ),
+            [_adapter([[0.125] * 128], [[1.0], [0.5], [-0.5], [0.25]])],
+            0.5, "random", {"fp4"}, "fp4",
+            "an FP4 layer 4 x 128: rows of 2 nested blocks of 64",
+        ),
+        _case(
+            # bfloat16 adapters on a float32 layer: B @ A is exact in float32, but not in
+            # bfloat16 (1.0078125 squared rounds to 1.015625), where PEFT multiplies them
+            # off the CPU (and rounds the product back to them on it).
+            _linear([[1.0, -0.5, 0.25], [0.5, 2.0, -1.0]], None, torch.float32),
+            [_adapter([[1.0078125, -0.5, 0.25]], [[1.0078125], [0.5]], dtype=torch.bfloat16)],
+            1.0, "random", {"linear"}, "linear",
+            "bfloat16 adapters on a float32 layer 2 x 3",
         ),
         _case(
             # Int8Params quantize through float16: 60000 + 10000 does not fit it.

@@ -5,6 +5,7 @@ cases are what they claim (random ones fit their dtypes, refused ones surely do 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import safemerge
-from pytest_safemerge.layer_bounds import F32_THRESHOLD, expected_layer_fuse
+from pytest_safemerge.layer_bounds import expected_layer_fuse
 from pytest_safemerge.layer_strategies import (
     ALL_TAGS,
     LAYER_TAGS,
@@ -23,6 +24,7 @@ from pytest_safemerge.layer_strategies import (
     LayerCase,
     layer_cases,
 )
+from safemerge.merge.numerics import FLOAT32_RANGE_LIMIT
 
 FEW = settings(
     max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
@@ -136,7 +138,7 @@ def test_quantized_overflow_cases_are_far_past_the_limit(case: LayerCase) -> Non
         exact = exact + case.scale * adapter.scale * (
             adapter.lora_B.double() @ adapter.lora_A.double()
         )
-    limit = 65520.0 if case.layer_tag == "int8" else F32_THRESHOLD
+    limit = 65520.0 if case.layer_tag == "int8" else FLOAT32_RANGE_LIMIT
     ceiling = float(torch.finfo(torch.float32).max)
     margin = 0.05 * (min(4 * limit, ceiling) - limit) if case.layer_tag == "int8" else limit / 5
     assert float(exact.abs().max()) >= limit + margin
@@ -161,3 +163,53 @@ def test_planted_values_are_in_an_adapter(kind: str) -> None:
             assert any(bool((t == value).any()) for t in tensors)
 
     planted()
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_adapters_are_taken_as_they_are(adapter_dtype: torch.dtype) -> None:
+    # The reference is the float64 merge of the adapter's values as given (exact in
+    # float32, where the merge upcasts them): a correct merge of a float32 layer is within
+    # the bound, and one whose product B @ A is computed in the adapter's dtype is not.
+    layer = nn.Linear(64, 4, bias=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(4, 64, generator=generator))
+    lora_A = (torch.randn(8, 64, generator=generator) / 8).to(adapter_dtype)
+    lora_B = torch.randn(4, 8, generator=generator).to(adapter_dtype)
+    adapter = safemerge.LoraAdapter(lora_A, lora_B, alpha=16.0)
+    expected = expected_layer_fuse(layer, [adapter], 0.5)
+
+    exact = layer.weight.double() + 0.5 * 2.0 * (lora_B.double() @ lora_A.double())
+    assert torch.equal(expected.weight.reference, exact)
+    weight = layer.weight.detach()
+    upcast = weight + 0.5 * 2.0 * (lora_B.float() @ lora_A.float())
+    in_adapter_dtype = weight + (0.5 * 2.0 * lora_B @ lora_A).float()
+    assert bool(((upcast.double() - exact).abs() <= expected.weight.bound).all())
+    assert not bool(((in_adapter_dtype.double() - exact).abs() <= expected.weight.bound).all())
+
+
+@FEW
+@given(
+    any_layer_cases(UNQUANTIZED_TAGS, ("random",)).filter(
+        lambda case: any(adapter.lora_A.dtype != torch.float32 for adapter in case.adapters)
+    )
+)
+def test_the_reference_is_the_adapters_values_as_given(case: LayerCase) -> None:
+    # No adapter is rounded to float32 or to the weight's dtype on the way to the reference.
+    doubled = [
+        replace(
+            adapter,
+            lora_A=adapter.lora_A.double(),
+            lora_B=adapter.lora_B.double(),
+            lora_bias=None if adapter.lora_bias is None else adapter.lora_bias.double(),
+            magnitude=None if adapter.magnitude is None else adapter.magnitude.double(),
+        )
+        for adapter in case.adapters
+    ]
+    as_given = expected_layer_fuse(case.layer, case.adapters, case.scale)
+    widened = expected_layer_fuse(case.layer, doubled, case.scale)
+
+    assert torch.equal(as_given.weight.reference, widened.weight.reference)
+    if as_given.bias is not None:
+        assert widened.bias is not None
+        assert torch.equal(as_given.bias.reference, widened.bias.reference)

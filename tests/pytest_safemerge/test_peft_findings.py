@@ -407,7 +407,6 @@ def test_peft_passes_the_other_properties(suite_run: str) -> None:
         assert outcomes.get(name) == "PASSED", f"{name}: {outcomes.get(name)}\n{suite_run}"
 
 
-@pytest.mark.xfail(strict=True, reason=SUITE_FALSE_POSITIVE_WHY)
 def test_int8_refusal_leaves_the_layer_unchanged(suite_run: str) -> None:
     assert _outcomes(suite_run).get(SUITE_FALSE_POSITIVE) == "PASSED", _report_of(
         suite_run, SUITE_FALSE_POSITIVE
