@@ -14,7 +14,7 @@ from hypothesis.control import currently_in_test_context
 
 import safemerge
 from pytest_safemerge import assertions
-from pytest_safemerge.implementations import Call, Implementation, describe_error
+from pytest_safemerge.implementations import Call, Implementation, LayerCall, describe_error
 from pytest_safemerge.results import Row
 from pytest_safemerge.strategies import MergeCase
 from safemerge.merge.numerics import FLOAT32_RANGE_LIMIT
@@ -154,24 +154,46 @@ class UnsupportedCase(AssertionError):
 def refused(prop: str, checked: Checked, call: Call) -> bool:
     """Whether the call refused; a crash (an exception not in ``refusal_errors``) fails."""
     __tracebackhide__ = True
+    dtype = str(checked.original.dtype).removeprefix("torch.")
+    case = checked.case
+    return refused_or_crashed(
+        prop,
+        call,
+        must_refuse=case.must_refuse,
+        what=f"{case.kind} case in {dtype}" + (f": {case.detail}" if case.detail else ""),
+        unsupported=f"{dtype} weights",
+        declare="dtypes = {torch.float32, torch.bfloat16}",
+    )
+
+
+def refused_or_crashed(
+    prop: str,
+    call: Call | LayerCall,
+    *,
+    must_refuse: bool,
+    what: str,
+    unsupported: str,
+    declare: str,
+) -> bool:
+    """Whether ``call`` refused. A crash (an exception not in the implementation's
+    ``refusal_errors``) fails ``prop``: as "refused by crashing" where a refusal was due,
+    as an unsupported case (:class:`UnsupportedCase`) where the merge is finite."""
+    __tracebackhide__ = True
     if not call.crashed:
         return call.refused
-    dtype = str(checked.original.dtype).removeprefix("torch.")
-    if checked.case.must_refuse:
+    if must_refuse:
         _fail(
             prop,
-            f"refused by crashing: {describe_error(call.error)} (on a {checked.case.kind} case "
-            f"in {dtype}: {checked.case.detail}). A refusal raises one of the implementation's "
-            f"refusal_errors (ValueError by default); declare refusal_errors = (MyError,) if "
-            f"it refuses with another exception",
+            f"refused by crashing: {describe_error(call.error)} (on a {what}). A refusal "
+            f"raises one of the implementation's refusal_errors (ValueError by default); "
+            f"declare refusal_errors = (MyError,) if it refuses with another exception",
         )
     raise UnsupportedCase(
-        f"[{prop}] fuse crashed on a {dtype} merge whose result is finite "
-        f"({checked.case.kind} case): {describe_error(call.error)}. It looks as if {dtype} "
-        f"weights are unsupported: declare the dtypes the implementation supports "
-        f"(dtypes = {{torch.float32, torch.bfloat16}} on the object) or choose them with "
-        f"--safemerge-dtypes; if this exception is a refusal, raise ValueError or declare "
-        f"refusal_errors"
+        f"[{prop}] crashed on a case whose merge is finite ({what}): "
+        f"{describe_error(call.error)}. It looks as if {unsupported} are unsupported: "
+        f"declare what the implementation supports ({declare} on the object) or choose the "
+        f"cells with --safemerge-dtypes or -k; if this exception is a refusal, raise "
+        f"ValueError or declare refusal_errors"
     )
 
 

@@ -20,6 +20,7 @@ from pytest_safemerge.implementations import (
     Implementation,
     LayerCall,
     changed_tensors,
+    describe_error,
     layer_snapshot,
     layer_tensors,
 )
@@ -31,7 +32,7 @@ from pytest_safemerge.layer_bounds import (
 )
 from pytest_safemerge.layer_strategies import LayerCase
 from pytest_safemerge.results import Row
-from pytest_safemerge.suite.checks import worst_fraction
+from pytest_safemerge.suite.checks import refused_or_crashed, worst_fraction
 
 
 class LayerChecked:
@@ -107,7 +108,26 @@ def _fail(prop: str, message: str) -> None:
 
 
 def _error(call: LayerCall) -> str:
-    return f"{type(call.error).__name__}: {call.error}"
+    return describe_error(call.error)
+
+
+def _refused(prop: str, checked: LayerChecked, call: LayerCall) -> bool:
+    """Whether the call refused; a crash fails (see :func:`checks.refused_or_crashed`)."""
+    __tracebackhide__ = True
+    case = checked.case
+    kind = case.layer_tag
+    return refused_or_crashed(
+        prop,
+        call,
+        must_refuse=case.must_refuse,
+        what=f"{case.kind} case, {checked.label}" + (f": {case.detail}" if case.detail else ""),
+        unsupported=f"{kind} layers" + ("" if case.quantized else f" in {_dtype_of(checked)}"),
+        declare="layer_kinds = {'linear', 'lora-bias'}, dtypes = {torch.float32}",
+    )
+
+
+def _dtype_of(checked: LayerChecked) -> str:
+    return str(checked.layer.weight.dtype).removeprefix("torch.")
 
 
 def layer_form(layer: Any) -> dict[str, object]:
@@ -267,7 +287,7 @@ def check_layer_accurate(implementation: Implementation, checked: LayerChecked, 
     __tracebackhide__ = True
     call = checked.fuse(implementation)
     expected = checked.expected
-    if call.refused:
+    if _refused("layer accuracy", checked, call):
         if expected.fits():
             _fail(
                 "layer accuracy",
@@ -286,6 +306,7 @@ def check_layer_form(implementation: Implementation, checked: LayerChecked, row:
     kept; fuse_layer returns None."""
     __tracebackhide__ = True
     call = checked.fuse(implementation)
+    _refused("layer form", checked, call)
     if call.returned is not None:
         _fail(
             "layer form",
@@ -320,7 +341,7 @@ def check_layer_adapters_unmodified(
     before = [
         (name, tensor.detach().cpu().clone()) for name, tensor in _adapter_tensors(checked.adapters)
     ]
-    checked.fuse(implementation)
+    _refused("layer adapters unmodified", checked, checked.fuse(implementation))
     after = dict(_adapter_tensors(checked.adapters))
     for name, old in before:
         assertions.assert_unchanged(
@@ -332,7 +353,7 @@ def check_layer_refused(implementation: Implementation, checked: LayerChecked, r
     """The call raised: the weight or the bias would not be finite in its dtype."""
     __tracebackhide__ = True
     call = checked.fuse(implementation)
-    if not call.refused:
+    if not _refused("layer refusal", checked, call):
         case = checked.case
         _fail(
             "layer refusal",
@@ -352,6 +373,8 @@ def check_layer_atomic(implementation: Implementation, checked: LayerChecked, ro
     changed, aliases = layer_changes(checked.before, after)
     changes = _form_changes(checked.form_before, layer_form(checked.layer), aliases)
     if not changed and not changes:
+        if call.crashed:  # a crash is no refusal, even one that changed nothing
+            _refused("layer atomicity", checked, call)
         return
     details = []
     for name in changed:
@@ -363,9 +386,10 @@ def check_layer_atomic(implementation: Implementation, checked: LayerChecked, ro
                 (old.reshape(-1).view(torch.uint8) != new.reshape(-1).view(torch.uint8)).sum()
             )
             details.append(f"{name}: {count} of {old.numel() * old.element_size()} bytes changed")
+    how = "crashed, refusing by crashing" if call.crashed else "refused"
     _fail(
         "layer atomicity",
-        f"fuse_layer refused ({_error(call)}) but changed the {checked.label} "
+        f"fuse_layer {how} ({_error(call)}) but changed the {checked.label} "
         f"(committed before checking?):\n  " + "\n  ".join(details + changes),
     )
 
@@ -379,7 +403,7 @@ def check_layer_round_trip(implementation: Implementation, checked: LayerChecked
     otherwise the original values within the bounds of the two merges."""
     __tracebackhide__ = True
     fused = checked.fuse(implementation)
-    if fused.refused or not checked.expected.fits():
+    if _refused("layer round trip", checked, fused) or not checked.expected.fits():
         return  # the accuracy property reports a refused finite merge
     call = checked.unfuse(implementation)
     if call.refused:

@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import bitsandbytes  # noqa: F401  (imported once: pytester's in-process runs forget modules)
 import pytest
 
 from pytest_safemerge.layer_strategies import ALL_TAGS, REFUSED_LAYER_KINDS
-from pytest_safemerge.suite.layer_contract import LAYER_PROPERTY_NAMES
+from pytest_safemerge.suite.layer_contract import LAYER_CELLS, LAYER_DTYPES, LAYER_PROPERTY_NAMES
 
 from support import buggy_layer_impls
 
 #: tests/, the directory that makes ``support.buggy_layer_impls`` importable.
 TESTS = Path(buggy_layer_impls.__file__).parents[1]
 FEW = "--safemerge-examples=1"
+#: The layer contract's cells: each property on each layer kind (and dtype).
+CELLS_PER_PROPERTY = len(LAYER_CELLS)
+LAYER_CELL_COUNT = len(LAYER_PROPERTY_NAMES) * CELLS_PER_PROPERTY
+TENSOR_CELL_COUNT = 9 * 5
 #: What Hypothesis prints before the failing case: a shrunk generated one, or one of the
 #: suite's hand-written cases.
 FAILING_CASE_MARKERS = ("Failing test case", "Falsifying example", "Failing explicit example")
@@ -42,10 +47,15 @@ def test_the_layer_suite_catches(pytester: pytest.Pytester, name: str) -> None:
     result = run_suite(pytester, name, FEW, "-k", expected)
 
     output = result.stdout.str()
-    result.assert_outcomes(failed=1, deselected=14)
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) >= 1, output
+    assert sum(outcomes.get(key, 0) for key in ("passed", "failed", "skipped")) == (
+        CELLS_PER_PROPERTY
+    )
+    assert outcomes["deselected"] == TENSOR_CELL_COUNT + LAYER_CELL_COUNT - CELLS_PER_PROPERTY
     prop = LAYER_PROPERTY_NAMES[expected]
     result.stdout.fnmatch_lines(
-        [f"*AssertionError: [[]{prop}[]] *", f"FAILED *::TestLayerConformance::{expected}*"]
+        [f"*: [[]{prop}[]] *", f"FAILED *::TestLayerConformance::{expected}[[]*[]]*"]
     )
     assert any(marker in output for marker in FAILING_CASE_MARKERS), output
 
@@ -54,8 +64,8 @@ def test_the_layer_suite_catches(pytester: pytest.Pytester, name: str) -> None:
 def test_the_layer_suite_passes_correct_references(pytester: pytest.Pytester, name: str) -> None:
     result = run_suite(pytester, name, FEW, "-k", "layer")
 
-    result.assert_outcomes(passed=6, deselected=9)
-    result.stdout.fnmatch_lines([f"layer contract (support.buggy_layer_impls:{name}):"])
+    result.assert_outcomes(passed=LAYER_CELL_COUNT, deselected=TENSOR_CELL_COUNT)
+    result.stdout.fnmatch_lines([f"layer contract (support.buggy_layer_impls:{name}; * examples):"])
 
 
 def test_safemerge_passes_the_layer_suite_and_reports_what_it_met(
@@ -65,20 +75,29 @@ def test_safemerge_passes_the_layer_suite_and_reports_what_it_met(
         "--safemerge-suite", FEW, "-k", "layer", "--safemerge-report=report.json"
     )
 
-    result.assert_outcomes(passed=6, deselected=9)
+    result.assert_outcomes(passed=LAYER_CELL_COUNT, deselected=TENSOR_CELL_COUNT)
     result.stdout.fnmatch_lines(
         [
             "safemerge: implementation under test pytest_safemerge.implementations:SAFEMERGE; "
             "layer suite collected (fuse_layer; layer_kinds: *)",
-            "layer contract (pytest_safemerge.implementations:SAFEMERGE):",
+            "layer contract (pytest_safemerge.implementations:SAFEMERGE; * examples):",
         ]
     )
-    rows = {row["name"]: row for row in json.loads(Path("report.json").read_text())["results"]}
-    assert set(rows) == set(LAYER_PROPERTY_NAMES.values())
-    assert set(rows["layer refusal"]["kinds"]) == set(REFUSED_LAYER_KINDS)
-    assert set(rows["layer accuracy"]["tags"]) == ALL_TAGS
-    assert 0 < rows["layer accuracy"]["worst_fraction"] <= 1
-    assert rows["layer round trip"]["worst_fraction"] == 0.0  # safemerge's unfuse is exact
+    rows = json.loads(Path("report.json").read_text())["results"]
+    assert len(rows) == LAYER_CELL_COUNT
+    assert {(row["kind"], row["dtype"]) for row in rows} == {
+        (cell.layer, cell.dtype) for cell in LAYER_CELLS
+    }
+    by_property: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_property.setdefault(row["property"], []).append(row)
+    assert set(by_property) == set(LAYER_PROPERTY_NAMES.values())
+    # Together, the cells of a property met every kind of case and every tag.
+    refusal_kinds = {kind for row in by_property["layer refusal"] for kind in row["kinds"]}
+    assert refusal_kinds == set(REFUSED_LAYER_KINDS)
+    assert {tag for row in by_property["layer accuracy"] for tag in row["tags"]} == ALL_TAGS
+    assert all(0 <= row["worst_fraction"] <= 1 for row in by_property["layer accuracy"])
+    assert {row["worst_fraction"] for row in by_property["layer round trip"]} == {0.0}  # exact
 
 
 TENSOR_ONLY = """
@@ -103,7 +122,7 @@ def test_an_implementation_without_fuse_layer_gets_no_layer_suite(
         [
             "safemerge: implementation under test tensor_only:MERGER; layer suite not "
             "collected (no fuse_layer)",
-            "*9 tests collected*",
+            f"*{TENSOR_CELL_COUNT} tests collected*",
         ]
     )
     result.stdout.no_fnmatch_line("*test_layers*")
@@ -126,14 +145,23 @@ def test_layer_kinds_restrict_the_cases(pytester: pytest.Pytester) -> None:
         "--safemerge-impl=linear_only:MERGER", FEW, "-k", "layer", "--safemerge-report=r.json"
     )
 
-    result.assert_outcomes(passed=6, deselected=9)
+    linear_cells = 6 * len(LAYER_DTYPES)
+    result.assert_outcomes(
+        passed=linear_cells,
+        skipped=LAYER_CELL_COUNT - linear_cells,
+        deselected=TENSOR_CELL_COUNT,
+    )
     result.stdout.fnmatch_lines(
         ["*layer suite collected (fuse_layer; layer_kinds: linear, lora-bias)"]
     )
     rows = json.loads(Path("r.json").read_text())["results"]
-    assert {tag for row in rows for tag in row["tags"]} == {"linear", "lora-bias"}
-    refusal = next(row for row in rows if row["name"] == "layer refusal")
-    assert "bias-overflow" in refusal["kinds"]
+    ran = [row for row in rows if row["result"] == "passed"]
+    assert {tag for row in ran for tag in row["tags"]} == {"linear", "lora-bias"}
+    assert {row["kind"] for row in ran} == {"linear"}
+    skipped = [row for row in rows if row["result"] == "skipped"]
+    assert all("does not declare" in row["message"] for row in skipped)
+    refusal = [row for row in ran if row["property"] == "layer refusal"]
+    assert all("bias-overflow" in row["kinds"] for row in refusal)
 
 
 @pytest.mark.parametrize(
