@@ -112,7 +112,8 @@ def collect_row(report: pytest.TestReport, rows: list[dict[str, Any]]) -> None:
         if report.skipped and isinstance(report.longrepr, tuple):
             row["message"] = str(report.longrepr[2]).removeprefix("Skipped: ")
         elif report.failed:
-            row["message"] = _failure_message(report)
+            # The runner notes each failing kind of case; otherwise, the assertion's words.
+            row["message"] = row["message"] or _failure_message(report)
         rows.append(row)
 
 

@@ -10,6 +10,7 @@ its derandomized seed on the name, and prints it with a failure.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
@@ -18,6 +19,9 @@ from hypothesis.strategies import SearchStrategy
 
 from pytest_safemerge.results import Row
 from pytest_safemerge.suite.checks import UnsupportedCase
+
+if sys.version_info < (3, 11):  # Hypothesis installs the backport there
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 CaseT = TypeVar("CaseT")
 
@@ -40,6 +44,7 @@ def explore(
 ) -> None:
     """Check ``check`` over every kind's strategy; fail if a kind in ``must_see`` was never met."""
     __tracebackhide__ = True
+    failures: list[tuple[str, Exception]] = []
     for kind, strategy in strategies.items():
 
         @settings(
@@ -55,12 +60,30 @@ def explore(
         cast(Any, property_holds).hypothesis.inner_test.__name__ = _identifier(f"{name}__{kind}")
         for known_case in known.get(kind, ()):
             property_holds = example(known_case)(property_holds)
+        # Every kind runs, failing or not: one failing kind of case never hides another's.
         try:
             property_holds()
-        except UnsupportedCase:
+        except Exception as error:
+            failures.append((kind, error))
+    if failures:
+        row.note("; ".join(f"{kind}: {_first_line(error)}" for kind, error in failures))
+        if all(isinstance(error, UnsupportedCase) for _, error in failures):
             row.unsupported()
-            raise
+        if len(failures) == 1:
+            raise failures[0][1]
+        raise ExceptionGroup(
+            f"{len(failures)} kinds of case failed: {', '.join(kind for kind, _ in failures)}",
+            [error for _, error in failures],
+        )
     assert_explored(row, must_see)
+
+
+def _first_line(error: BaseException) -> str:
+    """What a failure says, in one line (each distinct failure of a group, joined)."""
+    if isinstance(error, BaseExceptionGroup):
+        return " | ".join(_first_line(inner) for inner in error.exceptions)
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _identifier(name: str) -> str:

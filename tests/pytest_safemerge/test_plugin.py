@@ -123,7 +123,7 @@ def test_the_suite_runs_in_an_empty_directory_against_safemerge(pytester: pytest
     result.stdout.fnmatch_lines(
         [
             "layer contract (pytest_safemerge.implementations:SAFEMERGE; * examples):",
-            "*layer accuracy*layer adapters unmodified*",
+            "*accuracy*adapters unmodified*atomicity*form*refusal*round trip",
             "  linear/float32 *ok*ok*ok*ok*ok*ok",
             "  nf4 *ok*ok*ok*ok*ok*ok",
         ]
@@ -168,7 +168,7 @@ def test_ini_keys_set_the_options_and_the_command_line_wins(pytester: pytest.Pyt
         ("--safemerge-quant=int4", "*choose one of nf4, fp4, int8*"),
         (
             "--safemerge-dtypes=float32,float64",
-            "*--safemerge-dtypes='float32,float64': unknown dtypes ['float64']; choose among "
+            "*--safemerge-dtypes='float32,float64': unknown dtypes ?'float64'?; choose among "
             "float32, float16, bfloat16, float8_e4m3fn, float8_e5m2*",
         ),
         ("--safemerge-model=missing_dir", "*--safemerge-model=missing_dir*"),
@@ -239,7 +239,7 @@ def test_a_subclass_or_a_conftest_fixture_selects_the_implementation(
 def test_safemerge_only_deselects_other_tests(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_own(): pass")
     result = pytester.runpytest(
-        "--safemerge-only", FAST, "-k", "refus", "--safemerge-dtypes=float16"
+        "--safemerge-only", FAST, "-k", "refus", "--safemerge-dtypes=float16", "-rs"
     )
     # "refus" picks the refusal properties (small and large weights, layers) and the
     # atomicity of weights and of layers: 3 tensor cells per dtype, 2 layer cells per layer
