@@ -4,7 +4,7 @@ peft/tuners/lora/layer.py, Linear.merge: ``orig_weight += delta_weight.to(orig_d
 casts the float32 delta to float16 first: a delta of 70000 becomes Inf, although
 W + delta = -60000 + 70000 = 10000 fits float16, and the merge is refused as "NaNs
 detected". The suite's accuracy property ("a finite merge is not refused") would catch
-it, but its tensor-level cases never draw a delta beyond the dtype's range.
+it: its delta-overflow cases (`test_fuse_is_accurate[float16]`, `[bfloat16]`) show it.
 """
 
 import sys

@@ -1,15 +1,15 @@
 """The conformance suite finds PEFT's merge bugs, and passes what PEFT gets right.
 
 One pytest run, in a subprocess from an empty directory, puts PEFT_LORA
-(``safemerge.peft``) under the suites as a PEFT maintainer would: subclasses of
-``ConformanceSuite`` and ``LayerConformanceSuite`` (:data:`SUITE_MODULE`). A property stops
-at its first failing cell (kind of case x layer kind x option), so each module-level
-class has PEFT_LORA declare only the layer kinds of its findings (``layer_kinds``, the
-suite's own way to choose what it explores). Hypothesis runs derandomized (its ``ci``
-profile): the run is the same every time.
+(``safemerge.peft``) under the suites as a PEFT maintainer would, with no masking:
+``ConformanceSuite`` and ``LayerConformanceSuite`` as they are (:data:`SUITE_MODULE`; one
+more class declares linear layers with several adapters, to give that finding its
+examples). The run selects each finding's cells and cells PEFT passes (:data:`PASSING`);
+every cell is its own verdict, so one finding never hides another. Hypothesis runs
+derandomized (its ``ci`` profile): the run is the same every time.
 
-Exactly the properties of :data:`FINDINGS` (and one known false positive of the suite)
-fail, each report naming the case kinds of its finding; the others pass. A suite that
+Exactly the cells of :data:`FINDINGS` fail, their messages naming the property, the kind
+of case, the layer kind and the dtype of each finding; the others pass. A suite that
 loses its power over a finding fails here. The findings were made on PEFT
 :data:`FINDINGS_PEFT_VERSION`, each with a standalone reproduction in
 ``benchmarks/peft_findings/``; on another PEFT, a finding that no longer shows fails with
@@ -18,11 +18,13 @@ loses its power over a finding fails here. The findings were made on PEFT
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,32 +35,26 @@ pytest.importorskip("transformers")
 FINDINGS_PEFT_VERSION = "0.21.2"
 REPRODUCTIONS = Path(__file__).parents[2] / "benchmarks" / "peft_findings"
 MODULE = "test_peft_under_the_suite.py"
+#: Examples per property (shared among its cells, as in any run): enough for every
+#: finding to show in its cells.
+EXAMPLES = 300
 
-SUITE_MODULE = '''
-"""PEFT_LORA under safemerge's suites: the tensor contract as it is (and beyond float8),
-the module-level contract on chosen layer kinds (each class declares its own)."""
-
+SUITE_MODULE = """
 import pytest
-import torch
 
-import safemerge
 from pytest_safemerge.suite import ConformanceSuite, LayerConformanceSuite
 from safemerge.peft import PEFT_LORA
 
 
-class Declaring:
-    """PEFT_LORA, declaring only some of the layer kinds it takes."""
+class SeveralOnLinear:
+    \"\"\"PEFT_LORA declaring linear layers with several adapters only: every case of its
+    cells has 2 or 3 adapters.\"\"\"
 
     exact_unfuse = False
-
-    def __init__(self, kinds):
-        self.layer_kinds = frozenset(kinds)
+    layer_kinds = frozenset({"linear", "several"})
 
     def fuse(self, *args):
         return PEFT_LORA.fuse(*args)
-
-    def unfuse(self, *args):
-        return PEFT_LORA.unfuse(*args)
 
     def fuse_layer(self, *args):
         return PEFT_LORA.fuse_layer(*args)
@@ -67,318 +63,244 @@ class Declaring:
         return PEFT_LORA.unfuse_layer(*args)
 
 
-class Float8BySafemerge:
-    """PEFT_LORA, with the float8 weights PEFT cannot merge into fused by safemerge, so
-    that the accuracy property goes on to the dtypes PEFT does merge."""
-
-    exact_unfuse = False
-
-    def fuse(self, weight, lora_A, lora_B, scale):
-        if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            adapter = safemerge.LoraAdapter(lora_A, lora_B)
-            safemerge.fuse_weight(weight, adapter, scale=scale, exact_unfuse=False)
-            return None
-        return PEFT_LORA.fuse(weight, lora_A, lora_B, scale)
-
-
-def declaring(*kinds):
-    @pytest.fixture(scope="session")
-    def safemerge_impl(self):
-        return Declaring(kinds)
-
-    return safemerge_impl
-
-
-class TestTensorAsIs(ConformanceSuite):
+class TestTensor(ConformanceSuite):
     @pytest.fixture(scope="session")
     def safemerge_impl(self):
         return PEFT_LORA
 
 
-class TestTensorBeyondFloat8(ConformanceSuite):
+class TestLayers(LayerConformanceSuite):
     @pytest.fixture(scope="session")
     def safemerge_impl(self):
-        return Float8BySafemerge()
+        return PEFT_LORA
 
 
-class TestLinear(LayerConformanceSuite):
-    safemerge_impl = declaring("linear", "lora-bias", "several")
+class TestSeveral(LayerConformanceSuite):
+    @pytest.fixture(scope="session")
+    def safemerge_impl(self):
+        return SeveralOnLinear()
+"""
 
-
-class TestFourBit(LayerConformanceSuite):
-    safemerge_impl = declaring("nf4", "lora-bias")
-
-
-class TestInt8LoraBias(LayerConformanceSuite):
-    safemerge_impl = declaring("int8", "lora-bias")
-
-
-class TestInt8Plain(LayerConformanceSuite):
-    safemerge_impl = declaring("int8")
-
-
-class TestConv3d(LayerConformanceSuite):
-    safemerge_impl = declaring("conv3d")
-
-
-class TestConforming(LayerConformanceSuite):
-    safemerge_impl = declaring(
-        "linear", "embedding", "conv1d", "conv2d", "fan_in_fan_out", "several", "int8"
-    )
-'''
-
-TENSOR_PROPERTIES = (
-    "test_fuse_is_accurate",
-    "test_fuse_keeps_form",
-    "test_fuse_leaves_adapters_unmodified",
-    "test_fuse_refuses_non_finite",
-    "test_refusal_leaves_weight_unchanged",
-    "test_fuse_refuses_non_finite_in_large_weights",
-    "test_unfuse_round_trip",
-    "test_stacked_fuses_unfuse_in_reverse",
-    "test_in_place_agrees_with_returned",
-)
-#: What the run selects: class -> properties (``None``: all of them).
-SELECTED: dict[str, tuple[str, ...] | None] = {
-    "TestTensorAsIs": None,
-    "TestTensorBeyondFloat8": ("test_fuse_is_accurate",),
-    "TestLinear": (
-        "test_fuse_layer_is_accurate",
-        "test_fuse_layer_refuses_non_finite",
-        "test_layer_refusal_leaves_layer_unchanged",
-    ),
-    "TestFourBit": ("test_fuse_layer_is_accurate", "test_layer_refusal_leaves_layer_unchanged"),
-    "TestInt8LoraBias": (
-        "test_fuse_layer_is_accurate",
-        "test_fuse_layer_keeps_form",
-        "test_fuse_layer_refuses_non_finite",
-    ),
-    "TestInt8Plain": ("test_layer_refusal_leaves_layer_unchanged",),
-    "TestConv3d": ("test_fuse_layer_is_accurate",),
-    "TestConforming": (
-        "test_fuse_layer_keeps_form",
-        "test_fuse_layer_leaves_adapters_unmodified",
-        "test_unfuse_layer_round_trip",
-    ),
-}
-#: A failure of the suite, not of PEFT (see :data:`SUITE_FALSE_POSITIVE_WHY`).
-SUITE_FALSE_POSITIVE = "TestInt8Plain::test_layer_refusal_leaves_layer_unchanged"
-SUITE_FALSE_POSITIVE_WHY = (
-    "a suite false positive: PEFT's Linear8bitLt.merge sets layer.state.SCB = weight.SCB (an "
-    "alias of the same row scales, as bitsandbytes' own forward does) before it refuses, and "
-    "the atomicity property counts the alias appearing as a change"
+#: Cells where PEFT passes: the run selects them with the findings' cells.
+PASSING = (
+    "TestTensor::test_fuse_leaves_adapters_unmodified[float32]",
+    "TestTensor::test_fuse_refuses_non_finite[float16]",
+    "TestTensor::test_refusal_leaves_weight_unchanged[bfloat16]",
+    "TestTensor::test_unfuse_round_trip[float16]",
+    "TestLayers::test_fuse_layer_leaves_adapters_unmodified[fan_in_fan_out-bfloat16]",
+    "TestLayers::test_fuse_layer_keeps_form[conv2d-float32]",
+    "TestLayers::test_layer_refusal_leaves_layer_unchanged[linear-float32]",
+    "TestLayers::test_unfuse_layer_round_trip[linear-float32]",
 )
 
 
 @dataclass(frozen=True)
 class Finding:
-    """A bug (or limitation) of PEFT's merge and how the suite shows it.
+    """A bug (or limitation) of PEFT's merge and the cells of the suite that show it.
 
     Attributes:
         name: what is wrong, in a few words.
-        where: the class of :data:`SUITE_MODULE` and the property (test) that fails on it.
-        shows: regular expressions its failure report must match (the property's
-            message, the case kind, the layer kind, options and dtype).
+        cells: the cells (``Class::test[id]`` of :data:`SUITE_MODULE`) that fail on it.
+        shows: regular expressions the failure messages of those cells must match
+            (together): the property, the kind of case, the layer kind and dtype.
         reproduction: the standalone script in ``benchmarks/peft_findings/``.
     """
 
     name: str
-    where: str
+    cells: tuple[str, ...]
     shows: tuple[str, ...]
     reproduction: str
 
 
+ACCURATE_FLOAT16 = "TestTensor::test_fuse_is_accurate[float16]"
 FINDINGS = {
-    # The tensor contract.
     "float8 weights": Finding(
         "no merge into a float8 weight (torch has no float8 add): a limitation",
-        "TestTensorAsIs::test_fuse_is_accurate",
         (
-            r"\[accuracy\] fuse refused a merge whose exact result fits torch\.float8_e(4m3fn|5m2)",
-            r'NotImplementedError: "add_stub" not implemented',
-            r"case kind 'random'",
+            "TestTensor::test_fuse_is_accurate[float8_e4m3fn]",
+            "TestTensor::test_fuse_refuses_non_finite[float8_e5m2]",
+        ),
+        (
+            r"\[accuracy\] crashed on a case whose merge is finite .*NotImplementedError: "
+            r'"add_stub" not implemented for .Float8_e4m3fn.',
+            r"\[refusal\] refused by crashing: NotImplementedError: \"add_stub\"",
         ),
         "float8_weights.py",
     ),
     "double rounding": Finding(
         "the delta is rounded to the weight's dtype before the add",
-        "TestTensorBeyondFloat8::test_fuse_is_accurate",
-        (
-            r"\[accuracy\] the fused weight is not within its error bound",
-            r"case kind 'random'",
-            r"weight \(\d+, \d+\) torch\.(float16|bfloat16)",
-        ),
+        (ACCURATE_FLOAT16,),
+        (r"random: \[accuracy\] the fused weight is not within its error bound",),
         "double_rounding.py",
     ),
     "double rounding in unmerge": Finding(
         "the delta is rounded to the weight's dtype before the subtraction",
-        "TestTensorAsIs::test_stacked_fuses_unfuse_in_reverse",
-        (
-            r"\[stacked round trip\] unfusing the second adapter: the weight is not within",
-            r"weight \(\d+, \d+\) torch\.(float16|bfloat16)",
-        ),
+        ("TestTensor::test_stacked_fuses_unfuse_in_reverse[bfloat16]",),
+        (r"\[stacked round trip\] unfusing the second adapter: the weight is not within",),
         "double_rounding.py",
     ),
-    # The module-level contract.
-    "double rounding in layers": Finding(
-        "the delta is rounded to the weight's dtype before the add (every layer kind)",
-        "TestLinear::test_fuse_layer_is_accurate",
+    "delta overflow refused": Finding(
+        "a finite merge is refused when the delta alone is beyond the weight's dtype",
+        (ACCURATE_FLOAT16,),
         (
+            r"delta-overflow: \[accuracy\] fuse refused a merge whose exact result fits "
+            r"torch\.float16 \(largest \|exact\| [\d.e+]+\): ValueError: NaNs detected",
+        ),
+        "delta_overflow_refused.py",
+    ),
+    "delta in the adapter's dtype": Finding(
+        "the delta is cast to a half-precision adapter's dtype: rounded, or Inf past 65504",
+        (
+            "TestTensor::test_fuse_is_accurate[float32]",
+            "TestLayers::test_fuse_layer_is_accurate[linear-float32]",
+        ),
+        (
+            r"random: \[accuracy\] the fused weight is not within its error bound",
+            r"fp16-product-overflow: \[accuracy\] fuse refused a merge whose exact result "
+            r"fits torch\.float32",
             r"\[layer accuracy\] after fuse_layer, the weight of the linear layer, .* is not "
             r"within its error bound",
-            r"case kind 'random'",
-            r"linear Linear weight \(\d+, \d+\) (float16|bfloat16)",
         ),
-        "double_rounding.py",
+        "adapter_dtype_delta.py",
     ),
     "lora_bias overflow": Finding(
         "the merged lora_bias is checked in float32 and cast to float16 unchecked",
-        "TestLinear::test_fuse_layer_refuses_non_finite",
+        ("TestLayers::test_fuse_layer_refuses_non_finite[linear-float16]",),
         (
-            r"\[layer refusal\] fuse_layer did not refuse a merge that is not finite "
-            r"\(bias-overflow: .*beyond float16; linear layer, .*lora-bias",
-            r"case kind 'bias-overflow'",
+            r"bias-overflow: \[layer refusal\] fuse_layer did not refuse a merge that is not "
+            r"finite \(bias-overflow: .*beyond float16; linear layer, .*lora-bias",
         ),
         "lora_bias_overflow.py",
     ),
     "several adapters not atomic": Finding(
         "a refused adapter leaves the adapters merged before it in the weight",
-        "TestLinear::test_layer_refusal_leaves_layer_unchanged",
+        ("TestSeveral::test_layer_refusal_leaves_layer_unchanged[linear-float16]",),
         (
             r"\[layer atomicity\] fuse_layer refused \(ValueError: NaNs detected in the merged "
             r"weights\. The adapter adapter_[1-9] seems to be broken\) but changed the linear "
             r"layer, [23] adapters, .*several",
-            r"weight: \d+ of \d+ bytes changed",
         ),
         "several_adapters_not_atomic.py",
     ),
-    "bnb 4-bit dequantize (bitsandbytes)": Finding(
-        "bitsandbytes' CPU dequantize_4bit misreads blocks that straddle rows (not PEFT's)",
-        "TestFourBit::test_fuse_layer_is_accurate",
-        (
-            r"\[layer accuracy\] after fuse_layer, the dequantized weight of the nf4 layer, "
-            r".* is not within its error bound",
-            r"nf4 Linear4bit \(\d+, \d+\) \(blocksize (32|64)",
-        ),
-        "bnb_cpu_dequantize_4bit.py",
-    ),
     "bnb lora_bias safe merge": Finding(
-        "bnb: the lora_bias check lacks .all() and runs after the weight was replaced",
-        "TestFourBit::test_layer_refusal_leaves_layer_unchanged",
+        "bnb: the lora_bias check lacks .all() (a crash) and runs after the weight was replaced",
         (
-            r"\[layer atomicity\] fuse_layer refused \(RuntimeError: Boolean value of Tensor "
-            r"with more than one value is ambiguous\) but changed the nf4 layer, .*lora-bias",
-            r"weight\S*: \d+ of \d+ bytes changed",
+            "TestLayers::test_layer_refusal_leaves_layer_unchanged[nf4]",
+            "TestLayers::test_fuse_layer_refuses_non_finite[int8]",
+        ),
+        (
+            r"\[layer atomicity\] fuse_layer crashed, refusing by crashing \(RuntimeError: "
+            r"Boolean value of Tensor with more than one value is ambiguous\) but changed the "
+            r"nf4 layer",
+            r"\[layer refusal\] refused by crashing: RuntimeError: Boolean value of Tensor",
         ),
         "bnb_lora_bias_safe_merge.py",
     ),
     "bnb lora_bias unscaled": Finding(
         "bnb: the lora_bias is merged without the adapter's scaling",
-        "TestInt8LoraBias::test_fuse_layer_is_accurate",
+        ("TestLayers::test_fuse_layer_is_accurate[nf4]",),
         (
-            r"\[layer accuracy\] after fuse_layer, the bias of the int8 layer, 1 adapter, "
+            r"\[layer accuracy\] after fuse_layer, the bias of the nf4 layer, 1 adapter, "
             r"lora-bias, .* is not within its error bound",
-            r"alpha [\d.]+ scale (?!1 )[\d.]+ lora_bias",  # unscaled is wrong only here
         ),
         "bnb_lora_bias_unscaled.py",
     ),
-    "bnb lora_bias dtype": Finding(
-        "bnb: a float16 bias becomes float32 when the lora_bias is merged",
-        "TestInt8LoraBias::test_fuse_layer_keeps_form",
-        (
-            r"\[layer form\] after fuse_layer, the int8 layer, 1 adapter, lora-bias, .* changed form",
-            r"bias: \(\(\d+,\), torch\.float16, .*\) -> \(\(\d+,\), torch\.float32",
-        ),
-        "bnb_lora_bias_dtype.py",
-    ),
     "bnb int8 through float16": Finding(
         "bnb int8: the float32 sum is checked, its float16 cast (Int8Params) is not",
-        "TestInt8LoraBias::test_fuse_layer_refuses_non_finite",
+        ("TestLayers::test_fuse_layer_refuses_non_finite[int8]",),
         (
-            r"\[layer refusal\] fuse_layer did not refuse a merge that is not finite "
-            r"\(cast-overflow: .*finite in float32, beyond float16; int8 layer",
-            r"case kind 'cast-overflow'",
+            r"cast-overflow: \[layer refusal\] fuse_layer did not refuse a merge that is not "
+            r"finite \(cast-overflow: .*finite in float32, beyond float16; int8 layer",
         ),
         "bnb_int8_fp16_overflow.py",
     ),
     "conv3d pointwise": Finding(
-        "Conv3d kernels (1, 1, k) take the Conv2d 1x1 shortcut and fail (or, with DoRA, "
-        "change the weight's shape)",
-        "TestConv3d::test_fuse_layer_is_accurate",
+        "Conv3d kernels (1, 1, k) take the Conv2d 1x1 shortcut and fail",
+        ("TestLayers::test_fuse_layer_is_accurate[conv3d-float32]",),
         (
-            r"\[layer accuracy\] fuse_layer refused a merge whose result fits its dtypes "
-            r"\(conv3d layer, .*\): RuntimeError: output with shape \[[\d, ]+\] doesn't match "
-            r"the broadcast shape",
-            r"conv3d Conv3d weight \(\d+, \d+, 1, 1, \d+\)",
+            r"\[layer accuracy\] crashed on a case whose merge is finite \(random case, conv3d "
+            r"layer, .*RuntimeError: output with shape \[[\d, ]+\] doesn't match the broadcast "
+            r"shape",
         ),
         "conv3d_pointwise.py",
     ),
 }
 
 
+def _bitsandbytes_misreads_straddling_blocks() -> bool:
+    """Whether this machine's bitsandbytes CPU dequantize_4bit has the straddling-block bug
+    (its reproduction exits 1 while the bug is there; some CPU kernels get it right)."""
+    done = subprocess.run(
+        [sys.executable, str(REPRODUCTIONS / "bnb_cpu_dequantize_4bit.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    return done.returncode == 1
+
+
+#: Not PEFT's: bitsandbytes' CPU dequantize_4bit misreads blocks that straddle rows, and
+#: PEFT's 4-bit merge writes the misread values back. Expected only where it shows.
+DEQUANTIZE_4BIT = Finding(
+    "bitsandbytes' CPU dequantize_4bit misreads blocks that straddle rows (not PEFT's)",
+    ("TestLayers::test_fuse_layer_is_accurate[nf4]",),
+    (
+        r"\[layer accuracy\] after fuse_layer, the dequantized weight of the nf4 layer, .* is "
+        r"not within its error bound",
+    ),
+    "bnb_cpu_dequantize_4bit.py",
+)
+
+
 @pytest.fixture(scope="module")
-def suite_run(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The output of one pytest run of :data:`SUITE_MODULE`, from an empty directory."""
+def suite_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """The report's rows (``Class::test[id]`` -> row) of one pytest run of the findings'
+    cells and :data:`PASSING` from :data:`SUITE_MODULE`, in an empty directory."""
     directory = tmp_path_factory.mktemp("peft_under_the_suite")
     (directory / MODULE).write_text(SUITE_MODULE)
-    selection = " or ".join(
-        cls if tests is None else f"({cls} and ({' or '.join(tests)}))"
-        for cls, tests in SELECTED.items()
-    )
+    cells = sorted({cell for finding in FINDINGS.values() for cell in finding.cells} | set(PASSING))
     command = [
         sys.executable,
         "-m",
         "pytest",
-        MODULE,
+        *(f"{MODULE}::{cell}" for cell in cells),
         "-p",
         "no:cacheprovider",
         "--hypothesis-profile=ci",
-        "--safemerge-examples=100",
-        "-rA",
-        "-k",
-        selection,
+        f"--safemerge-examples={EXAMPLES}",
+        "--safemerge-report=report.json",
     ]
     done = subprocess.run(
-        command, cwd=directory, capture_output=True, text=True, timeout=600, check=False
+        command, cwd=directory, capture_output=True, text=True, timeout=1200, check=False
     )
-    return done.stdout + done.stderr
+    report = directory / "report.json"
+    assert report.is_file(), done.stdout + done.stderr
+    rows = json.loads(report.read_text())["results"]
+    return {row["nodeid"].split("::", 1)[1]: row for row in rows}
 
 
-def _outcomes(output: str) -> dict[str, str]:
-    """``Class::test`` -> PASSED, FAILED or SKIPPED, from the ``-rA`` summary."""
-    found = re.findall(rf"^(PASSED|FAILED|SKIPPED|ERROR) {MODULE}::(\w+::\w+)", output, re.M)
-    return {name: outcome for outcome, name in found}
-
-
-def _report_of(output: str, where: str) -> str:
-    """The failure report of ``Class::test`` (from its header line to the next section)."""
-    cls, test = where.split("::")
-    match = re.search(
-        rf"_{{3,}} {cls}\.{test} _{{3,}}\n(.*?)(?=\n_{{3,}} |\n={{3,}} )", output, re.DOTALL
-    )
-    return match.group(1) if match else ""
-
-
-def assert_finds(output: str, key: str) -> None:
-    """The run's report shows finding ``key``; if not, say whether PEFT fixed it or the
-    suite lost its power over it."""
+def assert_finds(rows: dict[str, dict[str, Any]], key: str, finding: Finding) -> None:
+    """The cells of ``finding`` failed and their messages show it; if not, say whether PEFT
+    fixed it or the suite lost its power over it."""
     __tracebackhide__ = True
-    finding = FINDINGS[key]
-    report = _report_of(output, finding.where)
-    missing = [pattern for pattern in finding.shows if not re.search(pattern, report)]
-    if not missing:
+    messages = "\n".join(str(rows.get(cell, {}).get("message", "")) for cell in finding.cells)
+    failed = all(rows.get(cell, {}).get("result") == "failed" for cell in finding.cells)
+    missing = [pattern for pattern in finding.shows if not re.search(pattern, messages)]
+    if failed and not missing:
         return
     if peft.__version__ != FINDINGS_PEFT_VERSION:
         pytest.fail(
             f"PEFT {peft.__version__} fixed finding {key!r} ({finding.name}; made on PEFT "
             f"{FINDINGS_PEFT_VERSION}, reproduced by benchmarks/peft_findings/"
             f"{finding.reproduction}), or shows it otherwise: update FINDINGS in "
-            f"{Path(__file__).name} and the README's table\n{report or output}",
+            f"{Path(__file__).name} and the README's table\n{messages}",
             pytrace=False,
         )
     pytest.fail(
         f"the suite no longer catches finding {key!r} ({finding.name}) in PEFT "
-        f"{peft.__version__}: {finding.where} did not report {missing}\n{report or output}",
+        f"{peft.__version__}: its cells {list(finding.cells)} did not report {missing}\n"
+        f"{messages}",
         pytrace=False,
     )
 
@@ -386,43 +308,45 @@ def assert_finds(output: str, key: str) -> None:
 @pytest.mark.parametrize(
     "key", list(FINDINGS), ids=[re.sub(r"\W+", "-", key).strip("-") for key in FINDINGS]
 )
-def test_the_suite_finds(suite_run: str, key: str) -> None:
-    assert_finds(suite_run, key)
+def test_the_suite_finds(suite_rows: dict[str, dict[str, Any]], key: str) -> None:
+    assert_finds(suite_rows, key, FINDINGS[key])
 
 
-def test_exactly_the_findings_fail(suite_run: str) -> None:
-    outcomes = _outcomes(suite_run)
-    failed = {name for name, outcome in outcomes.items() if outcome == "FAILED"}
-    expected = {finding.where for finding in FINDINGS.values()} | {SUITE_FALSE_POSITIVE}
-    assert failed == expected, suite_run
-    assert "ERROR" not in outcomes.values(), suite_run
+def test_the_suite_finds_bitsandbytes_dequantize_where_it_shows(
+    suite_rows: dict[str, dict[str, Any]],
+) -> None:
+    if not _bitsandbytes_misreads_straddling_blocks():
+        pytest.skip(
+            "this machine's bitsandbytes CPU dequantize_4bit reads blocks that straddle rows "
+            "correctly (benchmarks/peft_findings/bnb_cpu_dequantize_4bit.py exits 0)"
+        )
+    assert_finds(suite_rows, "bnb 4-bit dequantize", DEQUANTIZE_4BIT)
 
 
-def test_peft_passes_the_other_properties(suite_run: str) -> None:
-    outcomes = _outcomes(suite_run)
-    tensor = {f"TestTensorAsIs::{test}" for test in TENSOR_PROPERTIES}
-    conforming = {f"TestConforming::{test}" for test in SELECTED["TestConforming"] or ()}
-    failing = {finding.where for finding in FINDINGS.values()}
-    for name in (tensor - failing) | conforming:
-        assert outcomes.get(name) == "PASSED", f"{name}: {outcomes.get(name)}\n{suite_run}"
+def test_exactly_the_findings_fail(suite_rows: dict[str, dict[str, Any]]) -> None:
+    failed = {cell for cell, row in suite_rows.items() if row["result"] == "failed"}
+    expected = {cell for finding in FINDINGS.values() for cell in finding.cells}
+    assert failed == expected, {cell: suite_rows[cell]["message"] for cell in failed ^ expected}
 
 
-def test_int8_refusal_leaves_the_layer_unchanged(suite_run: str) -> None:
-    assert _outcomes(suite_run).get(SUITE_FALSE_POSITIVE) == "PASSED", _report_of(
-        suite_run, SUITE_FALSE_POSITIVE
-    )
+def test_peft_passes_the_other_cells(suite_rows: dict[str, dict[str, Any]]) -> None:
+    for cell in PASSING:
+        assert suite_rows[cell]["result"] == "passed", f"{cell}: {suite_rows[cell]['message']}"
+    # Each passing cell met its cases: a pass over nothing proves nothing.
+    assert all(suite_rows[cell]["examples"] > 0 for cell in PASSING)
 
 
 def test_every_finding_has_its_reproduction() -> None:
-    for finding in FINDINGS.values():
+    for finding in [*FINDINGS.values(), DEQUANTIZE_4BIT]:
         assert (REPRODUCTIONS / finding.reproduction).is_file(), finding.reproduction
 
 
 def test_a_finding_that_does_not_show_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    finding = FINDINGS["lora_bias overflow"]
     with pytest.raises(pytest.fail.Exception, match="the suite no longer catches finding"):
-        assert_finds("", "lora_bias overflow")
+        assert_finds({}, "lora_bias overflow", finding)
     monkeypatch.setattr(peft, "__version__", "99.0")
     with pytest.raises(
         pytest.fail.Exception, match=r"PEFT 99\.0 fixed finding 'lora_bias overflow'"
     ):
-        assert_finds("", "lora_bias overflow")
+        assert_finds({}, "lora_bias overflow", finding)
