@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis.strategies import SearchStrategy
 
 from pytest_safemerge.results import Row
@@ -24,6 +24,7 @@ if sys.version_info < (3, 11):  # Hypothesis installs the backport there
     from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 CaseT = TypeVar("CaseT")
+_PHASES = tuple(phase for phase in Phase if phase is not Phase.explain)
 
 
 def budget(examples: int, cells: int, kinds: int, *, least: int) -> int:
@@ -52,6 +53,9 @@ def explore(
             max_examples=examples_per_kind,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+            # No "explain" phase: the message already says what broke and where, and
+            # explaining a tensor case re-runs it many times over.
+            phases=_PHASES,
         )
         @given(strategy)
         def property_holds(case: CaseT) -> None:

@@ -41,18 +41,23 @@ def run_suite(pytester: pytest.Pytester, name: str, *args: str) -> pytest.RunRes
     )
 
 
+#: Bugs that fail every kind of case in many cells (each failure shrunk) run on the one
+#: cell named here, where they show, to keep this module's time.
+ONE_CELL = {"SCALES_ADAPTER_IN_PLACE": "linear-float32"}  # shows with float32 adapters
+
+
 @pytest.mark.parametrize("name", list(buggy_layer_impls.BUGS))
 def test_the_layer_suite_catches(pytester: pytest.Pytester, name: str) -> None:
     _, expected = buggy_layer_impls.BUGS[name]
-    result = run_suite(pytester, name, FEW, "-k", expected)
+    selection = expected if name not in ONE_CELL else f"{expected} and {ONE_CELL[name]}"
+    result = run_suite(pytester, name, FEW, "-k", selection)
 
     output = result.stdout.str()
     outcomes = result.parseoutcomes()
+    cells = 1 if name in ONE_CELL else CELLS_PER_PROPERTY
     assert outcomes.get("failed", 0) >= 1, output
-    assert sum(outcomes.get(key, 0) for key in ("passed", "failed", "skipped")) == (
-        CELLS_PER_PROPERTY
-    )
-    assert outcomes["deselected"] == TENSOR_CELL_COUNT + LAYER_CELL_COUNT - CELLS_PER_PROPERTY
+    assert sum(outcomes.get(key, 0) for key in ("passed", "failed", "skipped")) == cells
+    assert outcomes["deselected"] == TENSOR_CELL_COUNT + LAYER_CELL_COUNT - cells
     prop = LAYER_PROPERTY_NAMES[expected]
     result.stdout.fnmatch_lines(
         [f"*: [[]{prop}[]] *", f"FAILED *::TestLayerConformance::{expected}[[]*[]]*"]

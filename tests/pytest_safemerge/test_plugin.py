@@ -50,7 +50,7 @@ LAYER_CELLS = len(LAYER_PROPERTIES) * (
     len(names.UNQUANTIZED_KINDS) * len(LAYER_DTYPES) + len(names.QUANT_TYPES)
 )
 EVERY_CELL = TENSOR_CELLS + LAYER_CELLS
-FAST = "--safemerge-examples=40"
+FAST = "--safemerge-examples=10"  # the floor per kind of case still runs every kind
 
 HALF_PRECISION_IMPL = '''
 import torch
@@ -200,7 +200,7 @@ def test_a_buggy_implementation_fails_with_a_shrunk_example(pytester: pytest.Pyt
             "  accuracy  *FAILED *",
             "  round trip  *skip*skip*skip*skip*skip",
             "failed cells:",
-            "  tensor accuracy [[]float32[]]: [[]accuracy[]] the fused weight is not within*",
+            "  tensor accuracy [[]float32[]]: random: [[]accuracy[]] the fused weight is not within*",
         ]
     )
 
