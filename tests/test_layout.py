@@ -173,3 +173,16 @@ def test_importing_safemerge_and_its_names_costs_no_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_the_wheel_lists_every_package() -> None:
+    """pyproject.toml names its packages explicitly: a new subpackage left out of the list
+    installs from a checkout (editable) but is missing from the wheel."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"][
+        "setuptools"
+    ]["packages"]
+    found = {_module_name(path, SOURCE) for path in (SOURCE / "safemerge").rglob("__init__.py")} | {
+        _module_name(path, ROOT) for path in PLUGIN.rglob("__init__.py")
+    }
+    assert sorted(listed) == sorted(found)
