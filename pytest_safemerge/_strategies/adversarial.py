@@ -20,6 +20,7 @@ from pytest_safemerge._strategies.values import (
     SEEDS,
     dtype_max,
     generator,
+    planted_position,
     representable,
     seeded_factors,
     smallest_subnormal,
@@ -211,11 +212,7 @@ def _fp16_product_overflow(
     )
     sign = st.sampled_from((1.0, -1.0))
     a_value, b_value = draw(big) * draw(sign), draw(big) * draw(sign)
-    i, k, j = (
-        draw(st.integers(0, out_features - 1)),
-        draw(st.integers(0, rank - 1)),
-        draw(st.integers(0, in_features - 1)),
-    )
+    i, k, j = planted_position(draw, (out_features, in_features), rank)
     lora_A[k, j], lora_B[i, k] = a_value, b_value
     # A scale (a power of two) that keeps scale * |B @ A| within a quarter of the weight
     # dtype's max: the float32 merge into a zero weight fits, a float16 product does not.
@@ -247,11 +244,7 @@ def _subnormal(
     rank = draw(st.integers(1, max_rank))
     rng = generator(draw(SEEDS))
     steps = torch.randint(-(count - 1), count, (in_features,), generator=rng)
-    i, k, j = (
-        draw(st.integers(0, out_features - 1)),
-        draw(st.integers(0, rank - 1)),
-        draw(st.integers(0, in_features - 1)),
-    )
+    i, k, j = planted_position(draw, (out_features, in_features), rank)
     planted_steps = draw(st.integers(1, count - 1))
     steps[j] = planted_steps
     # n * quantum with |n| < count: subnormals of weight_dtype, all exact in the adapter's

@@ -25,6 +25,7 @@ from pytest_safemerge._strategies.values import (
     generator,
     past_threshold,
     plant_product,
+    planted_position,
     representable,
     seeded_normal,
 )
@@ -189,15 +190,6 @@ def _merge_cases(
     return MergeCase(weight, case.adapter, case.scale, kind, case.detail)
 
 
-def _planted_position(draw: st.DrawFn, shape: tuple[int, int], rank: int) -> tuple[int, int, int]:
-    """``(i, k, j)``: the weight element ``[i, j]`` and the rank component ``k`` planted."""
-    return (
-        draw(st.integers(0, shape[0] - 1)),
-        draw(st.integers(0, rank - 1)),
-        draw(st.integers(0, shape[1] - 1)),
-    )
-
-
 def _quiet_factors(
     draw: st.DrawFn, shape: tuple[int, int], rank: int, rng: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +217,7 @@ def _cast_overflow_cases(draw: st.DrawFn, dtype: torch.dtype, shape: tuple[int, 
     feasible = [s for s in (1.0, 0.5, 4.0, 1e30, 1e-3) if abs(delta / s) < F32_MAX * 0.99]
     scale = draw(st.sampled_from(feasible))
     rank = draw(st.integers(1, 3))
-    position = _planted_position(draw, shape, rank)
+    position = planted_position(draw, shape, rank)
     lora_A, lora_B = _quiet_factors(draw, shape, rank, rng)
     plant_product(lora_A, lora_B, position, sign * delta / scale)
     i, _, j = position
@@ -256,7 +248,7 @@ def _delta_overflow_cases(draw: st.DrawFn, dtype: torch.dtype, shape: tuple[int,
     # Powers of two: delta / scale is exact in float32, and so is scale * (B @ A).
     scale = draw(st.sampled_from([s for s in (1.0, 0.5, 2.0, 4.0) if delta / s <= F32_MAX]))
     rank = draw(st.integers(1, 3))
-    position = _planted_position(draw, shape, rank)
+    position = planted_position(draw, shape, rank)
     lora_A, lora_B = _quiet_factors(draw, shape, rank, rng)
     plant_product(lora_A, lora_B, position, sign * delta / scale)
     i, _, j = position

@@ -164,3 +164,12 @@ def past_threshold(dtype: torch.dtype, fraction: float, ceiling: float) -> float
     holds it exactly and it stays at most float32's max)."""
     threshold = overflow_threshold(dtype)
     return representable(threshold + fraction * (ceiling - threshold), torch.float32)
+
+
+def planted_position(draw: st.DrawFn, shape: tuple[int, int], rank: int) -> tuple[int, int, int]:
+    """``(i, k, j)``: the weight element ``[i, j]`` and the rank component ``k`` planted."""
+    return (
+        draw(st.integers(0, shape[0] - 1)),
+        draw(st.integers(0, rank - 1)),
+        draw(st.integers(0, shape[1] - 1)),
+    )
