@@ -160,8 +160,25 @@ def load_implementation(spec: str | None) -> Implementation:
     return implementation
 
 
+class _Outcome:
+    """What :class:`Call` and :class:`LayerCall` share: how a call ended."""
+
+    error: Exception | None
+    refusal_errors: tuple[type[BaseException], ...]
+
+    @property
+    def refused(self) -> bool:
+        """It raised (a refusal, or a crash: see :attr:`crashed`)."""
+        return self.error is not None
+
+    @property
+    def crashed(self) -> bool:
+        """It raised something that is not one of the implementation's refusal errors."""
+        return self.error is not None and not isinstance(self.error, self.refusal_errors)
+
+
 @dataclass(frozen=True)
-class Call:
+class Call(_Outcome):
     """What one call of ``fuse`` or ``unfuse`` did.
 
     Attributes:
@@ -177,16 +194,6 @@ class Call:
     wrote_in_place: bool
 
     refusal_errors: tuple[type[BaseException], ...] = (ValueError,)
-
-    @property
-    def refused(self) -> bool:
-        """It raised (a refusal, or a crash: see :attr:`crashed`)."""
-        return self.error is not None
-
-    @property
-    def crashed(self) -> bool:
-        """It raised something that is not one of the implementation's refusal errors."""
-        return self.error is not None and not isinstance(self.error, self.refusal_errors)
 
 
 def describe_error(error: BaseException | None) -> str:
@@ -351,7 +358,7 @@ def _changed(before: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 @dataclass(frozen=True)
-class LayerCall:
+class LayerCall(_Outcome):
     """What one call of ``fuse_layer`` or ``unfuse_layer`` did.
 
     Attributes:
@@ -366,16 +373,6 @@ class LayerCall:
     returned: object
     changed: tuple[str, ...]
     refusal_errors: tuple[type[BaseException], ...] = (ValueError,)
-
-    @property
-    def refused(self) -> bool:
-        """It raised (a refusal, or a crash: see :attr:`crashed`)."""
-        return self.error is not None
-
-    @property
-    def crashed(self) -> bool:
-        """It raised something that is not one of the implementation's refusal errors."""
-        return self.error is not None and not isinstance(self.error, self.refusal_errors)
 
 
 def _observe_layer(
