@@ -46,6 +46,13 @@ OPTIONS: tuple[Option, ...] = (
         kind="bool",
     ),
     Option(
+        "peft",
+        "run the PEFT contracts against the installed PEFT: its model-level merge entry "
+        "points (merge_adapter, unmerge_adapter, merge_and_unload, delete_adapter, "
+        "add_weighted_adapter) on tiny models, and every PEFT tuner that merges",
+        kind="bool",
+    ),
+    Option(
         "only",
         "run only the built-in suite: deselect every other collected test",
         kind="bool",
@@ -134,6 +141,7 @@ class Settings:
     """The plugin's options for this run, command line over ini."""
 
     suite: bool
+    peft: bool
     only: bool
     impl: str | None
     model: str | None
@@ -152,7 +160,9 @@ class Settings:
     @property
     def active(self) -> bool:
         """Whether the built-in suite is collected in this run."""
-        return self.suite or self.only or self.impl is not None or self.model is not None
+        return (
+            self.suite or self.peft or self.only or self.impl is not None or self.model is not None
+        )
 
 
 SETTINGS_KEY = pytest.StashKey[Settings]()

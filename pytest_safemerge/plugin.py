@@ -32,6 +32,9 @@ __all__ = [
 ]
 
 SUITE_DIR = Path(__file__).parent / "suite"
+#: The PEFT contracts ``--safemerge-peft`` collects: PEFT's model-level entry points, and
+#: the tuners other than LoRA that merge.
+PEFT_MODULES = ("test_peft_models.py", "test_peft_tuners.py")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -97,12 +100,16 @@ def pytest_collection_modifyitems(
     if not settings.active:
         return
     modules = []
-    if settings.suite or settings.impl is not None or (settings.only and settings.model is None):
+    if settings.suite or settings.impl is not None or (
+        settings.only and settings.model is None and not settings.peft
+    ):
         modules.append("test_contract.py")
         if _layer_suite_applies(settings.impl):
             modules.append("test_layers.py")
     if settings.model is not None:
         modules.append("test_model.py")
+    if settings.peft:
+        modules.extend(PEFT_MODULES)
     if settings.only and items:
         config.hook.pytest_deselected(items=list(items))
         items.clear()
