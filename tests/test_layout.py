@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("safemerge.layer",),
     ("safemerge.io",),
     ("safemerge.model",),
-    ("safemerge.peft",),
+    ("safemerge.peft", "safemerge.diffusers"),
     ("safemerge.inspection", "safemerge.synthetic", "safemerge.demo"),
     ("safemerge.cli", "safemerge.__main__"),
     ("safemerge",),

@@ -1,0 +1,1 @@
+"""diffusers: a guarded, all-or-nothing, exactly reversible ``fuse_lora`` / ``unfuse_lora``."""
