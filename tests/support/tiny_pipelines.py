@@ -165,9 +165,7 @@ def flux_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
         axes_dims_rope=(2, 2, 4),
     )
     t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=64, d_model=TEXT_WIDTH, d_kv=8, d_ff=32, num_layers=1, num_heads=2
-        )
+        T5Config(vocab_size=64, d_model=TEXT_WIDTH, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
     )
     clip = CLIPTextModel(_clip_config(projection=True))
     vae = _vae()
