@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,8 @@ UNCHANGED = "unchanged"
 CAST = "cast"
 #: ``TensorResult.kind`` of a layer's bias that its adapters' LoRA biases were added to.
 BIAS = "bias"
+#: ``TensorResult.kind`` of a Linear weight written bitsandbytes-quantized, no adapter fused.
+QUANTIZED = "quantized"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class TensorResult:
         adapters: how many adapters were fused into it (0 when not fused).
         position: its 1-based position among the model's tensors.
         total: how many tensors the model has (for progress displays).
+        qlora: for a layer fused with ``quant=`` or ``base_quant=``, how much of the
+            adapter's effect each way of merging it keeps (plain JSON fields, see
+            :meth:`safemerge.model.base_quant.QloraComparison.fields`); else None.
     """
 
     name: str
@@ -49,6 +54,7 @@ class TensorResult:
     adapters: int = 0
     position: int = 0
     total: int = 0
+    qlora: Mapping[str, float | int | str | None] | None = None
 
     @property
     def fused(self) -> bool:
