@@ -102,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fuse.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     fuse.add_argument("--json", action="store_true", help="print the report as JSON")
+    fuse.add_argument(
+        "--quant",
+        choices=names.QUANT_TYPES,
+        help="write a bitsandbytes checkpoint transformers loads quantized (guarded "
+        "requantized merge into the quantized base)",
+    )
+    fuse.add_argument(
+        "--base-quant",
+        choices=names.FOUR_BIT_TYPES,
+        help="QLoRA: merge into dequant(quant(W)), the weights the adapter was trained against",
+    )
+    fuse.add_argument("--blocksize", type=int, default=64, help="4-bit blocksize (default 64)")
+    fuse.add_argument("--nested", action="store_true", help="4-bit nested absmax (double quant)")
     return parser
 
 
@@ -176,7 +189,7 @@ def _inspect(arguments: argparse.Namespace) -> int:
 
 
 def _fuse(arguments: argparse.Namespace) -> int:
-    from safemerge.model.streaming import fuse_files
+    from safemerge.model import quantized_export
 
     weights = arguments.weights or [1.0] * len(arguments.adapters)
     if len(weights) != len(arguments.adapters):
@@ -186,7 +199,13 @@ def _fuse(arguments: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     progress = None if arguments.quiet or arguments.json else _ProgressBar()
-    report = fuse_files(
+    quant, base_quant = quantized_export.quant_specs(
+        arguments.quant,
+        arguments.base_quant,
+        blocksize=arguments.blocksize,
+        nested=arguments.nested,
+    )
+    report = quantized_export.export_files(
         arguments.base,
         list(zip(arguments.adapters, weights, strict=True)),
         arguments.output,
@@ -195,13 +214,20 @@ def _fuse(arguments: argparse.Namespace) -> int:
         shard_size=arguments.shard_size,
         overwrite=arguments.overwrite,
         progress=progress,
+        quant=quant,
+        base_quant=base_quant,
     )
     if progress is not None:
         progress.finish()
     if arguments.json:
-        print(json.dumps(_report_json(report), indent=2))
+        document = _report_json(report)
+        document["qlora"] = quantized_export.qlora_overall(report)
+        print(json.dumps(document, indent=2))
     else:
         print(_fuse_summary(report))
+        comparison = quantized_export.qlora_summary(report)
+        if comparison is not None:
+            print(f"\n{comparison}")
     return EXIT_OK
 
 
@@ -278,6 +304,7 @@ def _report_json(report: ModelFuseReport) -> dict[str, Any]:
                 "worst_error_of_bound": layer.worst_error_of_bound,
                 "seconds": layer.seconds,
                 "adapters": layer.adapters,
+                **(layer.qlora or {}),
             }
             for layer in report.layers
             if layer.fused

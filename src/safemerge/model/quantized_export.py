@@ -473,3 +473,31 @@ def _compare(
         blocks=record.blocks,
         blocks_unchanged=record.blocks - record.blocks_changed,
     )
+
+
+def quant_specs(
+    quant: str | None, base_quant: str | None, *, blocksize: int = 64, nested: bool = False
+) -> tuple[QuantSpec | None, QuantSpec | None]:
+    """``(quant, base_quant)`` settings from the command line's names; ``blocksize`` and
+    ``nested`` apply to the 4-bit ones (int8 quantizes whole rows)."""
+
+    def spec(quant_type: str | None) -> QuantSpec | None:
+        if quant_type is None:
+            return None
+        if quant_type == "int8":
+            return QuantSpec(quant_type)
+        return QuantSpec(quant_type, blocksize, nested)
+
+    return spec(quant), spec(base_quant)
+
+
+def qlora_overall(report: ModelFuseReport) -> dict[str, float | int] | None:
+    """The whole model's QLoRA comparison (:func:`base_quant.overall`); None without one."""
+    layers = [layer.qlora for layer in report.layers if layer.qlora is not None]
+    return base_quant.overall(layers) if layers else None
+
+
+def qlora_summary(report: ModelFuseReport) -> str | None:
+    """The QLoRA comparison table for the command line; None when there is none."""
+    layers = [(layer.name, layer.qlora) for layer in report.layers if layer.qlora is not None]
+    return base_quant.summary(layers) if layers else None
