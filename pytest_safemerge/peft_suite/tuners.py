@@ -114,7 +114,7 @@ def _merging_layer_classes(package: ModuleType, base: type) -> tuple[type, ...]:
     for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
         try:
             modules.append(importlib.import_module(f"{package.__name__}.{info.name}"))
-        except Exception:  # noqa: BLE001: optional backends (bitsandbytes, TE, ...) may not load
+        except Exception:
             continue
     found: dict[str, type] = {}
     for module in modules:
