@@ -74,6 +74,21 @@ def lora_tuner(model: Any) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """What a merge of one model (or one pipeline component) would do, before any change.
+
+    Attributes:
+        layers: the LoRA layers with adapters to merge, in module order.
+        problems: ``(layer name, what is wrong)`` for every layer that cannot be merged.
+        adapters: every adapter name some LoRA layer of the model holds.
+    """
+
+    layers: list[PeftLayer]
+    problems: list[tuple[str, str]]
+    adapters: set[str]
+
+
 def plan_merge(model: nn.Module, adapter_names: Sequence[str] | None) -> list[PeftLayer]:
     """Every LoRA layer of ``model`` with adapters to merge, checked, in module order.
 
@@ -86,13 +101,32 @@ def plan_merge(model: nn.Module, adapter_names: Sequence[str] | None) -> list[Pe
             a grouped convolution, a tied or offloaded weight, an adapter that does not
             fit), or an adapter name no layer has. Nothing was changed.
     """
+    plan = collect_plan(model, adapter_names)
+    problems = [*plan.problems, *unknown_adapters(adapter_names, plan.adapters)]
+    if problems:
+        raise plan_error(problems, None, f"the model ({type(model).__name__}) was not changed")
+    return plan.layers
+
+
+def collect_plan(
+    model: nn.Module, adapter_names: Sequence[str] | None, *, prefix: str = ""
+) -> LayerPlan:
+    """Check every LoRA layer of ``model``, collecting problems instead of raising.
+
+    Args:
+        model: the module to walk.
+        adapter_names: as for :func:`plan_merge`.
+        prefix: put before every layer name (``"unet."``), so that the layers of several
+            models merged together are told apart in messages and records.
+    """
     if isinstance(adapter_names, str):
         raise TypeError(f"adapter_names must be a list of names, got the string {adapter_names!r}")
     problems: list[tuple[str, str]] = []
     planned: list[PeftLayer] = []
     known: set[str] = set()
     owners = tensor_owners(model)
-    for name, module in _tuner_layers(model):
+    for local_name, module in _tuner_layers(model):
+        name = prefix + local_name
         problem = _unsupported_class(module)
         if problem is not None:
             problems.append((name, problem))
@@ -110,14 +144,26 @@ def plan_merge(model: nn.Module, adapter_names: Sequence[str] | None) -> list[Pe
             problems.append((name, str(error)))
             continue
         planned.append(layer)
+    return LayerPlan(planned, problems, known)
+
+
+def unknown_adapters(
+    adapter_names: Sequence[str] | None, known: set[str], *, where: str = "(model)"
+) -> list[tuple[str, str]]:
+    """The problem to report when ``adapter_names`` names an adapter no LoRA layer has."""
     unknown = [a for a in adapter_names or () if a not in known]
-    if unknown:
-        problems.append(
-            ("(model)", f"no LoRA layer has the adapter(s) {unknown}; it has {sorted(known)}")
-        )
-    if problems:
-        raise plan_error(problems, None, f"the model ({type(model).__name__}) was not changed")
-    return planned
+    if not unknown:
+        return []
+    return [(where, f"no LoRA layer has the adapter(s) {unknown}; it has {sorted(known)}")]
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """Every PEFT tuner layer of ``model`` with its name (LoRA or not)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            yield name, module
 
 
 def _tuner_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:

@@ -20,33 +20,29 @@ back the base weights bit for bit (PEFT's unmerge subtracts, which does not).
 
 from __future__ import annotations
 
-import time
 import warnings
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from safemerge.errors import ModelFuseError, RestoreError
-from safemerge.layer import fuse, unfuse
-from safemerge.merge import engine
+from safemerge.errors import RestoreError
+from safemerge.layer import fuse
 from safemerge.merge.headroom import cannot_overflow, weight_magnitude
-from safemerge.merge.record import FuseRecord
 from safemerge.merge.request import coefficients, merged_bias
-from safemerge.model.report import ModelFuseReport, TensorResult
-from safemerge.model.transaction import interrupts_deferred, roll_back
+from safemerge.model.report import ModelFuseReport
+from safemerge.model.transaction import interrupts_deferred
+from safemerge.peft.exact import (
+    changed_since_merge,
+    fuse_with_rollback,
+    merge_layers,
+    merged_layers,
+    progress,
+    undo_merges,
+)
 from safemerge.peft.layers import PeftLayer, layer_view, lora_tuner, plan_merge
 from safemerge.quant import bnb
-from safemerge.quant.quantized import QuantizedFuseRecord
-
-Record = FuseRecord | QuantizedFuseRecord
-
-#: Per LoRA layer, the merges :func:`merge` made, oldest first: (adapter names, record).
-_MERGES: weakref.WeakKeyDictionary[nn.Module, list[tuple[tuple[str, ...], Record]]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def merge_and_unload(
@@ -105,17 +101,8 @@ def merge(
         NonFiniteMergeError: a layer's merge would not be finite; every layer merged
             before it was restored exactly, and the model is as it was.
     """
-    started = time.perf_counter()
     tuner = lora_tuner(model)
-    planned = plan_merge(tuner.model, adapter_names)
-    records = _fuse_with_rollback(planned, progressbar=progressbar)
-    results = []
-    for position, layer in enumerate(planned, start=1):
-        record = records[layer.weight_name]
-        _MERGES.setdefault(layer.lora_layer, []).append((layer.adapter_names, record))
-        layer.lora_layer.merged_adapters.extend(layer.adapter_names)
-        results.append(_result(layer, record, position, len(planned)))
-    return ModelFuseReport.in_memory(results, records, seconds=time.perf_counter() - started)
+    return merge_layers(plan_merge(tuner.model, adapter_names), progressbar=progressbar)
 
 
 def unmerge(model: Any) -> None:
@@ -125,26 +112,15 @@ def unmerge(model: Any) -> None:
         RestoreError: before any change, when a layer changed since its merge (PEFT's own
             ``merge``/``unmerge`` on it, or a training step), naming every such layer.
     """
-    tuner = lora_tuner(model)
-    undo = [
-        (name, layer, merges)
-        for name, layer in tuner.model.named_modules()
-        if (merges := _MERGES.get(layer))
-    ]
-    changed = [name for name, layer, merges in undo if not _unchanged(layer, merges[-1][1])]
+    undo = merged_layers(lora_tuner(model).model)
+    changed = changed_since_merge(undo)
     if changed:
         raise RestoreError(
             f"cannot unmerge exactly: {len(changed)} layer(s) changed since safemerge merged "
             f"them ({changed[:5]}); nothing was unmerged. PEFT's own merge or unmerge, or a "
             f"training step, touched them: reload the base model instead"
         )
-    with interrupts_deferred():
-        for _, layer, merges in undo:
-            while merges:
-                names, record = merges.pop()
-                unfuse(layer.get_base_layer(), record, exact=True)
-                for adapter_name in names:
-                    layer.merged_adapters.remove(adapter_name)
+    undo_merges(undo)
 
 
 # -- the steps -----------------------------------------------------------------------------
@@ -156,8 +132,8 @@ def _merge_all_or_nothing(planned: list[PeftLayer], *, progressbar: bool) -> Non
     unproven: list[PeftLayer] = []
     for layer in planned:
         (proven if _proven(layer) else unproven).append(layer)
-    _fuse_with_rollback(unproven, progressbar=False)
-    for layer in _progress(proven, progressbar, "Merging (safemerge)"):
+    fuse_with_rollback(unproven, progressbar=False)
+    for layer in progress(proven, progressbar, "Merging (safemerge)"):
         # Proven: the guard inside cannot refuse, so no correction is kept.
         fuse(layer.base, list(layer.pairs), name=layer.weight_name, exact_unfuse=False)
 
@@ -180,55 +156,3 @@ def _proven(layer: PeftLayer) -> bool:
         except ValueError:
             return False
         return cannot_overflow(view, pairs, factors, magnitude=magnitude, dtype=dtype)
-
-
-def _fuse_with_rollback(planned: list[PeftLayer], *, progressbar: bool) -> dict[str, Record]:
-    """Fuse each layer keeping its correction; on any failure unfuse all of them exactly."""
-    records: dict[str, Record] = {}
-    current = ""
-    try:
-        for layer in _progress(planned, progressbar, "Merging (safemerge)"):
-            current = layer.weight_name
-            with interrupts_deferred():  # a fused layer always has its record kept
-                records[current] = fuse(layer.base, list(layer.pairs), name=current)
-    except BaseException as error:
-        layers = {layer.weight_name: (layer.base, list(layer.pairs)) for layer in planned}
-        restored = roll_back(layers, records, failed=current, error=error)
-        if isinstance(error, Exception) and not isinstance(error, ModelFuseError):
-            error.add_note(
-                f"safemerge.peft: layer {current!r} failed; the {len(restored)} layer(s) "
-                f"merged before it were restored exactly: the model is unchanged, adapters "
-                f"attached"
-            )
-        raise
-    return records
-
-
-def _unchanged(lora_layer: Any, record: Record) -> bool:
-    base = lora_layer.get_base_layer()
-    quantized_format = bnb.format_of(base, record.layer)
-    data = quantized_format.data() if quantized_format is not None else base.weight
-    return engine.fingerprint(data) == record.fused_fingerprint
-
-
-def _result(layer: PeftLayer, record: Record, position: int, total: int) -> TensorResult:
-    return TensorResult(
-        name=layer.weight_name,
-        kind=record.kind,
-        shape=tuple(record.shape),
-        dtype=record.dtype if isinstance(record, FuseRecord) else torch.uint8,
-        worst_error_of_bound=None,
-        seconds=record.seconds,
-        adapters=len(layer.pairs),
-        position=position,
-        total=total,
-    )
-
-
-def _progress(layers: list[PeftLayer], enabled: bool, description: str) -> Iterator[PeftLayer]:
-    if not enabled:
-        yield from layers
-        return
-    from tqdm import tqdm
-
-    yield from tqdm(layers, desc=description)
