@@ -26,6 +26,7 @@ The module-level contract (optional; the layer suite runs when ``fuse_layer`` ex
     fuse_layer(layer: nn.Module, adapters: list[safemerge.LoraAdapter], scale: float) -> None
     unfuse_layer(layer, adapters, scale) -> None    # optional: undo the latest fuse_layer
     layer_kinds: Collection[str]                    # optional: tags supported; default all
+    unsupported: Mapping[str, str]                  # optional: tag -> why it is not supported
 
 ``fuse_layer`` merges every adapter into ``layer`` in place: ``weight' = W + scale *
 sum_i adapter_i.scale * delta_i`` (delta transposed for an Embedding or a fan_in_fan_out
@@ -35,13 +36,21 @@ layer. It raises when the weight or the bias would not be finite in its dtype, l
 every parameter, buffer and quantization state bit for bit as it was, and never modifies
 the adapters. ``layer_kinds`` are tags of
 :data:`pytest_safemerge.layer_strategies.ALL_TAGS`.
+
+``unsupported`` says what the implementation lacks and why, for an implementation whose
+capabilities depend on what is installed (PEFT_LORA on an older PEFT): each key is a tag,
+or ``"LAYER+OPTION"`` for an option on one layer kind only (``"embedding+dora"``), and its
+value the reason (``"PEFT 0.10.0 has no lora_bias (added in 0.14.0)"``). An unsupported
+tag is left out of ``layer_kinds`` (its default too); the cells of an unsupported layer
+kind are skipped with the reason, and no case carries an unsupported option (on that
+layer kind, for a ``LAYER+OPTION`` key). A tag both declared and unsupported is an error.
 """
 
 from __future__ import annotations
 
 import importlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -295,20 +304,90 @@ class Implementation:
 
     @property
     def layer_kinds(self) -> frozenset[str]:
-        """The case tags the implementation supports (every tag unless it says otherwise)."""
+        """The case tags the implementation supports: those it declares (every tag unless it
+        says otherwise), less those it declares ``unsupported``."""
         from pytest_safemerge.layer_strategies import ALL_TAGS
 
         kinds = getattr(self.target, "layer_kinds", None)
-        if kinds is None:
-            return ALL_TAGS
-        return frozenset(names.TAG_ALIASES.get(kind, kind) for kind in kinds)
+        declared = ALL_TAGS if kinds is None else frozenset(_canonical(kind) for kind in kinds)
+        return declared - self.unsupported.keys()
+
+    @property
+    def unsupported(self) -> dict[str, str]:
+        """What the implementation declares it lacks (a tag, or ``LAYER+OPTION``), with why."""
+        declared = getattr(self.target, "unsupported", None)
+        if not declared:
+            return {}
+        return {_canonical(key): str(reason) for key, reason in declared.items()}
+
+    def layer_skip_reason(self, layer: str) -> str | None:
+        """Why the cells of layer kind ``layer`` do not run (the implementation's own reason,
+        for an ``unsupported`` one), or None when they do, as far as the layer kind goes."""
+        if layer in self.unsupported:
+            return f"{self.spec}: {self.unsupported[layer]}"
+        if layer not in self.layer_kinds:
+            return (
+                f"{self.spec} does not declare {layer} (layer_kinds = {sorted(self.layer_kinds)})"
+            )
+        return None
+
+    def tags_for(self, layer: str) -> frozenset[str]:
+        """The tags a case on layer kind ``layer`` may carry: :attr:`layer_kinds`, less the
+        options declared unsupported on that layer kind (``LAYER+OPTION``)."""
+        prefix = f"{layer}+"
+        lacking = {key.removeprefix(prefix) for key in self.unsupported if key.startswith(prefix)}
+        return self.layer_kinds - lacking
+
+    def check_unsupported(self) -> None:
+        """Raise pytest.UsageError for an ``unsupported`` that is not a mapping from known
+        tags (or ``LAYER+OPTION``) to reasons, or that names a tag ``layer_kinds`` declares
+        (called by :meth:`check_layer_kinds`, once ``layer_kinds`` is known to be tags)."""
+        from pytest_safemerge.layer_strategies import ALL_TAGS, LAYER_TAGS, OPTION_TAGS
+
+        declared = getattr(self.target, "unsupported", None)
+        if declared is None:
+            return
+        example = "e.g. unsupported = {'conv3d': 'no Conv3d layers before release 2.0'}"
+        if not isinstance(declared, Mapping) or not all(
+            isinstance(key, str) and isinstance(reason, str) and reason.strip()
+            for key, reason in declared.items()
+        ):
+            raise pytest.UsageError(
+                f"--safemerge-impl={self.spec}: unsupported={declared!r} must be a mapping "
+                f"from tag to the reason it is not supported (a non-empty str), {example}"
+            )
+
+        def known(key: str) -> bool:
+            layer, plus, option = _canonical(key).partition("+")
+            if plus:
+                return layer in LAYER_TAGS and option in OPTION_TAGS
+            return layer in ALL_TAGS
+
+        unknown = sorted(key for key in declared if not known(key))
+        if unknown:
+            raise pytest.UsageError(
+                f"--safemerge-impl={self.spec}: unsupported names unknown tags {unknown}; keys "
+                f"are tags (layer kinds: {names.listed(LAYER_TAGS)}; options: "
+                f"{names.listed(OPTION_TAGS)}) or LAYER+OPTION (e.g. 'embedding+dora')"
+            )
+        kinds = getattr(self.target, "layer_kinds", None) or ()
+        both = sorted({_canonical(kind) for kind in kinds} & set(self.unsupported))
+        if both:
+            raise pytest.UsageError(
+                f"--safemerge-impl={self.spec}: {both} both declared in layer_kinds and "
+                f"unsupported; leave them out of layer_kinds"
+            )
 
     def check_layer_kinds(self) -> None:
-        """Raise pytest.UsageError for a ``layer_kinds`` that names unknown tags or no layer."""
+        """Raise pytest.UsageError for a ``layer_kinds`` that names unknown tags or no layer,
+        or an ``unsupported`` that :meth:`check_unsupported` refuses."""
         from pytest_safemerge.layer_strategies import ALL_TAGS, LAYER_TAGS
 
+        if not self.has_fuse_layer:
+            return
         kinds = getattr(self.target, "layer_kinds", None)
-        if kinds is None or not self.has_fuse_layer:
+        if kinds is None:
+            self.check_unsupported()
             return
         if isinstance(kinds, str) or not all(isinstance(kind, str) for kind in kinds):
             raise pytest.UsageError(
@@ -322,6 +401,7 @@ class Implementation:
                 + (f"has unknown tags {unknown}" if unknown else "names no layer kind")
                 + f"; layer kinds: {names.listed(LAYER_TAGS)}; options: {names.listed(names.OPTION_TAGS)}"
             )
+        self.check_unsupported()
 
     def fuse_layer(
         self, layer: torch.nn.Module, adapters: Sequence[safemerge.LoraAdapter], scale: float
@@ -332,6 +412,12 @@ class Implementation:
         self, layer: torch.nn.Module, adapters: Sequence[safemerge.LoraAdapter], scale: float
     ) -> LayerCall:
         return _observe_layer(self.target.unfuse_layer, layer, adapters, scale, self.refusal_errors)
+
+
+def _canonical(tag: str) -> str:
+    """``tag`` (or the layer kind of ``LAYER+OPTION``) under its current spelling."""
+    layer, plus, option = tag.partition("+")
+    return names.TAG_ALIASES.get(layer, layer) + plus + option
 
 
 def _observe(

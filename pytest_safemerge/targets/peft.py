@@ -17,11 +17,19 @@ Two contracts (``docs/design.md``, "The plugin's contracts"):
 - module level: ``fuse_layer(layer, adapters, scale)`` merges every adapter into ``layer``
   in place (PEFT's LoRA layer holds ``layer`` as its base layer, so PEFT writes it
   directly); ``unfuse_layer`` unmerges them; ``layer_kinds`` says what PEFT handles.
+
+Any PEFT release from 0.10.0 on: what the installed release has is read by
+:mod:`pytest_safemerge.targets.peft_features`. What it lacks (``lora_bias`` before 0.14.0,
+``Conv3d`` layers before 0.14.0, DoRA on embeddings before 0.13.0, ...) is declared
+``unsupported``, each with its reason, so the suite skips those cells saying what the
+release lacks; how its layers are built (a ``LoraConfig`` from 0.19.0, one keyword
+argument per setting before; ``set_adapter(inference_mode=)`` from 0.18.0) is followed.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -32,12 +40,14 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import nn
 
+from pytest_safemerge.targets import peft_features
 from safemerge.merge.adapter import LoraAdapter
 from safemerge.names import ALL_TAGS
 
 __all__ = ["LAYER_KINDS", "PEFT_LORA", "PeftLoraMerge"]
 
-#: The module-level cases PEFT's LoRA layers take (all of the suite's kinds).
+#: The module-level cases PEFT's LoRA layers take, on the latest PEFT (all of the suite's
+#: kinds); an older release takes those of them it does not lack (``unsupported``).
 LAYER_KINDS = ALL_TAGS
 
 _K = TypeVar("_K")
@@ -97,8 +107,17 @@ class PeftLoraMerge:
 
     #: PEFT's unmerge subtracts the delta again: not bit-exact.
     exact_unfuse = False
-    #: Every module-level case kind of the suite: PEFT has a LoRA layer for each.
-    layer_kinds = LAYER_KINDS
+
+    @property
+    def layer_kinds(self) -> frozenset[str]:
+        """The suite's tags the installed PEFT takes: :data:`LAYER_KINDS`, less what it lacks."""
+        return LAYER_KINDS - _features().missing().keys()
+
+    @property
+    def unsupported(self) -> dict[str, str]:
+        """What the installed PEFT lacks (a tag, or ``LAYER+OPTION``), each with the reason:
+        ``{"lora-bias": "PEFT 0.10.0 has no lora_bias (added in 0.14.0)", ...}``."""
+        return _features().missing()
 
     def __init__(self) -> None:
         self._weights: _ByIdentity[torch.Tensor, tuple[Any, torch.Tensor, torch.Tensor]]
@@ -156,7 +175,8 @@ class PeftLoraMerge:
         Raises:
             ValueError: PEFT refused the merge, or PEFT cannot hold the adapters (e.g. DoRA
                 with ``lora_bias``, ``lora_bias`` on an embedding).
-            TypeError: ``layer`` is of a kind PEFT has no LoRA layer for.
+            TypeError: ``layer`` is of a kind PEFT has no LoRA layer for, or the adapters
+                need what the installed PEFT release lacks (:attr:`unsupported`).
         """
         adapters = tuple(adapters)
         peft_layer = _module_layer(layer, adapters, scale)
@@ -216,6 +236,15 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _features() -> peft_features.PeftFeatures:
+    _peft()  # PEFT's absence said as _peft says it
+    return peft_features.installed()
+
+
+def _lacking(features: peft_features.PeftFeatures, key: str) -> TypeError:
+    return TypeError(peft_features.FEATURES[key].missing_in(features.version))
+
+
 def _peft() -> tuple[Any, Any]:
     """``peft`` and ``peft.tuners.lora.layer``, imported when first used (PEFT is optional)."""
     try:
@@ -228,18 +257,54 @@ def _peft() -> tuple[Any, Any]:
     return peft, lora
 
 
+def _settings(adapter: LoraAdapter, fan_in_fan_out: bool) -> dict[str, Any]:
+    """The adapter's settings, by the names of PEFT's ``LoraConfig`` and of the keyword
+    arguments its layers took before 0.19.0 (``lora_bias`` only where PEFT has it)."""
+    settings: dict[str, Any] = {
+        "r": adapter.rank,
+        "lora_alpha": _alpha(adapter),
+        "lora_dropout": 0.0,
+        "use_rslora": adapter.use_rslora,
+        "use_dora": adapter.is_dora,
+        "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": False,
+    }
+    features = _features()
+    if adapter.lora_bias is not None and not features.lora_bias:
+        raise _lacking(features, "lora-bias")
+    if features.lora_bias:
+        settings["lora_bias"] = adapter.lora_bias is not None
+    return settings
+
+
 def _config(adapter: LoraAdapter, fan_in_fan_out: bool) -> Any:
     peft, _ = _peft()
-    return peft.LoraConfig(
-        r=adapter.rank,
-        lora_alpha=adapter.rank if adapter.alpha is None else adapter.alpha,
-        use_rslora=adapter.use_rslora,
-        lora_bias=adapter.lora_bias is not None,
-        use_dora=adapter.is_dora,
-        fan_in_fan_out=fan_in_fan_out,
-        init_lora_weights=False,
-        inference_mode=True,
-    )
+    return peft.LoraConfig(**_settings(adapter, fan_in_fan_out), inference_mode=True)
+
+
+def _keywords(functions: Sequence[Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``settings`` that one of ``functions`` (a PEFT layer's ``__init__`` and those it
+    passes ``**kwargs`` on to, or its ``update_layer``, before 0.19.0) names. PEFT's
+    ``**kwargs`` would swallow the others silently: one that is on (``use_dora=True`` for a
+    layer that does not name it) is a TypeError."""
+    named = {name for function in functions for name in inspect.signature(function).parameters}
+    ignored = sorted(name for name, value in settings.items() if name not in named and value)
+    if ignored:
+        raise TypeError(
+            f"PEFT {_features().version}'s {functions[0].__qualname__} takes no {ignored}: "
+            f"it cannot hold this adapter"
+        )
+    return {name: value for name, value in settings.items() if name in named}
+
+
+def _initialisers(cls: type) -> list[Any]:
+    """``cls.__init__`` and the PEFT ``__init__``s above it (``Conv2d(*args, **kwargs)``
+    passes everything on to ``_ConvNd``'s)."""
+    return [
+        vars(klass)["__init__"]
+        for klass in cls.__mro__
+        if "__init__" in vars(klass) and klass.__module__.startswith("peft.")
+    ]
 
 
 def _tensor_layer(
@@ -337,27 +402,43 @@ def _wrap(
     elif kind == "embedding":
         cls = lora.Embedding
     elif kind in ("conv1d", "conv2d", "conv3d"):
-        cls = {"conv1d": lora.Conv1d, "conv2d": lora.Conv2d, "conv3d": lora.Conv3d}[kind]
+        cls = getattr(lora, kind.capitalize(), None)
     else:
         cls = lora.Linear
         extra["is_target_conv_1d_layer"] = fan_in_fan_out
+    features = _features()
+    lacking = features.missing()
+    if cls is None or kind in lacking:
+        raise _lacking(features, kind)
+    if any(adapter.is_dora for adapter in adapters) and f"{kind}+dora" in lacking:
+        raise _lacking(features, f"{kind}+dora")
     first, *others = adapters
+    names = [_name(index) for index in range(len(adapters))]
     with _quiet():
-        peft_layer = cls(
-            base,
-            _name(0),
-            config=_config(first, fan_in_fan_out),
-            r=first.rank,
-            lora_alpha=_alpha(first),
-            **extra,
-        )
-        for index, adapter in enumerate(others, start=1):
-            peft_layer.update_layer(
-                _name(index), adapter.rank, _alpha(adapter), config=_config(adapter, fan_in_fan_out)
+        if features.layers_take_config:
+            peft_layer = cls(
+                base,
+                names[0],
+                config=_config(first, fan_in_fan_out),
+                r=first.rank,
+                lora_alpha=_alpha(first),
+                **extra,
             )
-        peft_layer.set_adapter(
-            [_name(index) for index in range(len(adapters))], inference_mode=True
-        )
+            for name, adapter in zip(names[1:], others, strict=True):
+                peft_layer.update_layer(
+                    name, adapter.rank, _alpha(adapter), config=_config(adapter, fan_in_fan_out)
+                )
+        else:
+            settings = _settings(first, fan_in_fan_out) | extra
+            peft_layer = cls(base, names[0], **_keywords(_initialisers(cls), settings))
+            for name, adapter in zip(names[1:], others, strict=True):
+                # fan_in_fan_out is the layer's, set by its __init__
+                settings = _settings(adapter, fan_in_fan_out=False)
+                peft_layer.update_layer(name, **_keywords([peft_layer.update_layer], settings))
+        if features.set_adapter_takes_inference_mode:
+            peft_layer.set_adapter(names, inference_mode=True)
+        else:  # before 0.18.0: the adapters turn trainable; _load freezes what it loads
+            peft_layer.set_adapter(names)
     for index, adapter in enumerate(adapters):
         _load(peft_layer, _name(index), adapter, embedding=kind == "embedding")
     return peft_layer
@@ -383,8 +464,16 @@ def _load(peft_layer: Any, name: str, adapter: LoraAdapter, *, embedding: bool) 
         if adapter.lora_bias is not None:
             peft_layer.lora_B[name].bias = frozen(adapter.lora_bias.reshape(-1))
     if adapter.magnitude is not None:
-        dora = peft_layer.lora_magnitude_vector[name]
-        dora.weight = frozen(adapter.magnitude.reshape(dora.weight.shape))
+        magnitudes = peft_layer.lora_magnitude_vector
+        if name not in magnitudes:
+            # PEFT lost it (before 0.12.0, each DoRA adapter's init replaced the dict of
+            # magnitudes): its merge fails as it would on PEFT's own model.
+            return
+        dora = magnitudes[name]
+        if isinstance(dora, torch.Tensor):  # before 0.12.0: a Parameter, not a DoRA module
+            magnitudes[name] = frozen(adapter.magnitude.reshape(dora.shape))
+        else:
+            dora.weight = frozen(adapter.magnitude.reshape(dora.weight.shape))
 
 
 def _detached(peft_layer: Any, layer: nn.Module) -> Any:
