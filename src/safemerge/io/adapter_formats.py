@@ -24,6 +24,7 @@ from safemerge.io.adapter_keys import (
     PEFT_PREFIX,
     ParsedKeys,
     detect_format,
+    is_diffusers_layout,
     parse_diffusers,
     parse_kohya,
     parse_peft,
@@ -31,7 +32,14 @@ from safemerge.io.adapter_keys import (
     refuse_zero_rank,
 )
 from safemerge.io.atomic import file_digest, save_json, save_tensors
-from safemerge.io.base_match import BaseIndex, ambiguous, base_shapes, build_adapter, unmatched
+from safemerge.io.base_match import (
+    BaseIndex,
+    PipelineIndex,
+    ambiguous,
+    base_shapes,
+    build_adapter,
+    unmatched,
+)
 from safemerge.io.checkpoint import Checkpoint, read_json, read_tensors
 from safemerge.io.header import refuse_pickle
 from safemerge.merge.adapter import LoraAdapter
@@ -94,7 +102,10 @@ class AdapterSet:
 
 
 def load_adapter(
-    path: str | os.PathLike[str], *, base: Checkpoint | Mapping[str, torch.Tensor | Sequence[int]]
+    path: str | os.PathLike[str],
+    *,
+    base: Checkpoint | Mapping[str, torch.Tensor | Sequence[int]],
+    components: Sequence[str] | None = None,
 ) -> AdapterSet:
     """Read an adapter and map each of its layers onto one weight of ``base``.
 
@@ -107,6 +118,10 @@ def load_adapter(
             The format is detected from the keys.
         base: the model: a :class:`~safemerge.Checkpoint`, or a mapping of weight
             name to shape (or to tensor, such as a ``state_dict()``).
+        components: for a diffusers pipeline, its components' folder names; ``base``
+            then names each weight ``"<component>.<weight>"``, and each adapter layer
+            is looked up within the component its key names (``unet.``,
+            ``text_encoder_2.``, kohya's ``lora_te2_``).
 
     Returns:
         The :class:`AdapterSet`, keyed by base weight name.
@@ -121,7 +136,7 @@ def load_adapter(
     raw_adapter = read_raw_adapter(path)
     path, parsed = raw_adapter.path, raw_adapter.parsed
     shapes = base_shapes(base)
-    index = BaseIndex(shapes)
+    index = BaseIndex(shapes) if components is None else PipelineIndex(shapes, components)
     layers: dict[str, LoraAdapter] = {}
     kinds: dict[str, str] = {}
     sources: dict[str, str] = {}
@@ -189,8 +204,9 @@ def read_raw_adapter(path: str | os.PathLike[str]) -> RawAdapter:
     format_name = detect_format(path, tensors)
     parsed: ParsedKeys
     if format_name == "peft":
-        config = _peft_config(path, weights_file, config_file, metadata)
-        parsed = parse_peft(tensors, config)
+        peft_config = _peft_config(path, weights_file, config_file, metadata, tensors)
+        config = {} if peft_config is None else peft_config
+        parsed = parse_peft(tensors, peft_config)
     elif format_name == "kohya":
         config = dict(metadata)
         parsed = parse_kohya(tensors)
@@ -332,8 +348,13 @@ def _adapter_files(path: Path) -> tuple[Path, Path | None]:
 
 
 def _peft_config(
-    path: Path, weights_file: Path, config_file: Path | None, metadata: Mapping[str, str]
-) -> dict[str, Any]:
+    path: Path,
+    weights_file: Path,
+    config_file: Path | None,
+    metadata: Mapping[str, str],
+    tensors: Mapping[str, torch.Tensor],
+) -> dict[str, Any] | None:
+    """The PEFT config, or None for a diffusers LoRA file saved without one (alpha = r)."""
     if config_file is not None:
         config = read_json(config_file)
         if not isinstance(config, dict):
@@ -351,6 +372,8 @@ def _peft_config(
             if not isinstance(config, dict):
                 raise AdapterConfigError(f"{weights_file}: metadata {key!r} is not a JSON object")
             return config
+    if is_diffusers_layout(tensors):
+        return None
     raise AdapterConfigError(
         f"PEFT adapter {path} has no config: no {PEFT_CONFIG_NAME} beside "
         f"{weights_file.name} and no {' / '.join(_CONFIG_METADATA_KEYS)} in its metadata, so "

@@ -21,6 +21,17 @@ import torch
 from safemerge.errors import AdapterConfigError, AdapterFormatError
 
 PEFT_PREFIX = "base_model.model."
+#: The pipeline components diffusers' LoRA files prefix their PEFT keys with
+#: (``"unet.down_blocks.0....to_q.lora_A.weight"``).
+DIFFUSERS_COMPONENTS = (
+    "unet",
+    "transformer",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "prior",
+    "decoder",
+)
 # PEFT options that change what the adapter computes in ways a weight merge cannot express.
 _UNSUPPORTED_PEFT_OPTIONS = (
     "alora_invocation_tokens",
@@ -263,12 +274,25 @@ def pattern_key(patterns: Iterable[str], module: str) -> str | None:
     return None
 
 
-def parse_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> ParsedKeys:
-    """PEFT keys (any ``base_model.model.`` prefix or adapter-name infix) into layers, config applied."""
+def is_diffusers_layout(keys: Iterable[str]) -> bool:
+    """Whether every key starts with a pipeline component (``"unet."``, ``"text_encoder."``...),
+    as the LoRA files diffusers saves name them."""
+    prefixes = tuple(f"{component}." for component in DIFFUSERS_COMPONENTS)
+    listed = list(keys)
+    return bool(listed) and all(key.startswith(prefixes) for key in listed)
+
+
+def parse_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None) -> ParsedKeys:
+    """PEFT keys (any ``base_model.model.`` prefix or adapter-name infix) into layers, config applied.
+
+    ``config=None`` is a diffusers LoRA file saved without one: diffusers then loads
+    every layer with ``lora_alpha = r`` (a scale of 1) and takes its options from the
+    keys (a ``lora_B.bias``, a ``lora_magnitude_vector``), and so does this.
+    """
     problems: list[tuple[str, str]] = []
     layers: dict[str, RawLayer] = {}
     adapter_names: dict[str, str] = {}
-    components = _component_configs(config)
+    components = _component_configs(config) if config is not None else {}
     options = {
         component: _peft_options(
             sub, "adapter config" + (f" for {component!r}" if component else "")
@@ -309,7 +333,9 @@ def parse_peft(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -
         )
     complete = _pairs_complete(layers.values(), problems)
     for layer in complete:
-        _apply_peft_options(layer, options.get(layer.component) or next(iter(options.values())))
+        if options:
+            _apply_peft_options(layer, options.get(layer.component) or next(iter(options.values())))
+        # else: RawLayer's defaults are diffusers' (alpha = rank, options from the keys)
     return ParsedKeys(complete, problems)
 
 
@@ -409,10 +435,7 @@ def parse_diffusers(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
         stem = match.group("stem")
         module = stem
         if match.group("sep") == "_lora":
-            # attention processors: "attn1.processor.to_q_lora" is module "attn1.to_q"
-            module = stem.replace(".processor.", ".")
-            if module.endswith("to_out"):
-                module += ".0"
+            module = _processor_module(stem)
         role = "A" if match.group("side") == "down" else "B"
         raw = RawLayer(module=module, label=stem, aliases=(stem + match.group("sep"), module))
         _add_part(layers, problems, raw, role, key, tensor)
@@ -434,6 +457,26 @@ def parse_diffusers(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
         if name not in used and name not in known:
             problems.append((key, "an alpha for a layer with no lora down/up pair in the file"))
     return ParsedKeys(complete, problems)
+
+
+# A text encoder's attention in diffusers' attention-processor form ("self_attn.to_q_lora")
+# names transformers' projections (CLIP's "self_attn.q_proj"), as diffusers' loader maps them.
+_TEXT_ENCODER_PROJECTIONS = {
+    "self_attn.to_q": "self_attn.q_proj",
+    "self_attn.to_k": "self_attn.k_proj",
+    "self_attn.to_v": "self_attn.v_proj",
+    "self_attn.to_out": "self_attn.out_proj",
+}
+
+
+def _processor_module(stem: str) -> str:
+    """The module an attention processor's LoRA (``"attn1.processor.to_q_lora"``) adapts."""
+    for processor, projection in _TEXT_ENCODER_PROJECTIONS.items():
+        if stem.endswith("." + processor):
+            return stem.removesuffix(processor) + projection
+    module = stem.replace(".processor.", ".")
+    # diffusers' Attention keeps its output projection as to_out = [Linear, Dropout]
+    return module + ".0" if module.endswith("to_out") else module
 
 
 def _metadata_alphas(

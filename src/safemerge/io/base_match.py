@@ -19,6 +19,13 @@ _COMPONENT_PREFIXES: dict[str, tuple[str, ...]] = {
     "te2": ("text_encoder_2.", "conditioner.embedders.1."),
     "te3": ("text_encoder_3.",),
 }
+#: The pipeline folder each of kohya's model parts is (``lora_te2_*`` adapts ``text_encoder_2``).
+KOHYA_COMPONENTS = {
+    "unet": "unet",
+    "te1": "text_encoder",
+    "te2": "text_encoder_2",
+    "te3": "text_encoder_3",
+}
 
 
 def base_shapes(
@@ -78,6 +85,8 @@ class BaseIndex:
         """Base modules whose name, with '.' read as '_', is ``flat``, or ends with it after
         a '.'; those under another model part than kohya's ``component`` left out."""
         candidates = self.flat_exact.get(flat) or self.flat_by_suffix.get(flat, [])
+        if not candidates:
+            candidates = self._flat_with_extra_prefix(flat)
         if not component or not candidates:
             return candidates
         own = _COMPONENT_PREFIXES.get(component, ())
@@ -90,6 +99,51 @@ class BaseIndex:
         kept = [m for m in candidates if not m[: len(m) - len(flat)].startswith(others)]
         preferred = [m for m in kept if m[: len(m) - len(flat)].startswith(own)]
         return preferred if len(kept) > 1 and preferred else kept
+
+    def _flat_with_extra_prefix(self, flat: str) -> list[str]:
+        """The base modules ``flat`` names with a leading prefix the base lacks (its longest
+        suffix found, cut at a '_'): ``text_model_encoder_layers_0_...`` is
+        ``encoder.layers.0...`` of a CLIP text model that transformers saves unwrapped."""
+        cuts = [i + 1 for i, char in enumerate(flat) if char == "_"]
+        for cut in cuts:
+            found = self.flat_exact.get(flat[cut:])
+            if found:
+                return found
+        return []
+
+
+class PipelineIndex:
+    """A pipeline's weights, named ``"<component>.<weight>"``, each adapter layer looked up
+    within the component its key names, as a :class:`BaseIndex` of that component alone
+    (so a leading prefix one side has and the other lacks, such as CLIP's
+    ``text_model.``, is resolved inside the component, never across components)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], components: Sequence[str]) -> None:
+        self.names = set(shapes)
+        self.parts = {
+            component: BaseIndex(
+                {
+                    name.removeprefix(f"{component}."): shape
+                    for name, shape in shapes.items()
+                    if name.startswith(f"{component}.")
+                }
+            )
+            for component in components
+        }
+
+    def resolve(self, module: str) -> list[str]:
+        """``"unet.down_blocks.0...to_q"``: the module within the component it starts with."""
+        component, _, inner = module.partition(".")
+        if component not in self.parts:
+            return []
+        return [f"{component}.{found}" for found in self.parts[component].resolve(inner)]
+
+    def resolve_flat(self, flat: str, component: str = "") -> list[str]:
+        """A kohya name within the component its prefix names (``te1``: ``text_encoder``)."""
+        folder = KOHYA_COMPONENTS.get(component, component)
+        if folder not in self.parts:
+            return []
+        return [f"{folder}.{found}" for found in self.parts[folder].resolve_flat(flat)]
 
 
 def _flat(module: str) -> str:
@@ -124,7 +178,7 @@ def build_adapter(
     base_shape: tuple[int, ...],
     weight_name: str,
     module: str,
-    index: BaseIndex,
+    index: BaseIndex | PipelineIndex,
 ) -> tuple[LoraAdapter, str] | str:
     """The adapter and its layer kind, or what is wrong with it."""
     lora_A = raw.tensors["A"][1]

@@ -1,9 +1,10 @@
-"""Fuse adapter files into a safetensors model, streaming from disk to disk.
+"""Fuse adapter files into a safetensors model or a diffusers pipeline, disk to disk.
 
 :func:`fuse_files` opens the base lazily, makes every check that can be made up front
 before anything is written, then reads each tensor, casts it, fuses it if adapted,
 checks it against its error bound, writes and drops it; the output appears whole,
-through :func:`safemerge.io.writer.write_model`, or not at all.
+through :func:`safemerge.io.writer.write_model` (a model) or
+:func:`safemerge.io.pipeline_writer.write_pipeline` (a pipeline), or not at all.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
@@ -31,6 +33,8 @@ from safemerge.errors import (
 from safemerge.io import writer
 from safemerge.io.adapter_formats import AdapterSet, load_adapter
 from safemerge.io.checkpoint import Checkpoint, open_checkpoint, read_json
+from safemerge.io.pipeline_dir import is_pipeline_dir, open_pipeline, split_by_component
+from safemerge.io.pipeline_writer import ComponentOutput, write_pipeline
 from safemerge.io.shard_writer import tensor_nbytes
 from safemerge.layer import fuse
 from safemerge.merge.adapter import LoraAdapter
@@ -50,6 +54,8 @@ from safemerge.model.transaction import (
 
 #: Adapters for :func:`fuse_files`: paths, each optionally with its weight.
 AdapterPaths: TypeAlias = Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], float]]
+#: One planned output tensor: ``(name, shape, dtype)``.
+_Plan: TypeAlias = list[tuple[str, tuple[int, ...], torch.dtype]]
 
 
 #: After writing a tensor at least this large, freed heap memory is handed back.
@@ -78,9 +84,17 @@ def fuse_files(
     only read. The other files of a base directory (``config.json``, tokenizer
     files...) are copied beside the weights.
 
+    A diffusers pipeline directory (``model_index.json``) as ``base`` is fused component
+    by component, the same way: adapter keys name their component (``unet.``,
+    ``text_encoder.``, kohya's ``lora_unet_``/``lora_te1_``...), every component an
+    adapter touches (every one with weights, with ``dtype``) is written anew under its
+    own weight file names, and every other file and folder is copied as it is; the
+    output is a pipeline directory, whole or not at all.
+
     Args:
         base: a model directory (``model.safetensors``, or shards and their index), an
-            index file, or one ``.safetensors`` file (then no other file is copied).
+            index file, one ``.safetensors`` file (then no other file is copied), or a
+            diffusers pipeline directory.
         adapters: adapter paths (PEFT directories, kohya or diffusers files), or
             ``(path, weight)`` pairs; several adapters on one layer are fused together.
         output: the model directory to create.
@@ -113,21 +127,28 @@ def fuse_files(
     _check_dtype(dtype)
     weighted_paths = _paths(adapters)
     _refuse_output_over_inputs(output_path, [base_path, *(path for path, _ in weighted_paths)])
+    if is_pipeline_dir(base_path):
+        return _fuse_pipeline(
+            base_path, weighted_paths, output_path, scale, dtype, shard_size, overwrite, progress
+        )
     with open_checkpoint(base_path) as checkpoint:
         sets = [(load_adapter(path, base=checkpoint), weight) for path, weight in weighted_paths]
-        plan = [
-            (name, checkpoint.info(name).shape, _output_dtype(checkpoint.info(name).dtype, dtype))
-            for name in checkpoint.names
-        ]
-        dtypes = {name: planned_dtype for name, _, planned_dtype in plan}
-        layers = _file_layers(checkpoint, sets, scale, dtypes)
+        plan = _plan(checkpoint, dtype)
+        layers = _file_layers(checkpoint, sets, scale, _dtypes(plan))
         copy_from = _copy_source(base_path)
-        if copy_from is not None and (copy_from / "config.json").is_file():
-            read_json(copy_from / "config.json")  # a truncated config fails now, not later
-        _check_space(output_path, plan, copy_from)
+        if copy_from is not None:
+            _check_config(copy_from)
+        copied = writer.files_to_copy(copy_from) if copy_from is not None else []
+        _check_space(output_path, _plan_bytes(plan) + sum(path.stat().st_size for path in copied))
         metadata = _provenance(checkpoint.metadata, sets, scale, dtype)
         results: list[TensorResult] = []
-        tensors = _fused_tensors(checkpoint, plan, layers, scale, results, progress)
+
+        def report(result: TensorResult) -> None:
+            results.append(result)
+            if progress is not None:
+                progress(result)
+
+        tensors = _fused_tensors(checkpoint, plan, layers, scale, report)
         try:
             written = writer.write_model(
                 output_path,
@@ -154,6 +175,122 @@ def fuse_files(
         metadata=metadata,
         copied=written.copied,
     )
+
+
+def _fuse_pipeline(
+    base: Path,
+    weighted_paths: Sequence[tuple[Path, float]],
+    output: Path,
+    scale: float,
+    dtype: torch.dtype | None,
+    shard_size: int,
+    overwrite: bool,
+    progress: Callable[[TensorResult], None] | None,
+) -> ModelFuseReport:
+    """:func:`fuse_files` for a diffusers pipeline directory: each component as a model."""
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        pipeline = open_pipeline(base, stack)
+        shapes, names = pipeline.shapes(), list(pipeline.components)
+        sets = [
+            (load_adapter(path, base=shapes, components=names), weight)
+            for path, weight in weighted_paths
+        ]
+        split = [(split_by_component(adapter_set, pipeline), w) for adapter_set, w in sets]
+        jobs = []  # (component, its adapters, plan, layers), every one checked before writing
+        problems: list[tuple[str, str]] = []
+        for component in pipeline:
+            own = [
+                (by_name[component.name], w) for by_name, w in split if component.name in by_name
+            ]
+            if not own and dtype is None:
+                continue  # copied byte for byte
+            plan = _plan(component.checkpoint, dtype)
+            try:
+                layers = _file_layers(component.checkpoint, own, scale, _dtypes(plan))
+            except ModelFuseError as error:
+                problems += [(f"{component.name}.{name}", what) for name, what in error.problems]
+                continue
+            _check_config(component.path)
+            jobs.append((component, own, plan, layers))
+        if problems:
+            raise plan_error(problems, base, "nothing was written")
+        rewritten = {component.name for component, *_ in jobs}
+        copied_bytes = sum(
+            path.stat().st_size
+            for path in _files_under(base)
+            if path.relative_to(base).parts[0] not in rewritten
+            or not writer.is_weight_file(path.name)
+        )
+        _check_space(output, sum(_plan_bytes(plan) for *_, plan, _ in jobs) + copied_bytes)
+        results: list[TensorResult] = []
+        total = sum(len(plan) for *_, plan, _ in jobs)
+        outputs = []
+        for component, own, plan, layers in jobs:
+            report = _component_report(component.name, len(results), total, results, progress)
+            outputs.append(
+                ComponentOutput(
+                    component.name,
+                    _fused_tensors(component.checkpoint, plan, layers, scale, report),
+                    plan,
+                    _provenance(component.checkpoint.metadata, own, scale, dtype),
+                    component.weights_stem,
+                )
+            )
+        try:
+            written = write_pipeline(
+                output, base, outputs, shard_size=shard_size, overwrite=overwrite
+            )
+        except SafemergeError as error:
+            error.add_note(f"fuse_files: nothing was written to {output}")
+            raise
+    return ModelFuseReport(
+        layers=tuple(results),
+        parameters=sum(result.numel for result in results),
+        fused_parameters=sum(result.numel for result in results if result.fused),
+        tensors_written=written.tensors,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        output=written.path,
+        shard_count=sum(len(files) for files in written.files.values()),
+        written_bytes=written.total_size,
+        metadata=_provenance({}, sets, scale, dtype),
+        copied=written.copied,
+    )
+
+
+def _component_report(
+    component: str,
+    before: int,
+    total: int,
+    results: list[TensorResult],
+    progress: Callable[[TensorResult], None] | None,
+) -> Callable[[TensorResult], None]:
+    """Record a component's tensor results as the pipeline's: named ``"<component>.<name>"``
+    and placed among all the pipeline's tensors written."""
+
+    def report(result: TensorResult) -> None:
+        placed = dataclasses.replace(
+            result,
+            name=f"{component}.{result.name}",
+            position=before + result.position,
+            total=total,
+        )
+        results.append(placed)
+        if progress is not None:
+            progress(placed)
+
+    return report
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    for entry in folder.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            yield from _files_under(entry)
+        elif entry.is_file():
+            yield entry
 
 
 @dataclass(frozen=True)
@@ -193,6 +330,27 @@ def _check_dtype(dtype: torch.dtype | None) -> None:
 
 def _output_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and stored.is_floating_point else stored
+
+
+def _plan(checkpoint: Checkpoint, dtype: torch.dtype | None) -> _Plan:
+    """Every tensor of ``checkpoint``, in order, with the shape and dtype it is written in."""
+    return [
+        (name, checkpoint.info(name).shape, _output_dtype(checkpoint.info(name).dtype, dtype))
+        for name in checkpoint.names
+    ]
+
+
+def _dtypes(plan: _Plan) -> dict[str, torch.dtype]:
+    return {name: planned_dtype for name, _, planned_dtype in plan}
+
+
+def _plan_bytes(plan: _Plan) -> int:
+    return sum(tensor_nbytes(shape, dtype) for _, shape, dtype in plan)
+
+
+def _check_config(folder: Path) -> None:
+    if (folder / "config.json").is_file():
+        read_json(folder / "config.json")  # a truncated config fails now, not later
 
 
 def _refuse_output_over_inputs(output: Path, inputs: Sequence[Path]) -> None:
@@ -299,12 +457,7 @@ def _copy_source(base: Path) -> Path | None:
     return None
 
 
-def _check_space(
-    output: Path, plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]], copy_from: Path | None
-) -> None:
-    needed = sum(tensor_nbytes(shape, dtype) for _, shape, dtype in plan)
-    if copy_from is not None:
-        needed += sum(path.stat().st_size for path in writer.files_to_copy(copy_from))
+def _check_space(output: Path, needed: int) -> None:
     existing = output.absolute().parent
     while not existing.exists():
         existing = existing.parent
@@ -353,10 +506,9 @@ def _fused_tensors(
     plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
     layers: Mapping[str, _FileLayer],
     scale: float,
-    results: list[TensorResult],
-    progress: Callable[[TensorResult], None] | None,
+    report: Callable[[TensorResult], None],
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor in plan order: read, cast, fused if adapted; its result recorded."""
+    """Each tensor in plan order: read, cast, fused if adapted; its result reported."""
     by_bias = {layer.bias: layer for layer in layers.values() if layer.bias is not None}
     dtypes = {name: dtype for name, _, dtype in plan}
     done: dict[str, tuple[torch.Tensor, TensorResult]] = {}
@@ -373,10 +525,7 @@ def _fused_tensors(
             else:
                 done.update(_fuse_file_layer(checkpoint, layer, scale, dtypes))
         tensor, result = done.pop(name)
-        result = _placed(result, position, total, time.perf_counter() - started)
-        results.append(result)
-        if progress is not None:
-            progress(result)
+        report(_placed(result, position, total, time.perf_counter() - started))
         yield name, tensor
         del tensor
         if tensor_nbytes(shape, dtype) >= _TRIM_BYTES:
@@ -435,9 +584,7 @@ def _fuse_file_layer(
     fused = {
         name: (
             weight,
-            TensorResult(
-                name, record.kind, shape, weight.dtype, worst, 0.0, len(file_layer.pairs)
-            ),
+            TensorResult(name, record.kind, shape, weight.dtype, worst, 0.0, len(file_layer.pairs)),
         )
     }
     if bias is not None and file_layer.bias is not None:
