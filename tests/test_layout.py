@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("safemerge.io",),
     ("safemerge.model",),
     ("safemerge.peft", "safemerge.diffusers"),
-    ("safemerge.inspection", "safemerge.synthetic", "safemerge.demo"),
+    ("safemerge.inspection", "safemerge.synthetic", "safemerge.demo", "safemerge.charts"),
     ("safemerge.cli", "safemerge.__main__"),
     ("safemerge",),
 )

@@ -50,6 +50,15 @@ def save_json(path: str | os.PathLike[str], value: Any) -> None:
     _write_atomically(Path(path), write)
 
 
+def save_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
+    """Write ``payload`` atomically, like :func:`save_tensors`."""
+
+    def write(temp: Path) -> None:
+        temp.write_bytes(payload)
+
+    _write_atomically(Path(path), write)
+
+
 def file_digest(paths: Iterable[str | os.PathLike[str]]) -> str:
     """SHA-256 (hex) of the files' bytes, one after another."""
     digest = hashlib.sha256()
