@@ -181,7 +181,7 @@ def _adapter(draw: st.DrawFn, name: str, kind: str, options: list[str]) -> Adapt
     chosen = frozenset(o for o in options if draw(st.booleans()))
     r = draw(st.integers(1, 4))
     # alpha is never the rank (scale 1 would hide a missing or doubled scaling).
-    alpha = draw(st.sampled_from([0.5, 1.5, 3.0, 7.0, 16.0]))
+    alpha = draw(st.sampled_from([0.5, 1.5, 3.0, 7.0, 16.0]).filter(lambda a: a != r))
     pattern_r = draw(st.integers(1, 4).filter(lambda x: x != r)) if "rank_pattern" in chosen else 0
     pattern_alpha = draw(st.sampled_from([2.5, 5.0, 11.0])) if "alpha_pattern" in chosen else 0.0
     return AdapterSpec(name, r, alpha, chosen, pattern_r, pattern_alpha)

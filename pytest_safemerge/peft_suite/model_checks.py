@@ -8,7 +8,6 @@ case, and the worst error as a multiple of its bound.
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -63,15 +62,30 @@ def _within(prop: str, what: str, actual: torch.Tensor, reference: torch.Tensor,
         )
 
 
-def _state(peft_model: Any) -> dict[str, torch.Tensor]:
-    """Every tensor a merge may write, by layer, cloned."""
+def _state(peft_model: Any, names: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor a merge may write, by layer, cloned: of the LoRA layers, or of the
+    modules at ``names`` whether PEFT still wraps them or has unloaded them."""
     found = {}
-    for name, layer in lora_layers(peft_model).items():
-        weight, bias = written(layer)
+    for name in names or lora_layers(peft_model):
+        module = _module_at(peft_model.base_model.model, name)
+        weight, bias = written(module) if hasattr(module, "get_base_layer") else _plain(module)
         found[f"{name}.weight"] = weight.detach().clone()
         if bias is not None:
             found[f"{name}.bias"] = bias.detach().clone()
     return found
+
+
+def _module_at(model: Any, name: str) -> Any:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return model.get_submodule(name.replace(".base_layer", ""))
+
+
+def _plain(module: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return module.in_proj_weight, None
+    return module.weight, getattr(module, "bias", None)
 
 
 def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
@@ -245,12 +259,13 @@ def check_refusal_atomic(case: ModelCase, row: Row) -> None:
         target = tensors[which]
         flat = target.view(-1)
         flat[case.planted.get("position", 0) % flat.numel()] = value
-    before = _state(peft_model)
+    names = sorted(lora_layers(peft_model))
+    before = _state(peft_model, names)
     try:
         with _quiet():
             peft_model.merge_and_unload(safe_merge=True)
     except (ValueError, RuntimeError) as error:
-        changed = _changed(before, _state(peft_model))
+        changed = _changed(before, _state(peft_model, names))
         row.observe(0.0 if not changed else math.inf)
         if changed:
             raise AssertionError(
@@ -290,7 +305,7 @@ def _check_combined(prop: str, peft_model: Any, pairs: Sequence[tuple[AdapterSpe
         made = scaled_adapter(layer, combined, name, coefficient=_scale(combined, name))
         target = expected_layer_fuse(original.module, targets, 1.0)
         result = expected_layer_fuse(original.module, [made], 1.0)
-        u = 2.0 ** -(torch.finfo(made.lora_A.dtype).nmant + 1)
+        u = torch.finfo(made.lora_A.dtype).eps / 2
         bound = 6 * u / (1 - 6 * u) * sum((delta_magnitude(a, original) for a in targets), torch.zeros_like(target.weight.bound))
         if any(a.magnitude is not None for a in targets):
             bound = bound * 3 * (target.weight.reference.abs().max() / original.weight.double().abs().max()).clamp_min(1)
