@@ -17,7 +17,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ TARGET = "target"
 def _gpt2_conv1d() -> nn.Module:
     from transformers.pytorch_utils import Conv1D
 
-    return Conv1D(OUT_FEATURES, IN_FEATURES)
+    return cast(nn.Module, Conv1D(OUT_FEATURES, IN_FEATURES))  # type: ignore[no-untyped-call]
 
 
 #: The layer kinds, each built with 16 inputs (fan-in) and 8 outputs.
@@ -62,7 +62,7 @@ class TunerCase:
     dtype: torch.dtype
     options: dict[str, Any]
     seed: int
-    layer: nn.Module = field(repr=False)
+    layer: Any = field(repr=False)  # a PEFT BaseTunerLayer (peft is untyped)
     #: The PEFT model that holds the layer (a tuner may keep shared state there).
     holder: nn.Module = field(repr=False)
 

@@ -43,6 +43,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,7 +118,7 @@ def _probe(probe: nn.Module, kind: str) -> AffineMap:
         return AffineMap(columns.T.contiguous(), bias)
 
 
-def base_map(layer: nn.Module, kind: str) -> AffineMap:
+def base_map(layer: Any, kind: str) -> AffineMap:
     """What the base layer alone computes (the weight before any merge)."""
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
     return effective_map(base, kind)
@@ -146,7 +147,7 @@ def _compute_error(unmerged: AffineMap, before: AffineMap) -> float:
     return _MIXING * _FLOAT32_ROUNDOFF * sum(_largest(part) for part in parts)
 
 
-def safe_merge(layer: nn.Module) -> None:
+def safe_merge(layer: Any) -> None:
     """``layer.merge(safe_merge=True)``; :class:`TunerLacks` if its merge has no guard."""
     if "safe_merge" not in inspect.signature(type(layer).merge).parameters:
         raise TunerLacks(f"{type(layer).__qualname__}.merge has no safe_merge")
@@ -174,19 +175,19 @@ def check_accurate(case: TunerCase, row: Row) -> None:
     c = _compute_error(unmerged, before)
     for part in ("weight", "bias"):
         exact, got = getattr(unmerged, part), getattr(merged, part)
-        error = (got - exact).abs()
+        off = (got - exact).abs()
         bound = u * exact.abs() + c
-        row.observe(_fraction(error, bound))
-        assert bool((error <= bound).all()), (
+        row.observe(_fraction(off, bound))
+        assert bool((off <= bound).all()), (
             f"[tuner accuracy] the merged layer's {part} is not what the unmerged layer "
-            f"computes, within u|W| + m 2^-24 s: {_where(error, bound)} ({case.describe()})"
+            f"computes, within u|W| + m 2^-24 s: {_where(off, bound)} ({case.describe()})"
         )
 
 
 def check_round_trip(case: TunerCase, row: Row) -> None:
     """merge then unmerge restores the weight and bias within the round-trip bound."""
     __tracebackhide__ = True
-    if type(case.layer).unmerge is _base_unmerge():
+    if getattr(type(case.layer), "unmerge", None) is _base_unmerge():
         raise TunerLacks(f"{type(case.layer).__qualname__} has no unmerge")
     before = base_map(case.layer, case.kind)
     unmerged = effective_map(case.layer, case.kind)
@@ -321,7 +322,7 @@ def check_atomic(case: TunerCase, row: Row) -> None:
     each_plant(case, row, unchanged)
 
 
-def snapshot(layer: nn.Module) -> dict[str, torch.Tensor]:
+def snapshot(layer: Any) -> dict[str, torch.Tensor]:
     """The base layer's parameters and buffers, and the tuner layer's buffers, copied."""
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
     state = {f"base_layer.{name}": value for name, value in base.state_dict().items()}

@@ -18,7 +18,7 @@ import inspect
 import pkgutil
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 #: The tuners whose cells exist on every release (skipped where the release lacks them).
 KNOWN_TUNERS = ("boft", "fourierft", "glora", "hra", "ia3", "loha", "lokr", "oft", "vera")
@@ -80,7 +80,7 @@ def installed_tuners() -> dict[str, Tuner]:
             continue
         layers = _merging_layer_classes(package, BaseTunerLayer)
         if layers:
-            found[name] = Tuner(name, type_name, config_class, layers)
+            found[name] = Tuner(name, type_name, cast(type, config_class), layers)
     return dict(sorted(found.items()))
 
 
