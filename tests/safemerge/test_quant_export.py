@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.qlora_models import TARGETS, peft_adapter, scaled, tiny_llama
 
 import safemerge
 from safemerge.cli import EXIT_CHECK_FAILED, EXIT_OK, main
 from safemerge.io import writer
 from safemerge.quant.quantized import quantization_bound
+
+from support.qlora_models import TARGETS, peft_adapter, scaled, tiny_llama
 
 pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")

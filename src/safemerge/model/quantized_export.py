@@ -463,6 +463,9 @@ def _compare(
         record = _fused_quantized(layer, pairs, scale, name)
         choices["quantized"] = dequantized(layer, name)
     choices[export.written_choice] = values
+    # A quantized layer computes with its weight dequantized into the model's dtype, the
+    # way the reference is taken: compare like with like.
+    choices["quantized"] = choices["quantized"].to(dtype)
     return base_quant.compare(
         reference,
         pairs,
