@@ -152,10 +152,12 @@ def summary_lines(rows: Iterable[dict[str, Any]]) -> list[str]:
     by_contract: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_contract.setdefault(row["contract"], []).append(row)
-    for contract in ("tensor", "layer"):
-        members = by_contract.get(contract)
-        if members:
-            lines.extend(_matrix(contract, members))
+    # The tensor and layer contracts first, then any other matrix (the PEFT contracts'),
+    # and the model suite's layers as a list.
+    matrices = [c for c in ("tensor", "layer") if c in by_contract]
+    matrices += [c for c in by_contract if c not in ("tensor", "layer", "model")]
+    for contract in matrices:
+        lines.extend(_matrix(contract, by_contract[contract]))
     if "model" in by_contract:
         lines.extend(_layer_list(by_contract["model"]))
     failures = [row for row in rows if row["result"] == "failed"]

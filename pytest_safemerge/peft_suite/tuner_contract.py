@@ -125,7 +125,7 @@ class PeftTunerSuite:
         """Run a property over this cell's generated tuner cases, filling its row."""
         row = start_row(
             request.node,
-            contract="tuner",
+            contract="peft tuner",
             prop=TUNER_PROPERTY_NAMES[request.node.originalname],
             target=f"peft {tuners.peft_version()}",
             dtype=tuner_cell.dtype,

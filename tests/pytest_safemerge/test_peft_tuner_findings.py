@@ -111,7 +111,7 @@ def test_the_contract_finds(suite_rows: dict[str, dict[str, Any]], key: str) -> 
     row = suite_rows[finding.cell]
     assert row["result"] == "failed", f"{key} ({finding.name}) not caught: {row['message']}"
     assert re.search(finding.shows, row["message"]), row["message"]
-    assert row["contract"] == "tuner" and row["oracle"].startswith("none")
+    assert row["contract"] == "peft tuner" and row["oracle"].startswith("none")
 
 
 def test_exactly_the_findings_fail(suite_rows: dict[str, dict[str, Any]]) -> None:
