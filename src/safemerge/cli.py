@@ -115,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fuse.add_argument("--blocksize", type=int, default=64, help="4-bit blocksize (default 64)")
     fuse.add_argument("--nested", action="store_true", help="4-bit nested absmax (double quant)")
+    report = commands.add_parser(
+        "report",
+        help="draw a JSON report (of `safemerge fuse --json`, or pytest's --safemerge-report) "
+        "as a PNG picture or one self-contained HTML page; needs safemerge[report]",
+    )
+    report.add_argument("report", metavar="REPORT.json", help="the JSON report to draw")
+    report.add_argument(
+        "--output", "-o", required=True, help="the picture to write: a .png or an .html file"
+    )
     return parser
 
 
@@ -158,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _inspect(arguments)
         if arguments.command == "fuse":
             return _fuse(arguments)
+        if arguments.command == "report":
+            return _report(arguments)
     except ModelWriteError as error:
         _error(str(error))
         return EXIT_USAGE if error.reason in ("exists", "same-as-input") else EXIT_INPUT
@@ -168,6 +179,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(str(error))
         return EXIT_CHECK_FAILED
     return EXIT_USAGE
+
+
+def _report(arguments: argparse.Namespace) -> int:
+    from safemerge import charts
+
+    if not arguments.output.lower().endswith((".png", ".html", ".htm")):
+        _error(f"--output {arguments.output}: write a .png or an .html report")
+        return EXIT_USAGE
+    try:
+        document = charts.load_report(arguments.report)
+    except charts.ReportError as error:
+        _error(str(error))
+        return EXIT_INPUT
+    try:
+        written = charts.render(document, arguments.output)
+    except ImportError as error:
+        _error(str(error))
+        return EXIT_USAGE
+    print(f"{document.kind} report {arguments.report} drawn to {written}")
+    return EXIT_OK
 
 
 def _error(message: str) -> None:

@@ -190,3 +190,16 @@ def test_an_output_that_is_neither_png_nor_html_is_refused(
     with pytest.raises(charts.ReportError, match=r"write a \.png or an \.html"):
         charts.render(charts.load_report(fuse_report), tmp_path / "report.pdf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_report_command_draws_and_exits_by_what_went_wrong(
+    fuse_report: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    picture = tmp_path / "fuse.png"
+    assert main(["report", str(fuse_report), "-o", str(picture)]) == EXIT_OK
+    assert _png_size(picture.read_bytes())[0] > 400
+    assert "fuse report" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "missing.json"), "-o", str(tmp_path / "x.png")]) == 3
+    assert main(["report", str(fuse_report), "-o", str(tmp_path / "x.pdf")]) == 2
+    assert "write a .png or an .html" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fuse.png"]
