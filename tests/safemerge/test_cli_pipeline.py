@@ -83,8 +83,10 @@ def _weights(pipe_dir: Path, component: str) -> dict[str, torch.Tensor]:
         return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
 
 
-def _factors(pipe_dir: Path, seed: int = 0) -> Factors:
-    """A, B (float32) and alpha for every targeted module, ranks 2 and 3, alphas 1 to 4."""
+def _factors(
+    pipe_dir: Path, seed: int = 0, alphas: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)
+) -> Factors:
+    """A, B (float32) and alpha for every targeted module, ranks 2 and 3, ``alphas`` in turn."""
     generator = torch.Generator().manual_seed(seed)
     targets: dict[str, list[str]] = {}
     unet = _weights(pipe_dir, "unet")
@@ -107,7 +109,7 @@ def _factors(pipe_dir: Path, seed: int = 0) -> Factors:
             kernel = tuple(shape[2:])
             lora_A = torch.randn(rank, shape[1], *kernel, generator=generator) * 0.5
             lora_B = torch.randn(shape[0], rank, *(1 for _ in kernel), generator=generator) * 0.5
-            factors[component][module] = (lora_A, lora_B, float(1 + position % 4))
+            factors[component][module] = (lora_A, lora_B, alphas[position % len(alphas)])
     return factors
 
 
@@ -186,21 +188,23 @@ _WRITERS = {"kohya": _kohya_file, "diffusers": _old_diffusers_file, "peft": _pef
 
 def _oracle(
     weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(exact, float32 accumulation bound, bound of the merged weight)`` in float64."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(exact, float32 accumulation bound, bound of the merged weight, |c| |B| @ |A|)``,
+    in float64."""
     rank = lora_A.shape[0]
     coefficient = alpha / rank
     A, B = lora_A.double().flatten(1), lora_B.double().flatten(1)
     W = weight.double()
     exact = W + (coefficient * (B @ A)).reshape(W.shape)
-    magnitude = W.abs() + (abs(coefficient) * (B.abs() @ A.abs())).reshape(W.shape)
+    product = (abs(coefficient) * (B.abs() @ A.abs())).reshape(W.shape)
+    magnitude = W.abs() + product
     n, u = rank + 3, 2.0**-24
     accumulation = n * u / (1 - n * u) * magnitude
     u_d = _UNIT_ROUNDOFF[weight.dtype]
     bound = (
         accumulation + u_d * (exact.abs() + accumulation) + _HALF_SMALLEST_SUBNORMAL[weight.dtype]
     )
-    return exact, accumulation, bound
+    return exact, accumulation, bound, product
 
 
 def _assert_fused_as_oracle(base: Path, output: Path, factors: Factors) -> None:
@@ -214,7 +218,7 @@ def _assert_fused_as_oracle(base: Path, output: Path, factors: Factors) -> None:
                 continue
             fused = after[name]
             assert fused.dtype == tensor.dtype and fused.shape == tensor.shape
-            exact, _, bound = _oracle(tensor, *modules[module])
+            exact, _, bound, _ = _oracle(tensor, *modules[module])
             error = (fused.double() - exact).abs()
             worst = float((error / bound).max())
             assert worst <= 1.0, f"{component}.{name}: {worst:.3g} of its bound"
@@ -264,12 +268,10 @@ def test_every_format_fuses_into_the_pipeline_as_the_oracle_and_loads(
         if relative.parts[0] not in factors or relative.suffix != ".safetensors":
             assert (output / relative).read_bytes() == (sd_dir / relative).read_bytes(), relative
     # It loads in diffusers, with the fused weights, and denoises.
-    pipe = DiffusionPipeline.from_pretrained(output)
     module = next(iter(factors["unet"]))
-    loaded = pipe.unet.state_dict()[f"{module}.weight"]
-    assert torch.equal(
-        loaded.to(torch.float32), _weights(output, "unet")[f"{module}.weight"].float()
-    )
+    written = _weights(output, "unet")[f"{module}.weight"]
+    pipe = DiffusionPipeline.from_pretrained(output, torch_dtype=written.dtype)
+    assert torch.equal(pipe.unet.state_dict()[f"{module}.weight"], written)
     latents = pipe(
         "a tiny cat",
         num_inference_steps=1,
@@ -347,12 +349,24 @@ def test_a_nan_in_the_lora_is_refused_and_nothing_written(
     assert not output.exists() and leftover_temporaries(output) == []
 
 
-def test_fused_unet_agrees_with_diffusers_fuse_lora(sd_dir: Path, tmp_path: Path) -> None:
-    """diffusers (PEFT) merges in float32 on the CPU, casts the delta to the weight's dtype
-    and adds it there: a second rounding, ``u_d * (|delta| + acc)``, before the add's."""
+def test_fused_weights_agree_with_diffusers_fuse_lora(sd_dir: Path, tmp_path: Path) -> None:
+    """diffusers' own ``load_lora_weights`` + ``fuse_lora`` gives the same weights, within
+    both merges' bounds.
+
+    diffusers casts the LoRA factors to the pipeline's dtype on loading (each within
+    ``u_d``, so the product within ``(2 u_d + u_d**2) |c| |B| @ |A|``), PEFT multiplies in
+    float32 on the CPU, casts the delta to the weight's dtype (``u_d`` of it) and adds it
+    there (``u_d`` of the sum): rounded twice where safemerge rounds once.
+
+    One alpha for every layer: diffusers 0.42 names the ``alpha_pattern`` it builds from a
+    kohya file's per-layer alphas after the converted keys
+    (``"...attn1.processor.to_q_lora.down.weight"``), which match no module, so every layer
+    gets the most common alpha (alpha 2 on a layer fused at alpha 1 doubles its delta);
+    safemerge applies each layer's own alpha, as kohya defines it.
+    """
     from diffusers import DiffusionPipeline
 
-    factors = _factors(sd_dir, seed=3)
+    factors = _factors(sd_dir, seed=3, alphas=(2.0,))
     lora = _kohya_file(tmp_path / "lora.safetensors", factors)
     output = tmp_path / "out"
     assert _fuse(sd_dir, lora, output) == EXIT_OK
@@ -372,10 +386,12 @@ def test_fused_unet_agrees_with_diffusers_fuse_lora(sd_dir: Path, tmp_path: Path
         base, ours = _weights(sd_dir, component), _weights(output, component)
         for module, (lora_A, lora_B, alpha) in modules.items():
             name = f"{module}.weight"
-            exact, accumulation, bound = _oracle(base[name], lora_A, lora_B, alpha)
+            exact, accumulation, bound, product = _oracle(base[name], lora_A, lora_B, alpha)
             u_d = _UNIT_ROUNDOFF[dtype]
             delta = (exact - base[name].double()).abs()
-            delta_error = accumulation + u_d * (delta + accumulation)
+            factors_rounding = (2 * u_d + u_d**2) * product if dtype != torch.float32 else 0.0
+            product_error = accumulation + factors_rounding
+            delta_error = product_error + u_d * (delta + product_error)
             their_bound = delta_error + u_d * (exact.abs() + delta_error)
             their = theirs[component][name].double()
             assert float(((their - exact).abs() / their_bound).max()) <= 1.0, name
