@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fuse adapters into a safetensors model and write the merged model, all or nothing",
     )
     fuse.add_argument(
-        "base", help="the base model: a directory (shards + index) or a .safetensors file"
+        "base",
+        help="the base model: a directory (shards + index), a .safetensors file, or a "
+        "diffusers pipeline directory (model_index.json; layers named <component>.<weight>)",
     )
     fuse.add_argument(
         "adapters", nargs="+", metavar="ADAPTER", help="PEFT, kohya or diffusers adapters"
