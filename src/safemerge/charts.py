@@ -37,16 +37,47 @@ if TYPE_CHECKING:
 
 __all__ = ["ReportDocument", "ReportError", "figure_for", "load_report", "render"]
 
-#: The fuse report's optional per-layer fields, each drawn as a panel when any layer has it:
-#: (key, panel title).
-FUSE_PANELS: tuple[tuple[str, str], ...] = (
-    ("worst_error_of_bound", "worst error / bound"),
-    ("seconds", "time (s)"),
-    ("correction_bytes", "exact-unfuse correction (bytes)"),
-    ("adapter_effect_kept", "adapter effect kept"),
-    ("output_error", "output error / adapter effect"),
-    ("blocks_unchanged", "quantization blocks unchanged"),
+
+@dataclass(frozen=True)
+class FusePanel:
+    """One panel of a fuse report's picture: a bar per layer for each series (grouped
+    bars when there are several), drawn when any layer has the first series' field.
+
+    ``series`` are ``(field, legend label)``; with ``per`` set, each value is divided by
+    that field of the same layer (a fraction of it)."""
+
+    name: str
+    title: str
+    series: tuple[tuple[str, str], ...]
+    per: str | None = None
+
+
+#: The fuse report's panels, in order; fields a report lacks are not drawn.
+FUSE_PANELS: tuple[FusePanel, ...] = (
+    FusePanel("worst_error_of_bound", "worst error / bound", (("worst_error_of_bound", ""),)),
+    FusePanel("seconds", "time (s)", (("seconds", ""),)),
+    FusePanel("correction_bytes", "exact-unfuse correction (bytes)", (("correction_bytes", ""),)),
+    # A quantized or QLoRA merge (fuse --quant / --base-quant): each choice's output error
+    # against what the adapter was trained for, as a fraction of the adapter's effect.
+    FusePanel(
+        "output_error_by_choice",
+        "output error / adapter effect",
+        (
+            ("output_error_16bit", "16-bit merge into W"),
+            ("output_error_16bit_dequantized", "16-bit merge into dequant(quant(W))"),
+            ("output_error_quantized", "requantized merge"),
+        ),
+    ),
+    FusePanel("adapter_effect_kept", "adapter effect kept", (("adapter_effect_kept", ""),)),
+    FusePanel(
+        "blocks_unchanged",
+        "quantization blocks unchanged (fraction)",
+        (("blocks_unchanged", ""),),
+        per="blocks",
+    ),
 )
+#: Bar colours of a panel's series, in order.
+SERIES_COLOURS = ("#1e88e5", "#43a047", "#8e24aa")
 #: A cell's colour by its status.
 STATUS_COLOURS = {
     "passed": "#4caf50",
@@ -135,27 +166,38 @@ def figure_for(document: ReportDocument) -> Figure:
 def _fuse_figure(figure_class: type[Figure], data: dict[str, Any]) -> Figure:
     layers = list(data["layers"])
     panels = [
-        (key, title)
-        for key, title in FUSE_PANELS
-        if any(_number(layer.get(key)) for layer in layers)
-    ]
-    if not panels:
-        panels = [FUSE_PANELS[0]]
-    height = 1.6 + _ROW_INCHES * max(len(layers), 1)
+        panel
+        for panel in FUSE_PANELS
+        if any(layer.get(panel.series[0][0]) is not None for layer in layers)
+    ] or [FUSE_PANELS[0]]
+    height = max(3.0, 1.6 + _ROW_INCHES * len(layers))
     figure = figure_class(figsize=(3.2 * len(panels) + 3.5, height), dpi=_DPI, layout="constrained")
     figure.suptitle(
         f"safemerge fuse: {len(layers)} layers fused into {data.get('output', '?')}", fontsize=10
     )
     axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     names = [str(layer.get("name", "?")) for layer in layers]
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        values = [_number(layer.get(key)) for layer in layers]
-        colours = ["#1e88e5"] * len(values)
-        if key == "worst_error_of_bound":
-            colours = ["#e53935" if (v or 0.0) > 1.0 else "#1e88e5" for v in values]
+    for ax, panel in zip(axes, panels, strict=True):
+        series = [
+            (label, [_panel_value(layer, field, panel.per) for layer in layers])
+            for field, label in panel.series
+        ]
+        if panel.name == "worst_error_of_bound":
             ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
-        _bars(ax, names, values, colours, title, gid=f"bars:{key}")
+            values = series[0][1]
+            colours = ["#e53935" if (v or 0.0) > 1.0 else SERIES_COLOURS[0] for v in values]
+            _bars(ax, names, values, colours, panel.title, gid=f"bars:{panel.name}")
+        else:
+            _grouped_bars(ax, names, series, panel.title, gid=f"bars:{panel.name}")
     return figure
+
+
+def _panel_value(layer: dict[str, Any], field: str, per: str | None) -> float | None:
+    value = _number(layer.get(field))
+    if value is None or per is None:
+        return value
+    whole = _number(layer.get(per))
+    return value / whole if whole else None
 
 
 # The suite report.
@@ -288,15 +330,43 @@ def _bars(
     *,
     gid: str,
 ) -> None:
-    positions = list(range(len(names)))
     widths = [0.0 if v is None else v for v in values]
-    ax.barh(positions, widths, color=colours, height=0.7)
-    ax.set_yticks(positions, names, fontsize=7)
+    ax.barh(list(range(len(names))), widths, color=colours, height=0.7)
+    _label_rows(ax, names, title, gid=gid)
+
+
+def _label_rows(ax: Axes, names: list[str], title: str, *, gid: str) -> None:
+    ax.set_yticks(list(range(len(names))), names, fontsize=7)
     # First layer on top, as in the model (a limit, not invert_yaxis: panels share the axis).
     ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlim(left=0.0)
     ax.set_title(title, fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
     ax.set_gid(gid)
+
+
+def _grouped_bars(
+    ax: Axes,
+    names: list[str],
+    series: list[tuple[str, list[float | None]]],
+    title: str,
+    *,
+    gid: str,
+) -> None:
+    """One bar per layer and series, the series side by side within the layer's row."""
+    if len(series) == 1:
+        colours = [SERIES_COLOURS[0]] * len(names)
+        _bars(ax, names, series[0][1], colours, title, gid=gid)
+        return
+    height = 0.8 / len(series)
+    for index, (label, values) in enumerate(series):
+        offset = (index - (len(series) - 1) / 2) * height
+        positions = [row + offset for row in range(len(names))]
+        widths = [0.0 if v is None else v for v in values]
+        colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
+        ax.barh(positions, widths, height=height, color=colour, label=label)
+    _label_rows(ax, names, title, gid=gid)
+    ax.legend(fontsize=6, loc="lower right")
 
 
 def _swatch(colour: str, label: str) -> Any:

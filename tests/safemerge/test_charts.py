@@ -96,6 +96,7 @@ def test_a_fuse_report_has_one_bar_per_fused_layer_in_each_panel(fuse_report: Pa
         assert len(bars) == len(layers)
         field = key.removeprefix("bars:")
         assert [bar.get_width() for bar in bars] == pytest.approx([lay[field] for lay in layers])
+    assert "bars:output_error_by_choice" not in panels  # not a quantized merge
     # Layers down the left in the report's order, the first on top.
     ax = panels["bars:worst_error_of_bound"]
     labels = [label.get_text() for label in ax.get_yticklabels()]
@@ -104,15 +105,31 @@ def test_a_fuse_report_has_one_bar_per_fused_layer_in_each_panel(fuse_report: Pa
     assert top < bottom
 
 
-def test_optional_fields_get_their_own_panel(fuse_report: Path, tmp_path: Path) -> None:
+def test_quantized_merge_fields_get_their_panels(fuse_report: Path, tmp_path: Path) -> None:
+    """The fields ``fuse --quant`` / ``--base-quant`` add: each choice's output error side
+    by side, the effect kept, and unchanged blocks as a fraction of the layer's blocks."""
     data = json.loads(fuse_report.read_text())
-    for index, layer in enumerate(data["layers"]):
-        layer["blocks_unchanged"] = index / len(data["layers"])
+    layers = data["layers"]
+    for index, layer in enumerate(layers):
+        layer.update(
+            output_error_16bit=0.5,
+            output_error_16bit_dequantized=0.01,
+            output_error_quantized=0.4,
+            adapter_effect_kept=0.6,
+            blocks=8,
+            blocks_unchanged=index % 3,
+        )
     changed = tmp_path / "quantized.json"
     changed.write_text(json.dumps(data))
     panels = _axes(charts.figure_for(charts.load_report(changed)), "bars:")
-    assert "bars:blocks_unchanged" in panels
-    assert len(panels["bars:blocks_unchanged"].patches) == len(data["layers"])
+    assert len(panels["bars:output_error_by_choice"].patches) == 3 * len(layers)
+    assert len(panels["bars:adapter_effect_kept"].patches) == len(layers)
+    fractions = [bar.get_width() for bar in panels["bars:blocks_unchanged"].patches]
+    assert fractions == pytest.approx([(index % 3) / 8 for index in range(len(layers))])
+    legend = panels["bars:output_error_by_choice"].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == [
+        label for _, label in charts.FUSE_PANELS[3].series
+    ]
 
 
 def test_a_suite_report_has_one_heatmap_cell_per_suite_cell(suite_report: Path) -> None:
