@@ -158,9 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per release")
     parser.add_argument("--json", type=Path, help="also write {release: {cell: row}} here")
-    parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: to pytest")
-    args = parser.parse_args(argv)
-    passed_on = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    # Any other option goes to pytest (e.g. --safemerge-dtypes=float32).
+    args, passed_on = parser.parse_known_args(argv)
     extra = [f"--safemerge-examples={args.examples}", *passed_on]
     if args.keyword:
         extra += ["-k", args.keyword]

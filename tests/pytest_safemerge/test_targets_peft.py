@@ -23,6 +23,8 @@ from safemerge import LoraAdapter, synthetic
 pytest.importorskip("peft")
 logging.getLogger("peft").setLevel(logging.ERROR)
 
+from pytest_safemerge.implementations import Implementation  # noqa: E402
+from pytest_safemerge.targets import peft_features  # noqa: E402
 from pytest_safemerge.targets.peft import LAYER_KINDS, PEFT_LORA, PeftLoraMerge  # noqa: E402
 
 #: float32 merges of O(1) values: PEFT's and safemerge's float32 sums differ in order only.
@@ -39,12 +41,108 @@ def _expected(layer: nn.Module, adapters: list[LoraAdapter], scale: float) -> nn
     return expected
 
 
-def test_layer_kinds_are_every_tag_of_the_suite() -> None:
-    assert PEFT_LORA.layer_kinds == LAYER_KINDS
+def test_layer_kinds_are_every_tag_of_the_suite_the_installed_peft_has() -> None:
     assert {"linear", "embedding", "conv1d", "conv2d", "conv3d", "fan_in_fan_out"} <= LAYER_KINDS
     assert {"nf4", "fp4", "int8", "lora-bias", "dora", "several"} <= LAYER_KINDS
+    missing = peft_features.installed().missing()
+    assert PEFT_LORA.unsupported == missing
+    assert PEFT_LORA.layer_kinds == LAYER_KINDS - missing.keys()
     assert PEFT_LORA.exact_unfuse is False
     assert isinstance(PEFT_LORA, PeftLoraMerge)
+    # The suite takes the declarations as they are.
+    Implementation("safemerge.peft:PEFT_LORA", PEFT_LORA).check_declarations()
+
+
+# What a PEFT release has, read from modules laid out as each era's were.
+
+
+def _modules(
+    version: str, layers: tuple[str, ...], dora: tuple[str, ...] | None, *, lora_bias: bool
+) -> tuple[object, object, object | None]:
+    """Stand-ins for ``peft``, ``peft.tuners.lora.layer`` and ``peft.tuners.lora.dora``."""
+    import dataclasses
+    import types
+
+    fields = ["r", "use_dora", *(["lora_bias"] if lora_bias else [])]
+    config = dataclasses.make_dataclass("LoraConfig", [(name, object, None) for name in fields])
+
+    class Linear:
+        def __init__(self, base_layer: object, adapter_name: str, r: int = 0) -> None: ...
+        def set_adapter(self, adapter_names: list[str]) -> None: ...
+
+    peft = types.SimpleNamespace(__version__=version, LoraConfig=config)
+    layer = types.SimpleNamespace(Linear=Linear, **{name: type(name, (), {}) for name in layers})
+    dora_module = None if dora is None else types.SimpleNamespace(**{n: object for n in dora})
+    return peft, layer, dora_module
+
+
+def test_features_of_a_release_before_the_dora_module() -> None:
+    # PEFT 0.10.0: Linear, Embedding and Conv2d layers; DoRA inside LoraLayer; no lora_bias.
+    features = peft_features.read(
+        *_modules("0.10.0", ("Embedding", "Conv2d"), None, lora_bias=False)
+    )
+
+    assert features.layer_kinds == {"linear", "fan_in_fan_out", "embedding", "conv2d"}
+    assert features.dora_kinds == {"linear", "fan_in_fan_out", "conv2d"}
+    assert not features.layers_take_config and not features.set_adapter_takes_inference_mode
+    assert features.missing() == {
+        "lora-bias": "PEFT 0.10.0 has no lora_bias (added in 0.14.0)",
+        "conv1d": "PEFT 0.10.0 has no LoRA layer for Conv1d (added in 0.15.0)",
+        "conv3d": "PEFT 0.10.0 has no LoRA layer for Conv3d (added in 0.14.0)",
+        "embedding+dora": "PEFT 0.10.0 has no DoRA on Embedding (added in 0.13.0)",
+        "conv1d+dora": "PEFT 0.10.0 has no DoRA on Conv1d (added in 0.16.0)",
+    }
+
+
+def test_features_of_a_release_with_the_dora_module() -> None:
+    # PEFT 0.15.2: every layer kind; DoRA layer classes for all but Conv1d.
+    dora = ("DoraLinearLayer", "DoraEmbeddingLayer", "DoraConv2dLayer", "DoraConv3dLayer")
+    modules = _modules("0.15.2", ("Embedding", "Conv1d", "Conv2d", "Conv3d"), dora, lora_bias=True)
+    features = peft_features.read(*modules)
+
+    assert features.layer_kinds == {"linear", "fan_in_fan_out", "embedding"} | {
+        "conv1d",
+        "conv2d",
+        "conv3d",
+    }
+    assert features.dora_kinds == features.layer_kinds - {"conv1d"}
+    assert features.missing() == {
+        "conv1d+dora": "PEFT 0.15.2 has no DoRA on Conv1d (added in 0.16.0)"
+    }
+
+
+@pytest.fixture
+def peft_without_lora_bias_or_embedding_dora(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The installed PEFT, said to lack lora_bias and DoRA on embeddings."""
+    real = peft_features.installed()
+    older = peft_features.PeftFeatures(
+        version="0.12.0",
+        layer_kinds=real.layer_kinds,
+        dora_kinds=real.dora_kinds - {"embedding"},
+        lora_bias=False,
+        layers_take_config=real.layers_take_config,
+        set_adapter_takes_inference_mode=real.set_adapter_takes_inference_mode,
+    )
+    monkeypatch.setattr(peft_features, "installed", lambda: older)
+
+
+@pytest.mark.usefixtures("peft_without_lora_bias_or_embedding_dora")
+def test_what_the_release_lacks_is_declared_and_refused_with_its_reason() -> None:
+    implementation = Implementation("safemerge.peft:PEFT_LORA", PEFT_LORA)
+    implementation.check_declarations()
+    assert "lora-bias" not in implementation.layer_kinds
+    assert "dora" in implementation.tags_for("linear")
+    assert "dora" not in implementation.tags_for("embedding")
+
+    linear = synthetic.random_layer("linear", 6, 5, seed=1)
+    original = linear.weight.detach().clone()
+    biased = _adapter_for(linear, lora_bias=True)
+    with pytest.raises(TypeError, match=r"PEFT 0\.12\.0 has no lora_bias \(added in 0\.14\.0\)"):
+        PEFT_LORA.fuse_layer(linear, [biased], 1.0)
+    embedding = synthetic.random_layer("embedding", 6, 5, seed=2)
+    with pytest.raises(TypeError, match=r"has no DoRA on Embedding \(added in 0\.13\.0\)"):
+        PEFT_LORA.fuse_layer(embedding, [_adapter_for(embedding, dora=True)], 1.0)
+    assert torch.equal(linear.weight, original)  # refused before PEFT saw it
 
 
 def test_the_documented_spec_name_still_resolves() -> None:
