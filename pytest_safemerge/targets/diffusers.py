@@ -134,12 +134,17 @@ def model_with(layer: nn.Module, adapters: Sequence[LoraAdapter]) -> Any:
         raise TypeError("diffusers' LoRA formats have no transposed (fan_in_fan_out) weight")
     model: Any = _model_class()(layer)
     names = [adapter_name(index) for index in range(len(adapters))]
+    # Loading freezes the base (PEFT's injection marks only the adapters trainable): a side
+    # effect of the load, not of the fuse under test, so the layer's flags are put back.
+    trainable = {name: p.requires_grad for name, p in layer.named_parameters()}
     with quiet():
         for name, adapter in zip(names, adapters, strict=True):
             model.load_lora_adapter(
                 _state_dict(adapter), prefix=None, adapter_name=name, metadata=_metadata(adapter)
             )
         model.set_adapters(names)
+    for name, parameter in layer.named_parameters():
+        parameter.requires_grad_(trainable[name])
     lora_layer = getattr(model, TARGET)
     for name, adapter in zip(names, adapters, strict=True):
         _put_as_they_are(lora_layer, name, adapter)
