@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from support import tiny_pipelines  # noqa: E402
+from support import tiny_pipelines
 
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)

@@ -38,6 +38,7 @@ __all__ = [
     "differences",
     "diffusers_fuse",
     "diffusers_unfuse",
+    "load_random_lora",
     "lora_layers",
     "pipeline_state",
     "plant_non_finite",
@@ -209,6 +210,31 @@ def diffusers_unfuse(**kwargs: Any) -> Callable[[Any], None]:
             pipe.unfuse_lora(**kwargs)
 
     return unfuse
+
+
+def load_random_lora(
+    pipe: Any,
+    targets: dict[str, tuple[str, ...]],
+    *,
+    adapter_name: str = "style",
+    rank: int = 4,
+    seed: int = 0,
+) -> int:
+    """Load a random LoRA by ``pipe.load_lora_weights`` (diffusers' PEFT-format keys,
+    ``"<component>.<module>.lora_A.weight"``) on every ``nn.Linear`` of each component
+    whose name ends with one of its targets. Returns how many layers it targets."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for component, suffixes in targets.items():
+        for name, module in getattr(pipe, component).named_modules():
+            if isinstance(module, nn.Linear) and name.endswith(suffixes):
+                down = torch.randn(rank, module.in_features, generator=generator) * 0.1
+                up = torch.randn(module.out_features, rank, generator=generator) * 0.1
+                state[f"{component}.{name}.lora_A.weight"] = down
+                state[f"{component}.{name}.lora_B.weight"] = up
+    with quiet():
+        pipe.load_lora_weights(state, adapter_name=adapter_name)
+    return len(state) // 2
 
 
 def plant_non_finite(pipe: Any, component: str, value: float = math.inf, *, layer: int = -1) -> str:
