@@ -341,6 +341,108 @@ def test_other_files_are_copied_and_weight_files_are_not(tmp_path: Path) -> None
     assert is_weight_file("Model-00001-of-00002.SAFETENSORS") and not is_weight_file("vocab.txt")
 
 
+def _base_with_files(base: Path) -> None:
+    (base / "tokenizer").mkdir(parents=True)
+    (base / "config.json").write_text('{"old": true}')
+    (base / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    (base / "model.safetensors").write_text("old weights")
+
+
+def test_extra_files_are_added_and_replace_copied_ones(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    _base_with_files(base)
+    out = tmp_path / "out"
+    extra = {"config.json": b'{"new": true}\n', "sub/dir/notes.txt": b"added"}
+    written = write_model(out, {"w.weight": torch.ones(2)}, copy_from=base, extra_files=extra)
+    assert written.copied == ("tokenizer/vocab.txt",)  # config.json is not the base's
+    assert written.added == ("config.json", "sub/dir/notes.txt")
+    for name, payload in extra.items():
+        assert (out / name).read_bytes() == payload
+    assert (out / "tokenizer" / "vocab.txt").read_text() == "a\nb\n"
+    found = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert found == sorted([SINGLE_NAME, "tokenizer/vocab.txt", *extra])
+    assert (base / "config.json").read_text() == '{"old": true}'  # inputs only read
+
+
+def test_an_extra_file_that_cannot_be_written_leaves_nothing(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    _base_with_files(base)
+    out = tmp_path / "out"
+    # "tokenizer" is a folder copied from the base: the file cannot take its place.
+    with pytest.raises(IsADirectoryError):
+        write_model(
+            out, {"w.weight": torch.ones(2)}, copy_from=base, extra_files={"tokenizer": b"x"}
+        )
+    _assert_nothing_left(out)
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["base"]
+
+
+def test_an_extra_file_that_fails_keeps_the_old_model_on_overwrite(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    _base_with_files(base)
+    out = tmp_path / "out"
+    write_model(out, {"w.weight": torch.ones(2)}, extra_files={"config.json": b"{}"})
+    with pytest.raises(IsADirectoryError):
+        write_model(
+            out,
+            {"w.weight": torch.zeros(2)},
+            copy_from=base,
+            extra_files={"tokenizer": b"x"},
+            overwrite=True,
+        )
+    assert (out / "config.json").read_bytes() == b"{}"
+    assert torch.equal(_loaded(out)["w.weight"], torch.ones(2))
+    assert leftover_temporaries(out) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../escape.json", "/abs.json", "a//b.json", "./config.json", ".hidden/x", "model.safetensors",
+     "sub/model.safetensors.index.json", ""],
+)  # fmt: skip
+def test_an_extra_file_outside_the_model_or_among_its_weights_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ModelWriteError, match="extra file") as caught:
+        write_model(out, {"w.weight": torch.ones(2)}, extra_files={name: b"x"})
+    assert caught.value.reason == "bad-plan" and caught.value.key == name
+    _assert_nothing_left(out)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_weights_stem_names_the_weight_files_and_the_index(
+    tmp_path: Path, sharded: bool
+) -> None:
+    stem = "diffusion_pytorch_model"
+    out = tmp_path / "unet"
+    written = write_model(out, _model(), shard_size=800 if sharded else 10**6, weights_stem=stem)
+    names = sorted(p.name for p in out.iterdir())
+    if sharded:
+        shards = [f"{stem}-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
+        assert names == sorted([*shards, f"{stem}.safetensors.index.json"])
+        assert written.index == out / f"{stem}.safetensors.index.json"
+        index = json.loads(written.index.read_text())
+        assert set(index["weight_map"].values()) == set(shards)
+    else:
+        assert names == [f"{stem}.safetensors"] and written.index is None
+    assert [p.name for p in written.files] == [n for n in names if not n.endswith(".json")]
+    assert all(torch.equal(t, _model()[n]) for n, t in _loaded_files(written.files).items())
+
+
+@pytest.mark.parametrize("stem", ["", ".model", "a/b", "../model"])
+def test_a_weights_stem_that_is_no_plain_name_is_refused(tmp_path: Path, stem: str) -> None:
+    with pytest.raises(ModelWriteError, match="weights_stem") as caught:
+        write_model(tmp_path / "out", {"w.weight": torch.ones(2)}, weights_stem=stem)
+    assert caught.value.reason == "bad-plan"
+    assert list(tmp_path.iterdir()) == []
+
+
+def _loaded_files(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
+    return {name: tensor for file in files for name, tensor in load_file(file).items()}
+
+
 # -- files: reading without a memory map ---------------------------------------------------
 
 

@@ -4,16 +4,14 @@ The new pipeline is built in a temporary directory beside the target (named like
 :mod:`safemerge.io.writer`'s, so :func:`~safemerge.io.writer.leftover_temporaries` finds
 it): each rewritten component through :func:`~safemerge.io.writer.write_model` (its
 tensors streamed, its other files copied), under the weight file names its library
-loads; every other file and folder of the source copied byte for byte. Then one rename
+loads (``weights_stem``); every other file and folder of the source copied byte for byte. Then one rename
 puts it in place. An exception at any point (KeyboardInterrupt included) removes the
 temporary directory: the target's name holds a complete pipeline or nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,9 +19,15 @@ from pathlib import Path
 
 import torch
 
-from safemerge.io.atomic import copy_file, fsync_directory, save_json
-from safemerge.io.checkpoint import INDEX_NAME, SINGLE_NAME, read_json
-from safemerge.io.writer import OLD_MARKER, TEMP_MARKER, PlanEntry, check_output, write_model
+from safemerge.io.atomic import copy_file, fsync_directory
+from safemerge.io.writer import (
+    TEMP_MARKER,
+    PlanEntry,
+    check_output,
+    move_into_place,
+    new_temporary,
+    write_model,
+)
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def write_pipeline(
     origin = Path(source)
     check_output(target, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = _new_temporary(target, TEMP_MARKER)
+    temp = new_temporary(target, TEMP_MARKER)
     try:
         files: dict[str, tuple[Path, ...]] = {}
         total = tensors = 0
@@ -104,43 +108,21 @@ def write_pipeline(
                 shard_size=shard_size,
                 metadata=component.metadata,
                 copy_from=origin / component.name,
+                weights_stem=component.weights_stem,
             )
-            renamed = _rename_weights(temp / component.name, component.weights_stem)
-            files[component.name] = tuple(target / component.name / name for name in renamed)
+            files[component.name] = tuple(
+                target / component.name / path.name for path in written.files
+            )
             total += written.total_size
             tensors += written.tensors
         rewritten = {component.name for component in components}
         copied = tuple(_copy_rest(origin, temp, rewritten))
         fsync_directory(temp)
-        _move_into_place(temp, target, overwrite)
+        move_into_place(temp, target, overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return WrittenPipeline(target, files, total, tensors, copied)
-
-
-def _rename_weights(folder: Path, stem: str) -> list[str]:
-    """Give a component's weight files (written as ``model*.safetensors``) their library's
-    stem, and its index their names; the weight file names, in order."""
-    index_file = folder / INDEX_NAME
-    if not index_file.is_file():
-        single = f"{stem}.safetensors"
-        if stem != "model":
-            os.rename(folder / SINGLE_NAME, folder / single)
-        return [single]
-    index = read_json(index_file)
-    renames = {
-        shard: stem + shard.removeprefix("model")
-        for shard in dict.fromkeys(index["weight_map"].values())
-    }
-    if stem != "model":
-        for old, new in renames.items():
-            os.rename(folder / old, folder / new)
-        index["weight_map"] = {name: renames[shard] for name, shard in index["weight_map"].items()}
-        save_json(folder / f"{stem}.safetensors.index.json", index)
-        index_file.unlink()
-    fsync_directory(folder)
-    return list(renames.values())
 
 
 def _copy_rest(source: Path, temp: Path, rewritten: set[str]) -> Iterator[str]:
@@ -167,32 +149,3 @@ def _copy_tree(source: Path, target: Path) -> Iterator[str]:
             copy_file(entry, target / entry.name)
             yield entry.name
     fsync_directory(target)
-
-
-def _new_temporary(target: Path, marker: str) -> Path:
-    while True:
-        temp = target.parent / f".{target.name}{marker}{secrets.token_hex(4)}"
-        try:
-            temp.mkdir()
-        except FileExistsError:
-            continue
-        return temp
-
-
-def _move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
-    """Rename ``temp`` to ``target``; with ``overwrite``, the old one aside first, then
-    deleted (as :mod:`safemerge.io.writer` does for model directories)."""
-    if not (overwrite and target.exists()):
-        os.rename(temp, target)
-        fsync_directory(target.parent)
-        return
-    old = _new_temporary(target, OLD_MARKER)
-    os.replace(target, old)  # replaces the empty placeholder directory just made
-    try:
-        os.rename(temp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    fsync_directory(target.parent)
-    with contextlib.suppress(OSError):
-        shutil.rmtree(old)

@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from safemerge.errors import ModelWriteError
-from safemerge.io.atomic import copy_file, fsync_directory, save_json
-from safemerge.io.checkpoint import INDEX_NAME, SINGLE_NAME
+from safemerge.io.atomic import copy_file, fsync_directory, save_bytes, save_json
 from safemerge.io.shard_writer import ShardWriter, tensor_nbytes
 
 #: Hugging Face's default largest shard (``max_shard_size="5GB"`` in transformers).
@@ -35,6 +34,9 @@ DEFAULT_SHARD_SIZE = 5 * 2**30
 TEMP_MARKER = ".safemerge-tmp-"
 #: Marks the old model moved aside while ``overwrite=True`` renames the new one in.
 OLD_MARKER = ".safemerge-old-"
+#: The weight files' stem transformers loads (``model.safetensors``); diffusers components
+#: use ``"diffusion_pytorch_model"``.
+DEFAULT_WEIGHTS_STEM = "model"
 #: Files of a model directory that hold weights: never copied beside merged weights, since
 #: they would be the base's, unmerged (pickles, other frameworks' exports, indexes).
 WEIGHT_SUFFIXES = (
@@ -64,11 +66,13 @@ class WrittenModel:
 
     Attributes:
         path: the model directory.
-        files: the weight files (shards, or ``model.safetensors``), final paths, in order.
-        index: ``model.safetensors.index.json``, or None for a single file.
+        files: the weight files (shards, or ``<stem>.safetensors``), final paths, in order.
+        index: ``<stem>.safetensors.index.json``, or None for a single file.
         total_size: bytes of tensor data, all shards together.
         tensors: number of tensors written.
-        copied: files copied from ``copy_from``, relative to it.
+        copied: files copied from ``copy_from``, relative to it (not those ``extra_files``
+            replaced).
+        added: the files written from ``extra_files``, relative to the model directory.
     """
 
     path: Path
@@ -77,6 +81,7 @@ class WrittenModel:
     total_size: int
     tensors: int
     copied: tuple[str, ...]
+    added: tuple[str, ...] = ()
 
     @property
     def shard_count(self) -> int:
@@ -91,15 +96,18 @@ def write_model(
     shard_size: int = DEFAULT_SHARD_SIZE,
     metadata: Mapping[str, str] | None = None,
     copy_from: str | os.PathLike[str] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
+    weights_stem: str = DEFAULT_WEIGHTS_STEM,
     overwrite: bool = False,
 ) -> WrittenModel:
     """Write named tensors as a safetensors model directory, all of it or nothing.
 
     Shards are ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json``
     (Hugging Face's layout, with ``"metadata": {"total_size": ...}``); a model that fits
-    in one shard is written as ``model.safetensors`` with no index. Tensors fill shards in
-    plan order; a shard is closed when the next tensor would take it past ``shard_size``,
-    and a tensor larger than ``shard_size`` gets a shard of its own.
+    in one shard is written as ``model.safetensors`` with no index (``model`` being
+    ``weights_stem``). Tensors fill shards in plan order; a shard is closed when the next
+    tensor would take it past ``shard_size``, and a tensor larger than ``shard_size`` gets
+    a shard of its own.
 
     Args:
         directory: the model directory to create; it must not exist unless ``overwrite``.
@@ -113,6 +121,11 @@ def write_model(
         copy_from: a model directory whose other files (``config.json``, tokenizer files,
             subdirectories...) are copied alongside: everything except weight files
             (:data:`WEIGHT_SUFFIXES`, ``*.index.json``) and hidden directories.
+        extra_files: files to add, relative POSIX path to bytes (``{"config.json": ...}``),
+            written and fsynced in the temporary directory like the rest; one of the same
+            name in ``copy_from`` is not copied. No weight file, hidden or escaping name.
+        weights_stem: the weight files' stem: ``"model"`` (transformers) or
+            ``"diffusion_pytorch_model"`` (a diffusers component); the index follows it.
         overwrite: replace an existing ``directory``, only once the new one is complete
             (the old one is renamed aside, the new one renamed in, the old one deleted).
 
@@ -121,8 +134,8 @@ def write_model(
 
     Raises:
         ModelWriteError: ``directory`` exists (reason ``"exists"``); a tensor not as
-            planned, missing or extra (``"plan-mismatch"``); a bad ``shard_size`` or plan
-            (``"bad-plan"``). Nothing is left under ``directory`` (or the old model is).
+            planned, missing or extra (``"plan-mismatch"``); a bad ``shard_size``, plan,
+            ``weights_stem`` or ``extra_files`` name (``"bad-plan"``). Nothing is left under ``directory`` (or the old model is).
         Any exception ``tensors`` raises while producing a tensor, after removing the
         temporary directory.
     """
@@ -134,26 +147,35 @@ def write_model(
     else:
         source = tensors.items() if isinstance(tensors, Mapping) else tensors
     shards = plan_shards(target, plan, shard_size)
+    _check_stem(target, weights_stem)
+    extra = dict(extra_files or {})
+    _check_extra_names(target, extra)
     check_output(target, overwrite=overwrite)
     header_metadata = {"format": "pt", **(metadata or {})}
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = _new_temporary(target, TEMP_MARKER)
+    temp = new_temporary(target, TEMP_MARKER)
     try:
-        names = _shard_names(len(shards))
+        names = _shard_names(weights_stem, len(shards))
         total = _write_shards(temp, names, shards, source, header_metadata)
         index = None
         if len(shards) > 1:
             weight_map = {
                 entry[0]: name for name, shard in zip(names, shards, strict=True) for entry in shard
             }
-            index = target / INDEX_NAME
+            index_name = f"{weights_stem}.safetensors.index.json"
+            index = target / index_name
             save_json(
-                temp / INDEX_NAME,
+                temp / index_name,
                 {"metadata": {"total_size": total}, "weight_map": weight_map},
             )
-        copied = _copy_others(Path(copy_from), temp) if copy_from is not None else ()
+        copied = (
+            _copy_others(Path(copy_from), temp, replaced=set(extra))
+            if copy_from is not None
+            else ()
+        )
+        _write_extra(temp, extra)
         fsync_directory(temp)
-        _move_into_place(temp, target, overwrite)
+        move_into_place(temp, target, overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -164,6 +186,7 @@ def write_model(
         total_size=total,
         tensors=sum(len(shard) for shard in shards),
         copied=copied,
+        added=tuple(extra),
     )
 
 
@@ -267,7 +290,14 @@ def check_output(directory: str | os.PathLike[str], *, overwrite: bool = False) 
         )
 
 
-def _new_temporary(target: Path, marker: str) -> Path:
+def new_temporary(target: Path, marker: str) -> Path:
+    """Create an empty directory ``.<target name><marker><hex>`` beside ``target``.
+
+    Beside it, so that renaming it onto ``target`` stays on one file system (atomic). The
+    name is fresh (a name already taken is skipped); ``marker`` is :data:`TEMP_MARKER`
+    for a directory being built, :data:`OLD_MARKER` for an old one moved aside, so that
+    :func:`leftover_temporaries` finds what a killed run left.
+    """
     while True:
         temp = target.parent / f".{target.name}{marker}{secrets.token_hex(4)}"
         try:
@@ -277,10 +307,61 @@ def _new_temporary(target: Path, marker: str) -> Path:
         return temp
 
 
-def _shard_names(count: int) -> list[str]:
+def move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
+    """Rename the complete directory ``temp`` to ``target`` and fsync the parent.
+
+    With ``overwrite`` and an existing ``target``, the old one is first renamed aside
+    (:data:`OLD_MARKER`), then the new one in, then the old one deleted: if the second
+    rename fails, the old one is put back. ``target``'s name never holds a partial
+    directory. The caller has fsynced ``temp``'s contents and checked ``target``
+    (:func:`check_output`).
+    """
+    if not (overwrite and target.exists()):
+        os.rename(temp, target)
+        fsync_directory(target.parent)
+        return
+    old = new_temporary(target, OLD_MARKER)
+    os.replace(target, old)  # replaces the empty placeholder directory just made
+    try:
+        os.rename(temp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    fsync_directory(target.parent)
+    with contextlib.suppress(OSError):
+        shutil.rmtree(old)
+
+
+def _check_stem(target: Path, stem: str) -> None:
+    """A weights stem is one plain file name part: the files must land in the directory."""
+    if not stem or stem.startswith(".") or "/" in stem or os.sep in stem:
+        raise ModelWriteError(
+            f"weights_stem={stem!r} for {target} is not a plain file name stem (such as "
+            f"'model' or 'diffusion_pytorch_model')",
+            path=target,
+            reason="bad-plan",
+        )
+
+
+def _check_extra_names(target: Path, extra: Mapping[str, bytes]) -> None:
+    """Refuse, before anything is written, an extra file that would land outside the
+    model, in a hidden folder, or among the weight files (which only the tensors make)."""
+    for name in extra:
+        parts = name.split("/")  # an absolute name starts with an empty part
+        if any(part == "" or part.startswith(".") for part in parts) or is_weight_file(name):
+            raise ModelWriteError(
+                f"extra file {name!r} for {target} must be a relative path inside the model "
+                f"(no '..', no hidden part) and not a weight file",
+                path=target,
+                reason="bad-plan",
+                key=name,
+            )
+
+
+def _shard_names(stem: str, count: int) -> list[str]:
     if count == 1:
-        return [SINGLE_NAME]
-    return [f"model-{number:05d}-of-{count:05d}.safetensors" for number in range(1, count + 1)]
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{number:05d}-of-{count:05d}.safetensors" for number in range(1, count + 1)]
 
 
 def _write_shards(
@@ -339,11 +420,14 @@ def _mismatch(temp: Path, name: str, what: str) -> ModelWriteError:
     )
 
 
-def _copy_others(source: Path, temp: Path) -> tuple[str, ...]:
-    """Copy every regular file of ``source`` that is no weight file, keeping subdirectories."""
+def _copy_others(source: Path, temp: Path, *, replaced: set[str]) -> tuple[str, ...]:
+    """Copy every regular file of ``source`` that is no weight file, keeping subdirectories;
+    those named in ``replaced`` (relative POSIX paths) are left for the extra files."""
     copied: list[str] = []
     for path in files_to_copy(source):
         relative = path.relative_to(source)
+        if relative.as_posix() in replaced:
+            continue
         destination = temp / relative
         if destination.parent != temp and not destination.parent.exists():
             destination.parent.mkdir(parents=True)
@@ -354,6 +438,20 @@ def _copy_others(source: Path, temp: Path) -> tuple[str, ...]:
     return tuple(copied)
 
 
+def _write_extra(temp: Path, extra: Mapping[str, bytes]) -> None:
+    """Write the extra files into ``temp``, each fsynced, and the folders that gained one."""
+    for name, payload in extra.items():
+        destination = temp / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        save_bytes(destination, payload)  # fsyncs the file and its folder
+    # Each subfolder on the way holds a new entry (a file, or a folder made here): sync
+    # them deepest first; ``temp`` itself is synced by the caller.
+    parts = [name.split("/") for name in extra]
+    folders = {temp.joinpath(*part[:depth]) for part in parts for depth in range(1, len(part))}
+    for folder in sorted(folders, reverse=True):
+        fsync_directory(folder)
+
+
 def _other_files(folder: Path) -> Iterator[Path]:
     for entry in folder.iterdir():
         if entry.is_dir():
@@ -361,20 +459,3 @@ def _other_files(folder: Path) -> Iterator[Path]:
                 yield from _other_files(entry)
         elif entry.is_file() and not is_weight_file(entry.name):
             yield entry
-
-
-def _move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
-    if not (overwrite and target.exists()):
-        os.rename(temp, target)
-        fsync_directory(target.parent)
-        return
-    old = _new_temporary(target, OLD_MARKER)
-    os.replace(target, old)  # replaces the empty placeholder directory just made
-    try:
-        os.rename(temp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    fsync_directory(target.parent)
-    with contextlib.suppress(OSError):
-        shutil.rmtree(old)

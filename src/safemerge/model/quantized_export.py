@@ -19,14 +19,13 @@ how far each way of merging it is from the output its adapter was trained to giv
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -35,7 +34,6 @@ from torch import nn
 from safemerge.errors import ModelFuseError, ModelWriteError, SafemergeError
 from safemerge.io import writer
 from safemerge.io.adapter_formats import load_adapter
-from safemerge.io.atomic import save_json
 from safemerge.io.bnb_checkpoint import (
     QuantSpec,
     dequantized,
@@ -53,7 +51,7 @@ from safemerge.merge.request import coefficients as coefficients_of
 from safemerge.model import base_quant, bnb_targets, streaming
 from safemerge.model.memory import peak_rss_bytes, release_free_heap
 from safemerge.model.report import CAST, QUANTIZED, UNCHANGED, ModelFuseReport, TensorResult
-from safemerge.model.transaction import check_scale, checked_against_bound, plan_error
+from safemerge.model.transaction import checked_against_bound, plan_error
 from safemerge.quant.quantized import QuantizedFuseRecord
 
 #: Output dtypes a quantized Linear may be quantized from (bitsandbytes' inputs).
@@ -125,23 +123,19 @@ def export_files(
             problems=[],
         )
     base_path, output_path = Path(base), Path(output)
-    writer.check_output(output_path, overwrite=overwrite)
-    check_scale(scale)
-    streaming._check_dtype(dtype)
-    weighted_paths = streaming._paths(adapters)
-    streaming._refuse_output_over_inputs(
-        output_path, [base_path, *(path for path, _ in weighted_paths)]
+    weighted_paths = streaming.check_fuse_arguments(
+        base_path, adapters, output_path, scale=scale, dtype=dtype, overwrite=overwrite
     )
-    model_dir = streaming._copy_source(base_path)
+    model_dir = streaming.copy_source(base_path)
     if model_dir is None:
         model_dir = base_path.parent  # a lone .safetensors file: its config must be beside it
     with open_checkpoint(base_path) as checkpoint:
         sets = [(load_adapter(path, base=checkpoint), weight) for path, weight in weighted_paths]
         dtypes = {
-            name: streaming._output_dtype(checkpoint.info(name).dtype, dtype)
+            name: streaming.output_dtype(checkpoint.info(name).dtype, dtype)
             for name in checkpoint.names
         }
-        layers = streaming._file_layers(checkpoint, sets, scale, dtypes)
+        layers = streaming.file_layers(checkpoint, sets, scale, dtypes)
         modules = bnb_targets.quantized_linears(model_dir, quant or base_quant)  # type: ignore[arg-type]
         export = _Export(quant, base_quant, _quantized_weights(checkpoint, modules, dtypes))
         _check_adapted(checkpoint, export, layers)
@@ -153,23 +147,23 @@ def export_files(
             )
         _check_space(output_path, plan, model_dir)
         metadata = {
-            **streaming._provenance(checkpoint.metadata, sets, scale, dtype),
+            **streaming.provenance(checkpoint.metadata, sets, scale, dtype),
             "safemerge_quant": "none" if quant is None else quant.describe(),
             "safemerge_base_quant": "none" if base_quant is None else base_quant.describe(),
         }
         results: list[TensorResult] = []
         tensors = _exported_tensors(checkpoint, export, layers, dtypes, scale, results, progress)
         try:
-            with _files_beside(model_dir, config, output_path) as copy_from:
-                written = writer.write_model(
-                    output_path,
-                    tensors,
-                    plan=plan,
-                    shard_size=shard_size,
-                    metadata=metadata,
-                    copy_from=copy_from,
-                    overwrite=overwrite,
-                )
+            written = writer.write_model(
+                output_path,
+                tensors,
+                plan=plan,
+                shard_size=shard_size,
+                metadata=metadata,
+                copy_from=model_dir,
+                extra_files={"config.json": _json_bytes(config)},
+                overwrite=overwrite,
+            )
         except SafemergeError as error:
             error.add_note(f"export_files: nothing was written to {output_path}")
             raise
@@ -184,7 +178,8 @@ def export_files(
         shard_count=written.shard_count,
         written_bytes=written.total_size,
         metadata=metadata,
-        copied=written.copied,
+        # The new config.json stands where the base's was: listed among the other files.
+        copied=tuple(sorted((*written.copied, *written.added), key=PurePosixPath)),
     )
 
 
@@ -215,7 +210,7 @@ def _quantized_weights(
 
 
 def _check_adapted(
-    checkpoint: Checkpoint, export: _Export, layers: Mapping[str, streaming._FileLayer]
+    checkpoint: Checkpoint, export: _Export, layers: Mapping[str, streaming.FileLayer]
 ) -> None:
     """A quantized or QLoRA layer takes plain LoRA (the comparison's ``delta = c B A``)."""
     problems = []
@@ -265,30 +260,15 @@ def _check_space(output: Path, plan: Sequence[tuple[str, Any, torch.dtype]], sou
         )
 
 
-@contextmanager
-def _files_beside(model_dir: Path, config: Mapping[str, Any], output: Path) -> Iterator[Path]:
-    """A hidden folder beside ``output`` that looks like ``model_dir``'s other files with
-    the new ``config.json``: links to the originals, which the writer copies; removed after.
-    """
-    staging = output.absolute().parent / f".{output.name}.safemerge-files-{secrets.token_hex(4)}"
-    staging.mkdir(parents=True)
-    try:
-        for path in writer.files_to_copy(model_dir):
-            relative = path.relative_to(model_dir)
-            if relative == Path("config.json"):
-                continue
-            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-            (staging / relative).symlink_to(path.absolute())
-        save_json(staging / "config.json", dict(config))
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _json_bytes(value: Mapping[str, Any]) -> bytes:
+    """``value`` as :func:`safemerge.io.atomic.save_json` writes it (indented, key order kept)."""
+    return (json.dumps(value, indent=2) + "\n").encode("utf-8")
 
 
 def _exported_tensors(
     checkpoint: Checkpoint,
     export: _Export,
-    layers: Mapping[str, streaming._FileLayer],
+    layers: Mapping[str, streaming.FileLayer],
     dtypes: Mapping[str, torch.dtype],
     scale: float,
     results: list[TensorResult],
@@ -324,7 +304,7 @@ def _exported_tensors(
 def _float_tensor(
     checkpoint: Checkpoint,
     name: str,
-    layers: Mapping[str, streaming._FileLayer],
+    layers: Mapping[str, streaming.FileLayer],
     dtypes: Mapping[str, torch.dtype],
     scale: float,
 ) -> dict[str, tuple[torch.Tensor, TensorResult]]:
@@ -332,8 +312,8 @@ def _float_tensor(
     is adapted (an embedding, an ``lm_head``) or its bias, else read and cast."""
     owner = next((weight for weight, layer in layers.items() if name in (weight, layer.bias)), None)
     if owner is not None:
-        return streaming._fuse_file_layer(checkpoint, layers[owner], scale, dtypes)
-    tensor = streaming._read(checkpoint, name, dtypes[name])
+        return streaming.fuse_file_layer(checkpoint, layers[owner], scale, dtypes)
+    tensor = streaming.read_tensor(checkpoint, name, dtypes[name])
     kind = UNCHANGED if tensor.dtype == checkpoint.info(name).dtype else CAST
     return {name: (tensor, TensorResult(name, kind, tuple(tensor.shape), tensor.dtype, None, 0.0))}
 
@@ -342,7 +322,7 @@ def _export_linear(
     checkpoint: Checkpoint,
     name: str,
     export: _Export,
-    file_layer: streaming._FileLayer | None,
+    file_layer: streaming.FileLayer | None,
     dtype: torch.dtype,
     scale: float,
 ) -> tuple[list[tuple[str, torch.Tensor]], TensorResult]:
@@ -366,11 +346,11 @@ def _export_linear_unguarded(
     checkpoint: Checkpoint,
     name: str,
     export: _Export,
-    file_layer: streaming._FileLayer | None,
+    file_layer: streaming.FileLayer | None,
     dtype: torch.dtype,
     scale: float,
 ) -> tuple[list[tuple[str, torch.Tensor]], TensorResult]:
-    original = streaming._read(checkpoint, name, dtype)
+    original = streaming.read_tensor(checkpoint, name, dtype)
     base = original
     if export.base_quant is not None:
         base = dequantized(quantized_linear(original, export.base_quant), name).to(dtype)
@@ -407,7 +387,7 @@ def _fused_16bit(
 ) -> float:
     """The guarded float fuse into ``weight`` in place, every element checked: as
     :func:`safemerge.fuse_files` fuses a Linear."""
-    layer = streaming._layer("linear", weight, None)
+    layer = streaming.layer_around("linear", weight, None)
     check = BoundCheck(layer, name, pairs, scale)
     record = fuse(layer, pairs, scale=scale, name=name, exact_unfuse=False)
     assert isinstance(record, FuseRecord)

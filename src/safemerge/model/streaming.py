@@ -122,11 +122,9 @@ def fuse_files(
     started = time.perf_counter()
     base_path = Path(base)
     output_path = Path(output)
-    writer.check_output(output_path, overwrite=overwrite)
-    check_scale(scale)
-    _check_dtype(dtype)
-    weighted_paths = _paths(adapters)
-    _refuse_output_over_inputs(output_path, [base_path, *(path for path, _ in weighted_paths)])
+    weighted_paths = check_fuse_arguments(
+        base_path, adapters, output_path, scale=scale, dtype=dtype, overwrite=overwrite
+    )
     if is_pipeline_dir(base_path):
         return _fuse_pipeline(
             base_path, weighted_paths, output_path, scale, dtype, shard_size, overwrite, progress
@@ -134,13 +132,13 @@ def fuse_files(
     with open_checkpoint(base_path) as checkpoint:
         sets = [(load_adapter(path, base=checkpoint), weight) for path, weight in weighted_paths]
         plan = _plan(checkpoint, dtype)
-        layers = _file_layers(checkpoint, sets, scale, _dtypes(plan))
-        copy_from = _copy_source(base_path)
+        layers = file_layers(checkpoint, sets, scale, _dtypes(plan))
+        copy_from = copy_source(base_path)
         if copy_from is not None:
             _check_config(copy_from)
         copied = writer.files_to_copy(copy_from) if copy_from is not None else []
         _check_space(output_path, _plan_bytes(plan) + sum(path.stat().st_size for path in copied))
-        metadata = _provenance(checkpoint.metadata, sets, scale, dtype)
+        metadata = provenance(checkpoint.metadata, sets, scale, dtype)
         results: list[TensorResult] = []
 
         def report(result: TensorResult) -> None:
@@ -207,7 +205,7 @@ def _fuse_pipeline(
                 continue  # copied byte for byte
             plan = _plan(component.checkpoint, dtype)
             try:
-                layers = _file_layers(component.checkpoint, own, scale, _dtypes(plan))
+                layers = file_layers(component.checkpoint, own, scale, _dtypes(plan))
             except ModelFuseError as error:
                 problems += [(f"{component.name}.{name}", what) for name, what in error.problems]
                 continue
@@ -233,7 +231,7 @@ def _fuse_pipeline(
                     component.name,
                     _fused_tensors(component.checkpoint, plan, layers, scale, report),
                     plan,
-                    _provenance(component.checkpoint.metadata, own, scale, dtype),
+                    provenance(component.checkpoint.metadata, own, scale, dtype),
                     component.weights_stem,
                 )
             )
@@ -254,7 +252,7 @@ def _fuse_pipeline(
         output=written.path,
         shard_count=sum(len(files) for files in written.files.values()),
         written_bytes=written.total_size,
-        metadata=_provenance({}, sets, scale, dtype),
+        metadata=provenance({}, sets, scale, dtype),
         copied=written.copied,
     )
 
@@ -294,13 +292,44 @@ def _files_under(folder: Path) -> Iterator[Path]:
 
 
 @dataclass(frozen=True)
-class _FileLayer:
-    """An adapted weight of a checkpoint: its kind, adapters, and the bias a LoRA bias needs."""
+class FileLayer:
+    """An adapted weight of a checkpoint: its kind, adapters, and the bias a LoRA bias needs.
+
+    Attributes:
+        weight: the weight's name in the checkpoint.
+        kind: the layer kind :func:`layer_around` builds (``"linear"``, ``"embedding"``...).
+        pairs: ``(adapter, weight)`` of every adapter on it, in the order given.
+        bias: the bias's name when a LoRA bias is fused into it, else None.
+    """
 
     weight: str
     kind: str
     pairs: list[tuple[LoraAdapter, float]]
     bias: str | None
+
+
+def check_fuse_arguments(
+    base: Path,
+    adapters: AdapterPaths,
+    output: Path,
+    *,
+    scale: float,
+    dtype: torch.dtype | None,
+    overwrite: bool,
+) -> list[tuple[Path, float]]:
+    """The checks of :func:`fuse_files`'s arguments, before any input is opened: the
+    output (absent unless ``overwrite``, overlapping no input), ``scale``, ``dtype`` and
+    the adapters' list; the adapters as ``(path, weight)`` pairs.
+
+    Raises:
+        ModelWriteError, AdapterConfigError: as :func:`fuse_files`.
+    """
+    writer.check_output(output, overwrite=overwrite)
+    check_scale(scale)
+    _check_dtype(dtype)
+    weighted_paths = _paths(adapters)
+    _refuse_output_over_inputs(output, [base, *(path for path, _ in weighted_paths)])
+    return weighted_paths
 
 
 def _paths(adapters: AdapterPaths) -> list[tuple[Path, float]]:
@@ -328,14 +357,15 @@ def _check_dtype(dtype: torch.dtype | None) -> None:
         raise AdapterConfigError(f"dtype={dtype} is not an output dtype safemerge writes: {names}")
 
 
-def _output_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+def output_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor stored as ``stored`` is written in: ``dtype`` if it is floating."""
     return dtype if dtype is not None and stored.is_floating_point else stored
 
 
 def _plan(checkpoint: Checkpoint, dtype: torch.dtype | None) -> _Plan:
     """Every tensor of ``checkpoint``, in order, with the shape and dtype it is written in."""
     return [
-        (name, checkpoint.info(name).shape, _output_dtype(checkpoint.info(name).dtype, dtype))
+        (name, checkpoint.info(name).shape, output_dtype(checkpoint.info(name).dtype, dtype))
         for name in checkpoint.names
     ]
 
@@ -366,13 +396,16 @@ def _refuse_output_over_inputs(output: Path, inputs: Sequence[Path]) -> None:
             )
 
 
-def _file_layers(
+def file_layers(
     checkpoint: Checkpoint,
     sets: Sequence[tuple[AdapterSet, float]],
     scale: float,
     dtypes: Mapping[str, torch.dtype],
-) -> dict[str, _FileLayer]:
-    """Every adapted weight, checked up front on meta tensors; a ModelFuseError lists misfits."""
+) -> dict[str, FileLayer]:
+    """Every adapted weight, checked up front on meta tensors; a ModelFuseError lists misfits.
+
+    ``dtypes`` maps every tensor's name to the dtype it is written (and fused) in.
+    """
     kinds: dict[str, str] = {}
     requested: dict[str, list[tuple[LoraAdapter, float]]] = {}
     problems: list[tuple[str, str]] = []
@@ -387,7 +420,7 @@ def _file_layers(
                     )
                 )
             requested.setdefault(name, []).append((adapter, weight))
-    layers: dict[str, _FileLayer] = {}
+    layers: dict[str, FileLayer] = {}
     for name in checkpoint.names:
         if name not in requested:
             continue
@@ -406,12 +439,12 @@ def _file_layers(
             else torch.empty(checkpoint.info(bias).shape, dtype=dtypes[bias], device="meta")
         )
         try:
-            layer = _layer(kinds[name], weight_meta, bias_meta)
+            layer = layer_around(kinds[name], weight_meta, bias_meta)
             check_request(view_layer(layer, name), pairs, scale)
         except (AdapterConfigError, UnsupportedLayerError) as error:
             problems.append((name, str(error)))
             continue
-        layers[name] = _FileLayer(name, kinds[name], pairs, bias)
+        layers[name] = FileLayer(name, kinds[name], pairs, bias)
     if problems:
         raise plan_error(problems, checkpoint.path, "nothing was written")
     return layers
@@ -426,7 +459,7 @@ class _StoredTransposed(nn.Module):
         self.bias = bias
 
 
-def _layer(kind: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def layer_around(kind: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A module of ``kind`` around a bare weight (and bias), sharing their storage."""
     weight_parameter = nn.Parameter(weight, requires_grad=False)
     bias_parameter = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -449,7 +482,9 @@ def _layer(kind: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Mod
     return layer
 
 
-def _copy_source(base: Path) -> Path | None:
+def copy_source(base: Path) -> Path | None:
+    """The directory whose other files go beside the output's weights: the base's (a
+    directory or an index's), or None for a lone ``.safetensors`` file."""
     if base.is_dir():
         return base
     if base.name.endswith(".safetensors.index.json"):
@@ -472,7 +507,7 @@ def _check_space(output: Path, needed: int) -> None:
         )
 
 
-def _provenance(
+def provenance(
     base_metadata: Mapping[str, str],
     sets: Sequence[tuple[AdapterSet, float]],
     scale: float,
@@ -504,7 +539,7 @@ def _provenance(
 def _fused_tensors(
     checkpoint: Checkpoint,
     plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
-    layers: Mapping[str, _FileLayer],
+    layers: Mapping[str, FileLayer],
     scale: float,
     report: Callable[[TensorResult], None],
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -518,12 +553,12 @@ def _fused_tensors(
         if name not in done:
             layer = layers.get(name) or by_bias.get(name)
             if layer is None:
-                tensor = _read(checkpoint, name, dtype)
+                tensor = read_tensor(checkpoint, name, dtype)
                 kind = UNCHANGED if tensor.dtype == checkpoint.info(name).dtype else CAST
                 result = TensorResult(name, kind, shape, dtype, None, 0.0)
                 done[name] = (tensor, result)
             else:
-                done.update(_fuse_file_layer(checkpoint, layer, scale, dtypes))
+                done.update(fuse_file_layer(checkpoint, layer, scale, dtypes))
         tensor, result = done.pop(name)
         report(_placed(result, position, total, time.perf_counter() - started))
         yield name, tensor
@@ -541,15 +576,16 @@ def _placed(result: TensorResult, position: int, total: int, seconds: float) -> 
     return dataclasses.replace(result, seconds=seconds, position=position, total=total)
 
 
-def _read(checkpoint: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
+def read_tensor(checkpoint: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Tensor ``name`` of ``checkpoint`` in memory of its own, cast to ``dtype``."""
     # Not through a memory map: its pages would stay resident, growing memory to the model.
     tensor = checkpoint.read(name, mapped=False)
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _fuse_file_layer(
+def fuse_file_layer(
     checkpoint: Checkpoint,
-    file_layer: _FileLayer,
+    file_layer: FileLayer,
     scale: float,
     dtypes: Mapping[str, torch.dtype],
 ) -> dict[str, tuple[torch.Tensor, TensorResult]]:
@@ -558,13 +594,13 @@ def _fuse_file_layer(
     The results' times are left at zero: :func:`_fused_tensors` times the whole step.
     """
     name = file_layer.weight
-    weight = _read(checkpoint, name, dtypes[name])
+    weight = read_tensor(checkpoint, name, dtypes[name])
     bias = (
         None
         if file_layer.bias is None
-        else _read(checkpoint, file_layer.bias, dtypes[file_layer.bias])
+        else read_tensor(checkpoint, file_layer.bias, dtypes[file_layer.bias])
     )
-    layer = _layer(file_layer.kind, weight, bias)
+    layer = layer_around(file_layer.kind, weight, bias)
     try:
         check = BoundCheck(layer, name, file_layer.pairs, scale)
         record = fuse(layer, file_layer.pairs, scale=scale, name=name, exact_unfuse=False)
