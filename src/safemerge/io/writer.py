@@ -135,7 +135,8 @@ def write_model(
     Raises:
         ModelWriteError: ``directory`` exists (reason ``"exists"``); a tensor not as
             planned, missing or extra (``"plan-mismatch"``); a bad ``shard_size``, plan,
-            ``weights_stem`` or ``extra_files`` name (``"bad-plan"``). Nothing is left under ``directory`` (or the old model is).
+            ``weights_stem`` or ``extra_files`` name (``"bad-plan"``). Nothing is left
+            under ``directory`` (or the old model is).
         Any exception ``tensors`` raises while producing a tensor, after removing the
         temporary directory.
     """
