@@ -5,8 +5,9 @@ The new pipeline is built in a temporary directory beside the target (named like
 it): each rewritten component through :func:`~safemerge.io.writer.write_model` (its
 tensors streamed, its other files copied), under the weight file names its library
 loads (``weights_stem``); every other file and folder of the source copied byte for
-byte. Then one rename puts it in place. An exception at any point (KeyboardInterrupt included) removes the
-temporary directory: the target's name holds a complete pipeline or nothing.
+byte. Then one rename puts it in place. An exception at any point (KeyboardInterrupt
+included) removes the temporary directory: the target's name holds a complete pipeline
+or nothing.
 """
 
 from __future__ import annotations
