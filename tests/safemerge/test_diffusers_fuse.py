@@ -342,3 +342,41 @@ def test_one_model_and_diffusers_unload_keeps_the_fused_weights() -> None:
     unet = dict(pipe.unet.named_modules())
     for name, weight in fused.items():
         assert torch.equal(unet[name.removeprefix("unet.")].weight, weight)
+
+
+@pytest.mark.parametrize(
+    ("load", "torch_threads", "expected"),
+    [(0.0, 4, 4), (1.0, 4, 3), (2.6, 4, 1), (40.0, 4, 1), (0.0, 1, 1)],
+)
+def test_merge_threads_are_the_cores_others_leave_idle(
+    monkeypatch: pytest.MonkeyPatch, load: float, torch_threads: int, expected: int
+) -> None:
+    from safemerge.peft import threads
+
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(threads, "_usable_cores", lambda: 4)
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: torch_threads)
+    assert threads.merge_threads() == expected
+
+
+def test_a_fuse_on_a_busy_machine_runs_one_thread_and_still_unfuses_every_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The thread count is the fuse's to choose: the records keep it, the unfuse repeats it."""
+    from safemerge.peft import threads
+
+    pipe = _pipeline("sd", torch.bfloat16)
+    before = _state(pipe)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+        report = safemerge.diffusers.fuse_lora(pipe, lora_scale=LORA_SCALE)
+        assert {record.num_threads for record in report.records.values()} == {1}
+        assert torch.get_num_threads() == 2  # the caller's setting, back after the fuse
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        safemerge.diffusers.unfuse_lora(pipe)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(torch_threads)
+    _assert_same_state(before, _state(pipe))

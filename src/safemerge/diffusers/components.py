@@ -9,6 +9,7 @@ loads LoRAs into in ``_lora_loadable_modules``, and remembers the adapters fused
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,13 +39,17 @@ class Component:
         return f"{self.name}." if self.name else ""
 
 
+#: The module that defines diffusers' ``DiffusionPipeline``.
+_PIPELINE_MODULE = "diffusers.pipelines.pipeline_utils"
+
+
 def is_pipeline(pipe_or_model: Any) -> bool:
     """Whether ``pipe_or_model`` is a diffusers ``DiffusionPipeline``."""
-    try:
-        from diffusers import DiffusionPipeline
-    except ImportError:  # without diffusers, only a single model can be given
-        return False
-    return isinstance(pipe_or_model, DiffusionPipeline)
+    # A pipeline exists only once the module defining its base class was imported, so it
+    # is looked up rather than imported: importing it (diffusers' pipelines, transformers)
+    # took 0.6 s of the first fuse of a bare UNet. Without diffusers it is never there.
+    module = sys.modules.get(_PIPELINE_MODULE)
+    return module is not None and isinstance(pipe_or_model, module.DiffusionPipeline)
 
 
 def selected_components(pipe_or_model: Any, components: Sequence[str] | None) -> list[Component]:

@@ -24,6 +24,7 @@ from safemerge.merge.record import FuseRecord
 from safemerge.model.report import ModelFuseReport, TensorResult
 from safemerge.model.transaction import interrupts_deferred, roll_back
 from safemerge.peft.layers import PeftLayer
+from safemerge.peft.threads import merge_threads
 from safemerge.quant import bnb
 from safemerge.quant.quantized import QuantizedFuseRecord
 
@@ -60,20 +61,23 @@ def fuse_with_rollback(
     """Fuse each layer keeping its correction; on any failure unfuse all of them exactly."""
     records: dict[str, Record] = {}
     current = ""
-    try:
-        for layer in progress(planned, progressbar, "Merging (safemerge)"):
-            current = layer.weight_name
-            with interrupts_deferred():  # a fused layer always has its record kept
-                records[current] = fuse(layer.base, list(layer.pairs), name=current)
-    except BaseException as error:
-        layers = {layer.weight_name: (layer.base, list(layer.pairs)) for layer in planned}
-        restored = roll_back(layers, records, failed=current, error=error)
-        if isinstance(error, Exception) and not isinstance(error, ModelFuseError):
-            error.add_note(
-                f"safemerge: layer {current!r} failed; the {len(restored)} layer(s) merged "
-                f"before it were restored exactly: nothing was changed, adapters attached"
-            )
-        raise
+    # One thread count for the whole transaction: each record keeps it, and the rollback
+    # below and every later exact unfuse repeat it.
+    with engine.pinned_threads(merge_threads()):
+        try:
+            for layer in progress(planned, progressbar, "Merging (safemerge)"):
+                current = layer.weight_name
+                with interrupts_deferred():  # a fused layer always has its record kept
+                    records[current] = fuse(layer.base, list(layer.pairs), name=current)
+        except BaseException as error:
+            layers = {layer.weight_name: (layer.base, list(layer.pairs)) for layer in planned}
+            restored = roll_back(layers, records, failed=current, error=error)
+            if isinstance(error, Exception) and not isinstance(error, ModelFuseError):
+                error.add_note(
+                    f"safemerge: layer {current!r} failed; the {len(restored)} layer(s) merged "
+                    f"before it were restored exactly: nothing was changed, adapters attached"
+                )
+            raise
     return records
 
 

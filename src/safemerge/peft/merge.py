@@ -29,6 +29,7 @@ from torch import nn
 
 from safemerge.errors import RestoreError
 from safemerge.layer import fuse
+from safemerge.merge.engine import pinned_threads
 from safemerge.merge.headroom import cannot_overflow, weight_magnitude
 from safemerge.merge.request import coefficients, merged_bias
 from safemerge.model.report import ModelFuseReport
@@ -42,6 +43,7 @@ from safemerge.peft.exact import (
     undo_merges,
 )
 from safemerge.peft.layers import PeftLayer, layer_view, lora_tuner, plan_merge
+from safemerge.peft.threads import merge_threads
 from safemerge.quant import bnb
 
 
@@ -128,14 +130,15 @@ def unmerge(model: Any) -> None:
 
 def _merge_all_or_nothing(planned: list[PeftLayer], *, progressbar: bool) -> None:
     """Merge every planned layer, the unproven ones first with their corrections kept."""
-    proven: list[PeftLayer] = []
-    unproven: list[PeftLayer] = []
-    for layer in planned:
-        (proven if _proven(layer) else unproven).append(layer)
-    fuse_with_rollback(unproven, progressbar=False)
-    for layer in progress(proven, progressbar, "Merging (safemerge)"):
-        # Proven: the guard inside cannot refuse, so no correction is kept.
-        fuse(layer.base, list(layer.pairs), name=layer.weight_name, exact_unfuse=False)
+    with pinned_threads(merge_threads()):  # see safemerge.peft.threads
+        proven: list[PeftLayer] = []
+        unproven: list[PeftLayer] = []
+        for layer in planned:
+            (proven if _proven(layer) else unproven).append(layer)
+        fuse_with_rollback(unproven, progressbar=False)
+        for layer in progress(proven, progressbar, "Merging (safemerge)"):
+            # Proven: the guard inside cannot refuse, so no correction is kept.
+            fuse(layer.base, list(layer.pairs), name=layer.weight_name, exact_unfuse=False)
 
 
 def _proven(layer: PeftLayer) -> bool:
