@@ -1,8 +1,8 @@
 """Several PEFT tuners round their delta to a bfloat16 weight's dtype before the add.
 
 The merged weight should be the exact map of the unmerged layer (base weight plus the
-float32 adapter's delta) rounded once to bfloat16; in C3A, FRoD, GLoRA, HiRA, PEANuT,
-PSOFT, RoAd and SuperTuning it is not (LoHa, computed in float32 and added once, is for
+float32 adapter's delta) rounded once to bfloat16; in C3A, DEFT, DeLoRA, FRoD, GLoRA,
+HiRA, PEANuT, PSOFT, RoAd and SuperTuning it is not (LoHa, computed in float32 and added once, is for
 comparison). Like LoRA's double rounding (double_rounding.py): two roundings, so entries
 are off by more than half an ulp of the result. Caught by the tuner contract's accuracy
 cells (bfloat16, float16).
@@ -19,11 +19,14 @@ from torch import nn
 warnings.filterwarnings("ignore")
 TUNERS = {
     "C3A": {"block_size": 4},
+    "DEFT": {"r": 1},
+    "DELORA": {"r": 1},
     "FROD": {},
     "GLORA": {"r": 2},
     "HIRA": {"r": 2},
     "PEANUT": {"r": 2},
     "PSOFT": {"r": 2},
+    "ROAD": {"group_size": 4},  # its default (64) is wider than the 16-input layer
     "SUPERTUNING": {"r": 2},
     "LOHA": {"r": 2},  # rounds once: the control
 }

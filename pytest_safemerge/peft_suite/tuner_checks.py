@@ -124,6 +124,16 @@ def base_map(layer: Any, kind: str) -> AffineMap:
     return effective_map(base, kind)
 
 
+def reference_maps(case: TunerCase) -> tuple[AffineMap, AffineMap]:
+    """The base layer's map and the unmerged layer's, of a case no check has changed yet:
+    read once per pristine case and shared by its fresh copies (:meth:`TunerCase.fresh`)."""
+    if "unmerged" not in case.maps:
+        base = base_map(case.layer, case.kind)
+        case.maps["unmerged"] = effective_map(case.layer, case.kind)  # may raise: set last
+        case.maps["base"] = base
+    return case.maps["base"], case.maps["unmerged"]
+
+
 def _fraction(error: torch.Tensor, bound: torch.Tensor) -> float:
     """The worst ``error / bound`` (inf where a bound is 0 and the error is not, or NaN)."""
     if not bool(torch.isfinite(error).all()):
@@ -160,8 +170,7 @@ def safe_merge(layer: Any) -> None:
 def check_accurate(case: TunerCase, row: Row) -> None:
     """The merged layer computes what the unmerged one did, within the accuracy bound."""
     __tracebackhide__ = True
-    before = base_map(case.layer, case.kind)
-    unmerged = effective_map(case.layer, case.kind)
+    before, unmerged = reference_maps(case)
     assert _finite(unmerged), f"[tuner accuracy] the unmerged {case.describe()} is not finite"
     try:
         safe_merge(case.layer)
@@ -189,8 +198,7 @@ def check_round_trip(case: TunerCase, row: Row) -> None:
     __tracebackhide__ = True
     if getattr(type(case.layer), "unmerge", None) is _base_unmerge():
         raise TunerLacks(f"{type(case.layer).__qualname__} has no unmerge")
-    before = base_map(case.layer, case.kind)
-    unmerged = effective_map(case.layer, case.kind)
+    before, unmerged = reference_maps(case)
     safe_merge(case.layer)
     merged = base_map(case.layer, case.kind)
     case.layer.unmerge()
@@ -267,7 +275,10 @@ def each_plant(case: TunerCase, row: Row, check: Callable[[TunerCase, Plant], No
 
 
 def check_refused(case: TunerCase, row: Row) -> None:
-    """NaN or Inf in any adapter parameter: merge(safe_merge=True) raises ValueError."""
+    """NaN or Inf in any adapter parameter, reaching what the unmerged layer computes:
+    merge(safe_merge=True) raises ValueError. A value the layer never reads (a vector of
+    VB-LoRA's bank no row selects, PVeRA's variance half in eval) need not be refused, but
+    the merge it is let through must still write a finite weight."""
     __tracebackhide__ = True
 
     def refused(planted: TunerCase, plant: Plant) -> None:
@@ -284,15 +295,27 @@ def check_refused(case: TunerCase, row: Row) -> None:
                 f"[tuner refusal] refused by crashing on {plant}: {type(error).__name__}: "
                 f"{error} ({planted.describe()})"
             ) from error
-        row.observe(math.inf)
         finite = _finite(base_map(planted.layer, planted.kind))
+        if finite and not _reaches(case, plant):
+            row.observe(0.0)
+            tags = row.data["planted"]
+            tags["unread"] = tags.get("unread", 0) + 1
+            return
+        row.observe(math.inf)
         raise AssertionError(
             f"[tuner refusal] merge(safe_merge=True) did not refuse {plant}: the merged "
-            f"weight is {'finite (the value never reached it)' if finite else 'not finite'} "
+            f"weight is {'finite (the merge dropped what the layer computes with it)' if finite else 'not finite'} "
             f"({planted.describe()})"
         )
 
     each_plant(case, row, refused)
+
+
+def _reaches(case: TunerCase, plant: Plant) -> bool:
+    """Whether ``plant`` makes what the unmerged layer computes non-finite."""
+    planted = case.copy()
+    plant.apply(planted)
+    return not _finite(effective_map(planted.layer, planted.kind))
 
 
 def check_atomic(case: TunerCase, row: Row) -> None:

@@ -76,6 +76,10 @@ TUNER_OPTIONS: Mapping[str, tuple[Option, ...]] = {
         _flag("block_share"),
         _flag("use_cayley_neumann"),
     ),
+    # Which rows (tokens) the adapter replaces: below 8, a row of both the embedding (16
+    # tokens) and the linear layer (8 outputs, a tied output head). PEFT's default (none)
+    # is an adapter that changes nothing.
+    "trainable_tokens": (Option("token_indices", ((0, 3), (1, 2, 7), (5,))),),
     "vera": (
         Option("r", (2, 4, 8)),
         Option("d_initial", (0.1, 1.0)),
@@ -102,6 +106,15 @@ def options_of(tuner: Tuner) -> tuple[Option, ...]:
     """The tuner's options its installed config has."""
     fields = tuner.config_fields | {FEEDFORWARD}
     return tuple(o for o in TUNER_OPTIONS.get(tuner.name, ()) if o.field in fields)
+
+
+def default_options(tuner: Tuner) -> dict[str, Any]:
+    """Each size field's and option's first value (Hypothesis's simplest draw): the config
+    that decides whether a layer kind takes the tuner at all."""
+    fields = tuner.config_fields
+    options = {name: values[0] for name, values in SIZE_FIELDS.items() if name in fields}
+    options.update({option.field: option.values[0] for option in options_of(tuner)})
+    return options
 
 
 def flags_of(tuner: Tuner) -> tuple[str, ...]:
@@ -135,6 +148,8 @@ def build_config(
     fields = tuner.config_fields
     values = {name: value for name, value in kind_fields.items() if name in fields}
     values.update({name: value for name, value in options.items() if name != FEEDFORWARD})
+    if isinstance(values.get("token_indices"), tuple):
+        values["token_indices"] = list(values["token_indices"])  # drawn as a hashable tuple
     if "boft_n_butterfly_factor" in values:
         values["boft_n_butterfly_factor"] = 2 if values["boft_n_butterfly_factor"] else 1
     if "oft_block_size" in values and "r" in fields:

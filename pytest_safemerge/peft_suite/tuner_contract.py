@@ -47,8 +47,9 @@ TUNER_PROPERTY_NAMES = {
     "test_merging_twice_is_merging_once": "tuner merge twice",
 }
 TUNER_DTYPES = ("float32", "float16", "bfloat16")
-#: The layer kind a flag's run uses when the flag is about one kind.
-FLAG_KINDS = {"use_effective_conv2d": "conv2d"}
+#: The layer kinds a flag's runs use when the flag is about some kinds (the effective
+#: conv parametrization: LoHa and LoKr apply it to Conv1d too).
+FLAG_KINDS = {"use_effective_conv2d": ("conv2d", "conv1d")}
 ORACLE = "none: the unmerged layer's forward (tuners have no independent oracle)"
 _LEAST_PER_RUN = 1
 
@@ -84,8 +85,7 @@ class TunerRun:
 def kind_support(name: str, kind: str) -> str | None:
     """None when PEFT injects tuner ``name`` into ``kind`` on its default sizes; else why not."""
     tuner = tuners.installed_tuners()[name]
-    defaults = {field: values[0] for field, values in tuner_configs.SIZE_FIELDS.items()}
-    options = {k: v for k, v in defaults.items() if k in tuner.config_fields}
+    options = tuner_configs.default_options(tuner)
     try:
         tuner_cases.build_case(tuner, kind, torch.float32, options, seed=0)
     except InjectionRefused as error:
@@ -100,14 +100,14 @@ def tuner_runs(name: str) -> tuple[list[TunerRun], dict[str, str]]:
     kinds = [kind for kind in tuner_cases.LAYER_KINDS if kind not in refused]
     runs = [TunerRun(kind) for kind in kinds]
     for flag in tuner_configs.flags_of(tuner):
-        kind = FLAG_KINDS.get(flag, kinds[0] if kinds else "")
-        if kind in kinds:
-            runs.append(TunerRun(kind, flag))
+        runs.extend(
+            TunerRun(kind, flag) for kind in FLAG_KINDS.get(flag, tuple(kinds[:1])) if kind in kinds
+        )
     return runs, refused
 
 
 def cell_skip_reason(cell: TunerCell, selected: tuple[str, ...] | None) -> str | None:
-    reason = tuners.missing_reason(cell.tuner)
+    reason = tuners.missing_reason(cell.tuner) or tuners.merge_refusal(cell.tuner)
     if reason is None and selected is not None and cell.dtype not in selected:
         reason = f"--safemerge-dtypes={','.join(selected)} leaves out {cell.dtype}"
     return reason

@@ -16,6 +16,7 @@ import functools
 import importlib
 import inspect
 import pkgutil
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, cast
@@ -94,6 +95,37 @@ def missing_reason(name: str) -> str | None:
     if name in installed_tuners():
         return None
     return f"PEFT {peft_version()} has no {name.upper()} tuner that merges"
+
+
+@functools.cache
+def merge_refusal(name: str) -> str | None:
+    """Why the installed ``name``'s layers never merge, when each one's ``merge`` raises
+    NotImplementedError before it reads the layer (ShadowPEFT, Lily: an input-dependent
+    adaptation, no weight delta); None when some layer may merge.
+
+    Each merge is called on a bare object (no state; not an instance, whose finalizer
+    would run on state it lacks): a merge that does anything first fails on the missing
+    state with another error, and counts as one that merges."""
+    tuner = installed_tuners().get(name)
+    if tuner is None:
+        return None
+    said = []
+    for layer_class in tuner.layer_classes:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cast(Any, layer_class).merge(_Bare())
+        except NotImplementedError as error:
+            said.append(str(error).strip() or layer_class.__qualname__)
+        except Exception:
+            return None
+        else:
+            return None
+    return f"PEFT {peft_version()}'s {tuner.peft_type} does not merge: {said[0]}"
+
+
+class _Bare:
+    """An object with no state, for :func:`merge_refusal`."""
 
 
 def _package_of(model_class: type) -> ModuleType | None:
