@@ -12,18 +12,27 @@ Each run is a fresh process with a fresh UNet (so neither candidate inherits the
 allocator state), and the candidates alternate: ``safemerge``, ``diffusers``, ``safemerge``,
 ... Measured per run:
 
-* time: wall time of the fuse call alone;
+* time: wall time of the fuse call alone, and of the unfuse after it (safemerge's is exact,
+  diffusers' subtracts);
 * memory: the process's resident set size (RSS, ``psutil``) sampled every 2 ms during the
   call, peak minus the RSS just before it (torch's CPU allocations are not visible to
   tracemalloc). safemerge keeps an exact-unfuse correction per fused weight (about a
   quarter byte per element); diffusers clones each weight it merges with
   ``safe_fusing=True``.
 
+Threads: by default each candidate runs as a user's call would, with torch's thread count
+(safemerge cuts it to the cores the load average leaves idle, see
+``safemerge/peft/threads.py``; the output says how many its fuse used). ``--threads N``
+sets torch's count in both processes, for a comparison of the work at equal threads. The
+1-minute load average is printed per run: on a shared machine it says how busy the cores
+were.
+
 Run from the repository root::
 
     python benchmarks/diffusers_fuse.py            # the full SDXL UNet, 2 runs each
     python benchmarks/diffusers_fuse.py --quick    # transformer_layers_per_block (1, 2, 2):
                                                    # a fraction of SDXL's (1, 2, 10), 1 run each
+    python benchmarks/diffusers_fuse.py --quick --threads 1   # both on one thread
 
 A benchmark, not a test: it exits with status 0 whatever the numbers.
 """
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -84,13 +94,17 @@ def build_unet(transformer_layers: list[int]) -> Any:
     return unet
 
 
-def one_run(candidate: str, transformer_layers: list[int]) -> dict[str, float]:
-    """Build a fresh UNet, fuse with ``candidate``, return its time and peak RSS increase."""
+def one_run(candidate: str, transformer_layers: list[int], threads: int) -> dict[str, float]:
+    """Build a fresh UNet, fuse with ``candidate``, return its time and peak RSS increase,
+    then unfuse and return that time too."""
     import psutil
+    import torch
 
     import safemerge.diffusers
 
     warnings.simplefilter("ignore")
+    if threads:
+        torch.set_num_threads(threads)
     unet = build_unet(transformer_layers)
     parameters = sum(p.numel() for p in unet.parameters())
     process = psutil.Process()
@@ -106,28 +120,47 @@ def one_run(candidate: str, transformer_layers: list[int]) -> dict[str, float]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    load = os.getloadavg()[0]
+    fuse_threads = torch.get_num_threads()
     started = time.perf_counter()
     if candidate == "safemerge":
-        safemerge.diffusers.fuse_lora(unet, lora_scale=0.7)
+        report = safemerge.diffusers.fuse_lora(unet, lora_scale=0.7)
+        fuse_threads = min(record.num_threads for record in report.records.values())
     else:
         unet.fuse_lora(lora_scale=0.7, safe_fusing=True)
     seconds = time.perf_counter() - started
     done.set()
     sampler.join()
     peak = max(peak, process.memory_info().rss)
-    return {"seconds": seconds, "peak_bytes": peak - baseline, "parameters": parameters}
+    started = time.perf_counter()
+    if candidate == "safemerge":
+        safemerge.diffusers.unfuse_lora(unet)
+    else:
+        unet.unfuse_lora()
+    unfuse_seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "unfuse_seconds": unfuse_seconds,
+        "peak_bytes": peak - baseline,
+        "parameters": parameters,
+        "threads": fuse_threads,
+        "load": load,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a fraction of the blocks, 1 run each")
     parser.add_argument("--runs", type=int, default=None, help="runs per candidate")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads in both (0: torch's default)"
+    )
     parser.add_argument("--one", choices=CANDIDATES, help=argparse.SUPPRESS)
     parser.add_argument("--layers", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         layers = json.loads(args.layers)
-        print(json.dumps(one_run(args.one, layers)))
+        print(json.dumps(one_run(args.one, layers, args.threads)))
         return
     layers = QUICK_TRANSFORMER_LAYERS if args.quick else SDXL_UNET["transformer_layers_per_block"]
     runs = args.runs or (1 if args.quick else 2)
@@ -135,30 +168,38 @@ def main() -> None:
     for run in range(runs):
         for candidate in CANDIDATES:  # alternating: slow spells fall on both
             command = [sys.executable, __file__, "--one", candidate, "--layers", json.dumps(layers)]
+            command += ["--threads", str(args.threads)]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             result = json.loads(output.strip().splitlines()[-1])
             results[candidate].append(result)
             print(
-                f"run {run + 1} {candidate:9s}: {result['seconds']:7.2f} s, peak RSS "
-                f"+{result['peak_bytes'] / 2**20:8.1f} MiB",
+                f"run {run + 1} {candidate:9s}: fuse {result['seconds']:7.2f} s "
+                f"({result['threads']} thread(s), load average {result['load']:.1f}), peak RSS "
+                f"+{result['peak_bytes'] / 2**20:8.1f} MiB; unfuse {result['unfuse_seconds']:7.2f} s",
                 flush=True,
             )
     parameters = results["safemerge"][0]["parameters"]
     print(f"\nUNet: transformer_layers_per_block {layers}, {parameters / 1e9:.2f} B parameters")
     print("(bfloat16), rank-16 LoRA on to_q/to_k/to_v/to_out.0; median over runs:")
     median = {
-        name: {key: statistics.median(r[key] for r in rs) for key in ("seconds", "peak_bytes")}
+        name: {
+            key: statistics.median(r[key] for r in rs)
+            for key in ("seconds", "unfuse_seconds", "peak_bytes")
+        }
         for name, rs in results.items()
     }
     for name, values in median.items():
         print(
-            f"  {name:9s}: {values['seconds']:7.2f} s, peak RSS +{values['peak_bytes'] / 2**20:.1f} MiB"
+            f"  {name:9s}: fuse {values['seconds']:7.2f} s, peak RSS "
+            f"+{values['peak_bytes'] / 2**20:.1f} MiB; unfuse {values['unfuse_seconds']:7.2f} s"
         )
     ours, theirs = median["safemerge"], median["diffusers"]
-    print(f"time ratio safemerge / diffusers:       {ours['seconds'] / theirs['seconds']:.2f}")
+    print(f"fuse time ratio safemerge / diffusers:   {ours['seconds'] / theirs['seconds']:.2f}")
+    unfuse_ratio = ours["unfuse_seconds"] / theirs["unfuse_seconds"]
+    print(f"unfuse time ratio safemerge / diffusers: {unfuse_ratio:.2f} (safemerge's is exact)")
     if theirs["peak_bytes"] > 0:
         ratio = ours["peak_bytes"] / theirs["peak_bytes"]
-        print(f"peak-memory ratio safemerge / diffusers: {ratio:.2f}")
+        print(f"peak-memory ratio safemerge / diffusers:  {ratio:.2f}")
 
 
 if __name__ == "__main__":
