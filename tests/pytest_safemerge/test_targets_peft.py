@@ -9,8 +9,10 @@ business (tests/pytest_safemerge/test_peft_findings.py).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import logging
+import types
 import weakref
 
 import pytest
@@ -58,11 +60,8 @@ def test_layer_kinds_are_every_tag_of_the_suite_the_installed_peft_has() -> None
 
 def _modules(
     version: str, layers: tuple[str, ...], dora: tuple[str, ...] | None, *, lora_bias: bool
-) -> tuple[object, object, object | None]:
+) -> tuple[types.ModuleType, types.ModuleType, types.ModuleType | None]:
     """Stand-ins for ``peft``, ``peft.tuners.lora.layer`` and ``peft.tuners.lora.dora``."""
-    import dataclasses
-    import types
-
     fields = ["r", "use_dora", *(["lora_bias"] if lora_bias else [])]
     config = dataclasses.make_dataclass("LoraConfig", [(name, object, None) for name in fields])
 
@@ -70,9 +69,14 @@ def _modules(
         def __init__(self, base_layer: object, adapter_name: str, r: int = 0) -> None: ...
         def set_adapter(self, adapter_names: list[str]) -> None: ...
 
-    peft = types.SimpleNamespace(__version__=version, LoraConfig=config)
-    layer = types.SimpleNamespace(Linear=Linear, **{name: type(name, (), {}) for name in layers})
-    dora_module = None if dora is None else types.SimpleNamespace(**{n: object for n in dora})
+    def module(name: str, **members: object) -> types.ModuleType:
+        made = types.ModuleType(name)
+        vars(made).update(members)
+        return made
+
+    peft = module("peft", __version__=version, LoraConfig=config)
+    layer = module("layer", Linear=Linear, **{name: type(name, (), {}) for name in layers})
+    dora_module = None if dora is None else module("dora", **{name: object for name in dora})
     return peft, layer, dora_module
 
 
