@@ -42,8 +42,13 @@ OPTIONS = {
     "alpha_pattern": "alpha_pattern",
 }
 #: The model-level entry points, each on PEFT's LoraModel.
-ENTRY_POINTS = ("merge_adapter", "unmerge_adapter", "merge_and_unload", "delete_adapter",
-                "add_weighted_adapter")
+ENTRY_POINTS = (
+    "merge_adapter",
+    "unmerge_adapter",
+    "merge_and_unload",
+    "delete_adapter",
+    "add_weighted_adapter",
+)
 
 
 #: How much of PEFT's refusal a skip reason quotes.

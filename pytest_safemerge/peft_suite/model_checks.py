@@ -16,7 +16,11 @@ from typing import Any
 
 import torch
 
-from pytest_safemerge.layer_bounds import expected_layer_fuse, expected_layer_round_trip
+from pytest_safemerge.layer_bounds import (
+    LayerExpectation,
+    expected_layer_fuse,
+    expected_layer_round_trip,
+)
 from pytest_safemerge.peft_suite import features
 from pytest_safemerge.peft_suite.configs import AdapterSpec, ModelCase, adapter_tensors, lora_layers
 from pytest_safemerge.peft_suite.oracle import (
@@ -26,6 +30,7 @@ from pytest_safemerge.peft_suite.oracle import (
     layer_expectation,
     module_key,
     original_of,
+    plain_tensors,
     scaled_adapter,
     written,
 )
@@ -46,7 +51,15 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _within(prop: str, what: str, actual: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor, row: Row, case: ModelCase) -> None:
+def _within(
+    prop: str,
+    what: str,
+    actual: torch.Tensor,
+    reference: torch.Tensor,
+    bound: torch.Tensor,
+    row: Row,
+    case: ModelCase,
+) -> None:
     """``|actual - reference| <= bound`` everywhere, the worst fraction recorded."""
     error = (actual.detach().to(torch.float64) - reference).abs()
     fraction = torch.where(bound > 0, error / bound, torch.where(error > 0, math.inf, 0.0))
@@ -68,7 +81,9 @@ def _state(peft_model: Any, names: Sequence[str] = ()) -> dict[str, torch.Tensor
     found = {}
     for name in names or lora_layers(peft_model):
         module = _module_at(peft_model.base_model.model, name)
-        weight, bias = written(module) if hasattr(module, "get_base_layer") else _plain(module)
+        weight, bias = (
+            written(module) if hasattr(module, "get_base_layer") else plain_tensors(module)
+        )
         found[f"{name}.weight"] = weight.detach().clone()
         if bias is not None:
             found[f"{name}.bias"] = bias.detach().clone()
@@ -80,12 +95,6 @@ def _module_at(model: Any, name: str) -> Any:
         return model.get_submodule(name)
     except AttributeError:
         return model.get_submodule(name.replace(".base_layer", ""))
-
-
-def _plain(module: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(module, torch.nn.MultiheadAttention):
-        return module.in_proj_weight, None
-    return module.weight, getattr(module, "bias", None)
 
 
 def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
@@ -118,25 +127,55 @@ def _merge(peft_model: Any) -> None:
     peft_model.base_model.merge_adapter()
 
 
-def _check_weights(prop: str, peft_model: Any, specs_of: Callable[[str], Sequence[AdapterSpec]], originals: dict[str, Original], row: Row, case: ModelCase, *, round_trip: bool = False) -> None:
+def _check_weights(
+    prop: str,
+    peft_model: Any,
+    specs_of: Callable[[str], Sequence[AdapterSpec]],
+    originals: dict[str, Original],
+    row: Row,
+    case: ModelCase,
+    *,
+    round_trip: bool = False,
+    expectations: dict[str, LayerExpectation] | None = None,
+) -> None:
     for name, layer in lora_layers(peft_model).items():
         specs = [s for s in specs_of(name) if s.name in adapter_tensors_names(layer)]
         original = originals[name]
-        if round_trip:
+        if expectations is not None:
+            expectation = expectations[name]
+        elif round_trip:
             expectation = expected_layer_round_trip(
                 original.module, [scaled_adapter(layer, s, name) for s in specs], 1.0
             )
         else:
             expectation = layer_expectation(layer, name, specs, original)
         weight, bias = written(layer)
-        _within(prop, f"the weight of {name}", weight, expectation.weight.reference, expectation.weight.bound, row, case)
+        _within(
+            prop,
+            f"the weight of {name}",
+            weight,
+            expectation.weight.reference,
+            expectation.weight.bound,
+            row,
+            case,
+        )
         if bias is None:
             continue
         if expectation.bias is None:
-            if not torch.equal(bias, original.bias):
-                raise AssertionError(f"[{prop}] the bias of {name}, which no lora_bias touches, changed; {case.describe()}")
+            if original.bias is None or not torch.equal(bias, original.bias):
+                raise AssertionError(
+                    f"[{prop}] the bias of {name}, which no lora_bias touches, changed; {case.describe()}"
+                )
         else:
-            _within(prop, f"the bias of {name}", bias, expectation.bias.reference, expectation.bias.bound, row, case)
+            _within(
+                prop,
+                f"the bias of {name}",
+                bias,
+                expectation.bias.reference,
+                expectation.bias.bound,
+                row,
+                case,
+            )
 
 
 def adapter_tensors_names(layer: Any) -> set[str]:
@@ -160,13 +199,25 @@ def check_merge_accurate(case: ModelCase, row: Row) -> None:
     with torch.no_grad(), _quiet():
         unmerged = peft_model(**inputs)
     _call(prop, case, "merge_adapter", lambda: _merge(peft_model))
-    _check_weights(prop, peft_model, lambda _: case.adapters, originals, row, case)
+    _check_weights(
+        prop, peft_model, lambda _: case.adapters, originals, row, case, expectations=expectations
+    )
     with torch.no_grad(), _quiet():
         merged = peft_model(**inputs)
     layers = lora_layers(peft_model)
     for index, name in enumerate(("first", "layer")[: len(merged)]):
-        bounds = forward_bounds(layers[name], name, case.adapters, originals[name], expectations[name], inputs[name])
-        _within(prop, f"the merged forward of {name} (against the unmerged one)", merged[index], unmerged[index].to(torch.float64), bounds.merged + bounds.unmerged, row, case)
+        bounds = forward_bounds(
+            layers[name], name, case.adapters, originals[name], expectations[name], inputs[name]
+        )
+        _within(
+            prop,
+            f"the merged forward of {name} (against the unmerged one)",
+            merged[index],
+            unmerged[index].to(torch.float64),
+            bounds.merged + bounds.unmerged,
+            row,
+            case,
+        )
 
 
 def check_merge_twice(case: ModelCase, row: Row) -> None:
@@ -179,7 +230,9 @@ def check_merge_twice(case: ModelCase, row: Row) -> None:
     changed = _changed(once, _state(peft_model))
     row.observe(0.0 if not changed else math.inf)
     if changed:
-        raise AssertionError(f"[{prop}] a second merge_adapter changed {changed}; {case.describe()}")
+        raise AssertionError(
+            f"[{prop}] a second merge_adapter changed {changed}; {case.describe()}"
+        )
 
 
 def check_unmerge_round_trip(case: ModelCase, row: Row) -> None:
@@ -195,11 +248,10 @@ def check_unmerge_round_trip(case: ModelCase, row: Row) -> None:
 def _unloaded_tensors(model: Any, names: Sequence[str]) -> dict[str, torch.Tensor]:
     found = {}
     for name in names:
-        module = model.get_submodule(name.replace(".base_layer", ""))
-        weight = module.in_proj_weight if isinstance(module, torch.nn.MultiheadAttention) else module.weight
+        weight, bias = plain_tensors(model.get_submodule(name.replace(".base_layer", "")))
         found[f"{name}.weight"] = weight.detach().clone()
-        if getattr(module, "bias", None) is not None and not isinstance(module, torch.nn.MultiheadAttention):
-            found[f"{name}.bias"] = module.bias.detach().clone()
+        if bias is not None:
+            found[f"{name}.bias"] = bias.detach().clone()
     return found
 
 
@@ -215,7 +267,9 @@ def check_merge_and_unload(case: ModelCase, row: Row) -> None:
     changed = _changed(merged, _unloaded_tensors(unloaded, names))
     row.observe(0.0 if not changed else math.inf)
     if changed:
-        raise AssertionError(f"[{prop}] merge_and_unload and merge_adapter differ in {changed}; {case.describe()}")
+        raise AssertionError(
+            f"[{prop}] merge_and_unload and merge_adapter differ in {changed}; {case.describe()}"
+        )
 
 
 def check_delete_merged(case: ModelCase, row: Row) -> None:
@@ -225,7 +279,10 @@ def check_delete_merged(case: ModelCase, row: Row) -> None:
     peft_model = case.build()
     deleted = case.adapters[0]
     originals = _originals(peft_model)
-    held = {name: scaled_adapter(layer, deleted, name) for name, layer in lora_layers(peft_model).items()}
+    held = {
+        name: scaled_adapter(layer, deleted, name)
+        for name, layer in lora_layers(peft_model).items()
+    }
     with _quiet():
         peft_model.base_model.set_adapter(deleted.name)
     _call(prop, case, "merge_adapter", lambda: _merge(peft_model))
@@ -236,13 +293,23 @@ def check_delete_merged(case: ModelCase, row: Row) -> None:
     except Exception as error:
         changed = _changed(before, _state(peft_model))
         if changed:
-            raise AssertionError(f"[{prop}] delete_adapter refused ({error}) but changed {changed}; {case.describe()}") from error
+            raise AssertionError(
+                f"[{prop}] delete_adapter refused ({error}) but changed {changed}; {case.describe()}"
+            ) from error
         row.observe(0.0)
         return
     for name, layer in lora_layers(peft_model).items():
         expectation = expected_layer_round_trip(originals[name].module, [held[name]], 1.0)
         weight, _ = written(layer)
-        _within(prop, f"after delete_adapter, the weight of {name}", weight, expectation.weight.reference, expectation.weight.bound, row, case)
+        _within(
+            prop,
+            f"after delete_adapter, the weight of {name}",
+            weight,
+            expectation.weight.reference,
+            expectation.weight.bound,
+            row,
+            case,
+        )
 
 
 def check_refusal_atomic(case: ModelCase, row: Row) -> None:
@@ -274,13 +341,19 @@ def check_refusal_atomic(case: ModelCase, row: Row) -> None:
             ) from error
         return
     row.observe(math.inf)
-    raise AssertionError(f"[{prop}] merge_and_unload(safe_merge=True) accepted {value} in {poisoned.name}'s lora_{which} on layer; {case.describe()}")
+    raise AssertionError(
+        f"[{prop}] merge_and_unload(safe_merge=True) accepted {value} in {poisoned.name}'s lora_{which} on layer; {case.describe()}"
+    )
 
 
 def _combined_spec(peft_model: Any, name: str) -> AdapterSpec:
     """The config PEFT gave the combined adapter, as the oracle reads it."""
     config = peft_model.peft_config[name]
-    options = {o for o, f in features.OPTIONS.items() if o in ("rslora", "lora_bias", "dora") and getattr(config, f, False)}
+    options = {
+        o
+        for o, f in features.OPTIONS.items()
+        if o in ("rslora", "lora_bias", "dora") and getattr(config, f, False)
+    }
     return AdapterSpec(name, int(config.r), float(config.lora_alpha), frozenset(options))
 
 
@@ -290,7 +363,14 @@ def _scale(spec: AdapterSpec, name: str) -> float:
     return spec.alpha_of(key) / (r**0.5 if "rslora" in spec.options else r)
 
 
-def _check_combined(prop: str, peft_model: Any, pairs: Sequence[tuple[AdapterSpec, float]], originals: dict[str, Original], row: Row, case: ModelCase) -> None:
+def _check_combined(
+    prop: str,
+    peft_model: Any,
+    pairs: Sequence[tuple[AdapterSpec, float]],
+    originals: dict[str, Original],
+    row: Row,
+    case: ModelCase,
+) -> None:
     """The combined adapter's layer equals the weighted adapters' within the float32
     arithmetic that combined their factors: each factor scaled by a float32 product or
     square root (two roundings each side), so ``gamma_6`` of ``|w s| |B| |A|`` per adapter,
@@ -301,21 +381,53 @@ def _check_combined(prop: str, peft_model: Any, pairs: Sequence[tuple[AdapterSpe
             continue
         original = originals[name]
         present = [(s, w) for s, w in pairs if s.name in adapter_tensors_names(layer)]
-        targets = [scaled_adapter(layer, s, name, coefficient=w * _scale(s, name)) for s, w in present]
+        targets = [
+            scaled_adapter(layer, s, name, coefficient=w * _scale(s, name)) for s, w in present
+        ]
         made = scaled_adapter(layer, combined, name, coefficient=_scale(combined, name))
         target = expected_layer_fuse(original.module, targets, 1.0)
         result = expected_layer_fuse(original.module, [made], 1.0)
         u = torch.finfo(made.lora_A.dtype).eps / 2
-        bound = 6 * u / (1 - 6 * u) * sum((delta_magnitude(a, original) for a in targets), torch.zeros_like(target.weight.bound))
+        bound = (
+            6
+            * u
+            / (1 - 6 * u)
+            * sum(
+                (delta_magnitude(a, original) for a in targets),
+                torch.zeros_like(target.weight.bound),
+            )
+        )
         if any(a.magnitude is not None for a in targets):
-            bound = bound * 3 * (target.weight.reference.abs().max() / original.weight.double().abs().max()).clamp_min(1)
+            bound = (
+                bound
+                * 3
+                * (
+                    target.weight.reference.abs().max() / original.weight.double().abs().max()
+                ).clamp_min(1)
+            )
         bound = bound + 2.0**-50 * target.weight.reference.abs()
-        _within(prop, f"the combined adapter's weight on {name}", result.weight.reference, target.weight.reference, bound, row, case)
+        _within(
+            prop,
+            f"the combined adapter's weight on {name}",
+            result.weight.reference,
+            target.weight.reference,
+            bound,
+            row,
+            case,
+        )
         target_bias = target.bias.reference if target.bias is not None else original.bias
         result_bias = result.bias.reference if result.bias is not None else original.bias
         if target_bias is not None and result_bias is not None:
             bias_bound = 4 * u * (target_bias.abs() + 1e-30)
-            _within(prop, f"the combined adapter's bias on {name}", result_bias, target_bias.to(torch.float64), bias_bound, row, case)
+            _within(
+                prop,
+                f"the combined adapter's bias on {name}",
+                result_bias,
+                target_bias.to(torch.float64),
+                bias_bound,
+                row,
+                case,
+            )
 
 
 def check_weighted_reproduces(case: ModelCase, row: Row) -> None:
@@ -327,7 +439,14 @@ def check_weighted_reproduces(case: ModelCase, row: Row) -> None:
     originals = _originals(peft_model)
     chosen = case.adapters[0]
     extra = {"density": 1.0} if combination.startswith(_DENSITY_TYPES) else {}
-    _call(prop, case, f"add_weighted_adapter({combination!r})", lambda: peft_model.add_weighted_adapter([chosen.name], [1.0], COMBINED, combination_type=combination, **extra))
+    _call(
+        prop,
+        case,
+        f"add_weighted_adapter({combination!r})",
+        lambda: peft_model.add_weighted_adapter(
+            [chosen.name], [1.0], COMBINED, combination_type=combination, **extra
+        ),
+    )
     _check_combined(prop, peft_model, [(chosen, 1.0)], originals, row, case)
 
 
@@ -339,7 +458,14 @@ def check_weighted_cat(case: ModelCase, row: Row) -> None:
     originals = _originals(peft_model)
     weights = case.planted["weights"][: len(case.adapters)]
     pairs = list(zip(case.adapters, weights, strict=True))
-    _call(prop, case, "add_weighted_adapter('cat')", lambda: peft_model.add_weighted_adapter([a.name for a in case.adapters], list(weights), COMBINED, combination_type="cat"))
+    _call(
+        prop,
+        case,
+        "add_weighted_adapter('cat')",
+        lambda: peft_model.add_weighted_adapter(
+            [a.name for a in case.adapters], list(weights), COMBINED, combination_type="cat"
+        ),
+    )
     _check_combined(prop, peft_model, pairs, originals, row, case)
 
 

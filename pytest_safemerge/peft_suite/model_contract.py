@@ -53,6 +53,10 @@ _ENTRY_POINT = {
     "refusal atomicity": "merge_and_unload",
 }
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
+#: The fewest examples each run of a cell (one kind of case) gets.
+_LEAST_PER_RUN = 1
+#: The adapter options add_weighted_adapter's cells check one kind of case each.
+WEIGHTED_OPTIONS = ("rslora", "lora_bias", "dora")
 #: Weights the cat combination is checked at (1 for "the adapters active together").
 _CAT_WEIGHTS = (1.0, 0.5, -0.75, 2.0, 1.0)
 
@@ -70,16 +74,45 @@ class ModelCell:
 MODEL_CELLS = tuple(ModelCell(kind, dtype) for kind in KINDS for dtype in MODEL_DTYPES)
 
 
-def case_strategy(prop: str, kind: str, dtype: torch.dtype) -> st.SearchStrategy[ModelCase]:
-    """The generated cases of one property on one layer kind and dtype."""
+def case_kinds(prop: str, kind: str) -> tuple[str, ...]:
+    """The kinds of case one cell runs, each with its share of the examples: ``random``;
+    for add_weighted_adapter, ``plain`` (none of :data:`WEIGHTED_OPTIONS`) and one kind
+    per such option this PEFT supports on the layer kind, so that each option's verdict
+    is its own (one broken option never hides how the others fare)."""
+    if prop not in ("weighted reproduces", "weighted cat"):
+        return ("random",)
+    supported = [
+        option
+        for option in WEIGHTED_OPTIONS
+        if features.option_unsupported(kind, option) is None
+        # cat combines several adapters, and DoRA adapters are drawn alone (see .configs)
+        and not (prop == "weighted cat" and option == "dora")
+    ]
+    return ("plain", *supported)
+
+
+def case_strategy(
+    prop: str, kind: str, dtype: torch.dtype, case_kind: str = "random"
+) -> st.SearchStrategy[ModelCase]:
+    """The generated cases of one property on one layer kind and dtype (of one kind of
+    case, :func:`case_kinds`)."""
+    options: dict[str, Any] = {}
+    if case_kind == "plain":
+        options["excluded"] = frozenset(WEIGHTED_OPTIONS)
+    elif case_kind != "random":
+        options["required"] = case_kind
+        options["excluded"] = frozenset(WEIGHTED_OPTIONS) - {case_kind}
+    planted: st.SearchStrategy[dict[str, Any]]
     if prop == "weighted cat":
-        cases = model_cases(kind, dtype, least_adapters=2, dora=False)
+        cases = model_cases(kind, dtype, least_adapters=2, dora=False, **options)
         planted = st.fixed_dictionaries(
             {"weights": st.lists(st.sampled_from(_CAT_WEIGHTS), min_size=3, max_size=3)}
         )
     elif prop == "weighted reproduces":
-        cases = model_cases(kind, dtype)
-        planted = st.fixed_dictionaries({"combination": st.sampled_from(features.combination_types())})
+        cases = model_cases(kind, dtype, **options)
+        planted = st.fixed_dictionaries(
+            {"combination": st.sampled_from(features.combination_types())}
+        )
     elif prop == "refusal atomicity":
         cases = model_cases(kind, dtype)
         planted = st.fixed_dictionaries(
@@ -90,18 +123,20 @@ def case_strategy(prop: str, kind: str, dtype: torch.dtype) -> st.SearchStrategy
             }
         )
     else:
-        return model_cases(kind, dtype)
-    return st.builds(_planted, cases, planted)
+        cases, planted = model_cases(kind, dtype), st.just({})
+    return st.builds(_planted, cases, planted, st.just(case_kind))
 
 
-def _planted(case: ModelCase, planted: dict[str, Any]) -> ModelCase:
-    case.planted.update(planted)
+def _planted(case: ModelCase, planted: dict[str, Any], case_kind: str) -> ModelCase:
+    case.planted.update(planted, case_kind=case_kind)
     return case
 
 
 def cell_skip_reason(prop: str, cell: ModelCell) -> str | None:
     """Why the cell does not run on the installed PEFT, or None."""
-    reason = features.entry_point_missing(_ENTRY_POINT[prop]) or features.kind_unsupported(cell.kind)
+    reason = features.entry_point_missing(_ENTRY_POINT[prop]) or features.kind_unsupported(
+        cell.kind
+    )
     if reason is None and prop == "weighted cat" and "cat" not in features.combination_types():
         reason = f"PEFT {features.peft_version()}'s add_weighted_adapter has no cat"
     return reason
@@ -138,15 +173,32 @@ class PeftModelSuite:
             note(case.describe())
             check(case, row)
 
+        kinds = case_kinds(prop, model_cell.kind)
+        dtype = getattr(torch, model_cell.dtype)
+
         def run() -> None:
+            # Tiny tensors: a thread pool costs more than it gains (three times the time
+            # on two shared cores), so the cell runs on one thread and restores the count.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                explore_cell()
+            finally:
+                torch.set_num_threads(threads)
+
+        def explore_cell() -> None:
             runner.explore(
                 name=f"{request.node.originalname}__{model_cell.id}",
                 row=row,
-                strategies={"random": case_strategy(prop, model_cell.kind, getattr(torch, model_cell.dtype))},
+                strategies={
+                    kind: case_strategy(prop, model_cell.kind, dtype, kind) for kind in kinds
+                },
                 known={},
-                examples_per_kind=runner.budget(safemerge_settings.examples, active, 1, least=1),
+                examples_per_kind=runner.budget(
+                    safemerge_settings.examples, active, len(kinds), least=_LEAST_PER_RUN
+                ),
                 check=check_one,
-                must_see=("random",),
+                must_see=kinds,
             )
 
         return run
@@ -188,7 +240,7 @@ class PeftModelSuite:
 
 
 def _record(row: Row, case: ModelCase) -> None:
-    row.example("random")
+    row.example(case.planted.get("case_kind", "random"))
     tags = row.data["tags"]
     for tag in sorted(case.tags):
         tags[tag] = tags.get(tag, 0) + 1

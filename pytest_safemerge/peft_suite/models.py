@@ -48,7 +48,8 @@ class LayerKind:
 def _gpt2_conv1d() -> nn.Module:
     from transformers.pytorch_utils import Conv1D
 
-    return Conv1D(_OUT, _IN)
+    module: nn.Module = Conv1D(_OUT, _IN)  # type: ignore[no-untyped-call]
+    return module
 
 
 KINDS: dict[str, LayerKind] = {
@@ -88,7 +89,9 @@ class TinyModel(nn.Module):
         return tuple(outputs)
 
 
-def inputs_for(kind: LayerKind, dtype: torch.dtype, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def inputs_for(
+    kind: LayerKind, dtype: torch.dtype, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """A batch of inputs for ``TinyModel(kind)`` in ``dtype`` (indices for an embedding)."""
 
     def normal(*shape: int) -> torch.Tensor:
@@ -99,7 +102,7 @@ def inputs_for(kind: LayerKind, dtype: torch.dtype, generator: torch.Generator) 
     layer: torch.Tensor
     if name == "embedding":
         layer = torch.randint(0, _EMBEDDINGS, (3, 4), generator=generator)
-    elif name.startswith("conv") :
+    elif name.startswith("conv"):
         layer = normal(2, _CHANNELS_IN, *spatial[name.split("_")[0]])
     elif name == "multihead_attention":
         layer = normal(3, 1, _HEADS_DIM)

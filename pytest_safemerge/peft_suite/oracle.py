@@ -34,7 +34,14 @@ import safemerge
 from pytest_safemerge.layer_bounds import LayerExpectation, expected_layer_fuse
 from pytest_safemerge.peft_suite.configs import AdapterSpec, adapter_tensors
 
-__all__ = ["Original", "forward_bounds", "layer_expectation", "original_of", "written"]
+__all__ = [
+    "Original",
+    "forward_bounds",
+    "layer_expectation",
+    "original_of",
+    "plain_tensors",
+    "written",
+]
 
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
@@ -46,12 +53,19 @@ def module_key(name: str) -> str:
 
 
 def written(layer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What PEFT's merge writes in a LoRA layer: the base weight (a MultiheadAttention's
-    in_proj_weight) and bias (None where there is none)."""
-    base = layer.get_base_layer()
-    if isinstance(base, nn.MultiheadAttention):
-        return base.in_proj_weight, None
-    return base.weight, getattr(base, "bias", None)
+    """What PEFT's merge writes in a LoRA layer: the base weight and bias (a
+    MultiheadAttention's in_proj_weight and in_proj_bias; None where there is none)."""
+    return plain_tensors(layer.get_base_layer())
+
+
+def plain_tensors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A plain module's weight and bias, as :func:`written` reads them."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_weight, module.in_proj_bias
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    bias = getattr(module, "bias", None)
+    return weight, bias if isinstance(bias, torch.Tensor) else None
 
 
 @dataclass(frozen=True)
@@ -70,7 +84,7 @@ def original_of(layer: Any) -> Original:
     assert weight is not None
     base = layer.get_base_layer()
     if isinstance(base, nn.MultiheadAttention):
-        module: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        module: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     else:
         module = copy.deepcopy(base)
     with torch.no_grad():
@@ -112,7 +126,9 @@ def scaled_adapter(
 
 def delta_magnitude(adapter: safemerge.LoraAdapter, original: Original) -> torch.Tensor:
     """``|s| |B| @ |A|`` in the weight's shape, float64."""
-    return abs(adapter.scale) * _full_delta(adapter, original.weight, original.transposed, signed=False)
+    return abs(adapter.scale) * _full_delta(
+        adapter, original.weight, original.transposed, signed=False
+    )
 
 
 def layer_expectation(
@@ -134,21 +150,25 @@ def scales(specs: Sequence[AdapterSpec], key: str, ranks: Sequence[int]) -> list
 # --- the forward --------------------------------------------------------------------------------
 
 
-def _apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _apply(
+    module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """``module``'s operation in float64 with the given weight and bias."""
     twin = copy.deepcopy(module).to(torch.float64)
     with torch.no_grad():
         twin.weight = nn.Parameter(weight.to(torch.float64), requires_grad=False)
         if bias is not None:
             twin.bias = nn.Parameter(bias.to(torch.float64), requires_grad=False)
-        elif getattr(twin, "bias", None) is not None:
-            twin.bias = nn.Parameter(torch.zeros_like(twin.bias), requires_grad=False)
+        elif isinstance(own := getattr(twin, "bias", None), torch.Tensor):
+            twin.bias = nn.Parameter(torch.zeros_like(own), requires_grad=False)
         inputs = x if not x.is_floating_point() else x.to(torch.float64)
         out: torch.Tensor = twin(inputs)
     return out
 
 
-def _full_delta(adapter: safemerge.LoraAdapter, weight: torch.Tensor, transposed: bool, signed: bool) -> torch.Tensor:
+def _full_delta(
+    adapter: safemerge.LoraAdapter, weight: torch.Tensor, transposed: bool, signed: bool
+) -> torch.Tensor:
     """``B @ A`` (or ``|B| @ |A|``) in the weight's own shape, float64."""
     a = adapter.lora_A.to(torch.float64).flatten(1)
     b = adapter.lora_B.to(torch.float64).flatten(1)
@@ -192,20 +212,26 @@ def forward_bounds(
         module,
         magnitude_x,
         expectation.weight.reference.abs() + w_bound,
-        None if bias_ref is None else bias_ref.abs() + (bias_bound if bias_bound is not None else 0),
+        None
+        if bias_ref is None
+        else bias_ref.abs() + (bias_bound if bias_bound is not None else 0),
     )
     coefficients = scales(specs, key, [int(a.lora_A.shape[0]) for a in adapters])
     magnitude_w = weight.abs()
     magnitude_b = bias.abs() if bias is not None else None
     growth = torch.ones(())
     for adapter, c in zip(adapters, coefficients, strict=True):
-        magnitude_w = magnitude_w + abs(c) * _full_delta(adapter, weight, original.transposed, signed=False)
+        magnitude_w = magnitude_w + abs(c) * _full_delta(
+            adapter, weight, original.transposed, signed=False
+        )
         if adapter.lora_bias is not None and magnitude_b is not None:
             magnitude_b = magnitude_b + abs(c) * adapter.lora_bias.to(torch.float64).abs()
         if adapter.magnitude is not None:
             growth = _dora_growth(adapter, weight, c, original.transposed)
     most_rank = max(int(a.lora_A.shape[0]) for a in adapters)
-    unmerged = _gamma(reduction + most_rank + 6, u) * _apply(module, magnitude_x, magnitude_w, magnitude_b)
+    unmerged = _gamma(reduction + most_rank + 6, u) * _apply(
+        module, magnitude_x, magnitude_w, magnitude_b
+    )
     if growth.dim():
         unmerged = unmerged * _channels_last(growth, unmerged, module)
     return ForwardBounds(exact, merged, unmerged)
@@ -216,13 +242,18 @@ def _gamma(n: int, u: float) -> float:
     return n * u / (1 - n * u)
 
 
-def _dora_growth(adapter: safemerge.LoraAdapter, weight: torch.Tensor, c: float, transposed: bool) -> torch.Tensor:
+def _dora_growth(
+    adapter: safemerge.LoraAdapter, weight: torch.Tensor, c: float, transposed: bool
+) -> torch.Tensor:
     """``1 + |f - 1| + 2|f|`` per output channel, ``f = |m| / ||W + c B A||``."""
     assert adapter.magnitude is not None
     plain = weight + c * _full_delta(adapter, weight, transposed, signed=True)
     flat = plain.T if transposed else plain.reshape(plain.shape[0], -1)
-    f = adapter.magnitude.to(torch.float64).abs().reshape(-1) / torch.linalg.vector_norm(flat, dim=1)
-    return 1 + (f - 1).abs() + 2 * f
+    f = adapter.magnitude.to(torch.float64).abs().reshape(-1) / torch.linalg.vector_norm(
+        flat, dim=1
+    )
+    growth: torch.Tensor = 1 + (f - 1).abs() + 2 * f
+    return growth
 
 
 def _channels_last(growth: torch.Tensor, output: torch.Tensor, module: nn.Module) -> torch.Tensor:
