@@ -48,13 +48,17 @@ def test_a_correct_merge_passes_every_check() -> None:
 
 
 def test_a_delta_off_by_a_little_fails_accuracy(monkeypatch: pytest.MonkeyPatch) -> None:
-    from peft.tuners.loha.layer import Linear
+    from peft.tuners.lycoris_utils import LycorisLayer
 
-    original = Linear.get_delta_weight
-    # 1% more delta: far outside one float32 rounding, inside any "looks fine" tolerance
-    monkeypatch.setattr(
-        Linear, "get_delta_weight", lambda self, *a, **k: original(self, *a, **k) * 1.01
-    )
+    original = LycorisLayer.merge
+
+    # The merge adds 1% more delta than the forward uses (patching get_delta_weight would
+    # change both): far outside one float32 rounding, inside any "looks fine" tolerance.
+    def merges_a_little_more(self, safe_merge: bool = False, adapter_names=None):  # type: ignore[no-untyped-def]
+        original(self, safe_merge=safe_merge, adapter_names=adapter_names)
+        self.get_base_layer().weight.data += 0.01 * self.get_delta_weight("default")
+
+    monkeypatch.setattr(LycorisLayer, "merge", merges_a_little_more)
     with pytest.raises(AssertionError, match=r"\[tuner accuracy\]"):
         tuner_checks.check_accurate(_loha(), _row())
 
@@ -132,3 +136,32 @@ def test_the_bound_is_one_rounding_plus_the_float32_delta() -> None:
     assert tuner_checks.unit_roundoff(torch.bfloat16) == 2.0**-8
     assert tuner_checks.unit_roundoff(torch.float32) == 2.0**-24
     assert math.isinf(tuner_checks._fraction(torch.tensor([math.nan]), torch.tensor([1.0])))
+
+
+def test_a_value_the_layer_never_reads_need_not_be_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    if "pvera" not in tuners.installed_tuners():
+        pytest.skip(f"PEFT {tuners.peft_version()} has no PVeRA")
+    case = build_case(tuners.installed_tuners()["pvera"], "linear", torch.float32, {"r": 2}, 0)
+    name = "pvera_lambda_d.default"
+    every = [tuner_checks.Plant(name, i, "+inf") for i in range(case.trainable()[name].numel())]
+    unread = [plant for plant in every if not tuner_checks._reaches(case, plant)]
+    assert 0 < len(unread) < len(every)  # in eval, PVeRA reads the mean half only
+    monkeypatch.setattr(tuner_checks, "plants", lambda case: unread)
+    row = _row()
+    tuner_checks.check_refused(case, row)
+    assert row.data["planted"]["unread"] == len(unread)
+
+
+def test_each_case_is_built_once_and_every_check_gets_its_own_copy() -> None:
+    first, second = _loha(), _loha()
+    assert first.layer is not second.layer and first.maps is second.maps
+    tuner_checks.check_accurate(first, _row())  # merges first, reads the shared maps
+    assert not second.layer.merged and "unmerged" in second.maps
+    planted = second.copy()
+    assert planted.maps == {} and planted.maps is not second.maps
+
+
+def test_a_tuner_that_never_merges_is_named_so() -> None:
+    assert tuners.merge_refusal("loha") is None
+    if "shadow" in tuners.installed_tuners():
+        assert "SHADOW does not merge" in str(tuners.merge_refusal("shadow"))
