@@ -1,17 +1,19 @@
 """How many torch threads a PEFT or diffusers merge runs with: torch's own count, cut to
 the cores that other processes leave idle.
 
-The engine merges a weight in cache-sized row blocks, some twenty torch calls per block, so a
-model's merge is tens of thousands of calls. With several threads each call forks and
-joins them; when every core is busy with other processes, the join waits for the OS to
-schedule each helper thread again, milliseconds per call, whatever the call's work.
-PEFT's (and diffusers') merge makes a few full-size calls per layer and suffers less.
-Measured on a 2-core machine at load average 11, 48 SDXL attention projections (70 M
-bfloat16 parameters, rank 16), same process, alternating: safemerge's fuse 25.8 s with
-2 threads and 2.2 s with 1; PEFT's ``merge(safe_merge=True)`` 8.4 s and 2.0 s.
+The engine merges a weight in cache-sized row blocks, some twenty torch calls per block,
+so a model's merge is thousands of calls. With several threads each call forks and joins
+them; when every core is busy with other processes, the join waits for the OS to schedule
+each helper thread again, milliseconds per call whatever the call's work. PEFT's (and
+diffusers') merge makes a few full-size calls per layer and suffers less. Measured on a
+2-core machine at load average 11, 48 SDXL attention projections (70 M bfloat16
+parameters, rank 16), same process, alternating: safemerge's fuse 25.8 s with 2 threads
+and 2.2 s with 1; PEFT's ``merge(safe_merge=True)`` 8.4 s and 2.0 s.
 
-The thread count changes no result's guarantees: a fuse's record keeps the count it ran
-with and its exact unfuse repeats it (:func:`safemerge.merge.engine.pinned_threads`).
+The load average is a one-minute mean that also counts tasks waiting on a disk: a coarse
+estimate, whose errors cost speed only. The thread count changes no result's guarantees:
+a fuse's record keeps the count it ran with and its exact unfuse repeats it
+(:func:`safemerge.merge.engine.pinned_threads`).
 """
 
 from __future__ import annotations
