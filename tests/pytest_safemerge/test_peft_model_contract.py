@@ -12,14 +12,21 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from pytest_safemerge.peft_suite import features
-from pytest_safemerge.peft_suite.configs import AdapterSpec, ModelCase, model_cases
+from pytest_safemerge.peft_suite.configs import (
+    AdapterSpec,
+    ModelCase,
+    adapter_tensors,
+    lora_layers,
+    model_cases,
+)
 from pytest_safemerge.peft_suite.model_checks import CHECKS
-from pytest_safemerge.peft_suite.model_contract import case_strategy
+from pytest_safemerge.peft_suite.model_contract import WEIGHTED_OPTIONS, case_kinds, case_strategy
 from pytest_safemerge.results import Row
 
 
@@ -112,3 +119,40 @@ def test_an_unmerge_that_does_nothing_fails_the_round_trip(monkeypatch: pytest.M
     monkeypatch.setattr(lora_layer.Linear, "unmerge", lambda self: None)
     with pytest.raises(AssertionError, match=r"\[unmerge round trip\] the weight of first"):
         CHECKS["unmerge round trip"](_case(), _row())
+
+
+def test_each_weighted_kind_of_case_isolates_its_option() -> None:
+    """add_weighted_adapter's cells run one kind of case per option (plain: none of them),
+    so that each option's verdict is its own; the option is on the combined adapter."""
+    kinds = case_kinds("weighted reproduces", "linear")
+    assert kinds == ("plain", *WEIGHTED_OPTIONS)
+    assert "dora" not in case_kinds("weighted cat", "linear")  # several adapters: no DoRA
+    assert case_kinds("merge accuracy", "linear") == ("random",)
+    seen: dict[str, set[frozenset[str]]] = {kind: set() for kind in kinds}
+
+    @settings(max_examples=15, database=None, deadline=None)
+    @given(st.data())
+    def collect(data: st.DataObject) -> None:
+        for kind in kinds:
+            case = data.draw(case_strategy("weighted reproduces", "linear", torch.float32, kind))
+            assert case.planted["case_kind"] == kind
+            seen[kind].add(case.adapters[0].options & set(WEIGHTED_OPTIONS))
+            for adapter in case.adapters[1:]:
+                assert not adapter.options & (set(WEIGHTED_OPTIONS) - {kind})
+
+    collect()
+    assert seen["plain"] == {frozenset()}
+    assert all(seen[option] == {frozenset({option})} for option in WEIGHTED_OPTIONS)
+
+
+def test_a_multihead_attention_in_proj_lora_bias_is_not_part_of_the_adapter() -> None:
+    """PEFT never applies the in_proj's lora bias (merge and forward alike): the contract
+    leaves it at its initial zero, and the in_proj_bias must not change."""
+    spec = AdapterSpec("a", 2, 3.0, frozenset({"lora_bias"}))
+    case = ModelCase("multihead_attention", torch.float32, (spec,), seed=1, spread=0.5)
+    layer = lora_layers(case.build())["layer"]
+    assert "bias" not in adapter_tensors(layer, "a")
+    assert not layer.lora_B["a"].bias.any()
+    row = _row()
+    CHECKS["unmerge round trip"](case, row)  # in_proj and out_proj, weights and biases
+    assert row.data["worst_fraction"] is not None and row.data["worst_fraction"] <= 1.0
