@@ -53,6 +53,14 @@ OPTIONS: tuple[Option, ...] = (
         kind="bool",
     ),
     Option(
+        "pipeline",
+        "MODULE:OBJECT, a pipeline-level LoRA fuse to check: an object with "
+        "fuse_lora(pipe, lora_scale=...) and unfuse_lora(pipe), e.g. "
+        "pytest_safemerge.targets.diffusers_pipeline:DIFFUSERS_PIPELINE (diffusers' own) or "
+        ":SAFEMERGE_PIPELINE; checked on tiny SD pipelines with LoRAs on the UNet and the text "
+        "encoder: a refused fuse leaves every component as it was, and unfuse restores it",
+    ),
+    Option(
         "only",
         "run only the built-in suite: deselect every other collected test",
         kind="bool",
@@ -142,6 +150,7 @@ class Settings:
 
     suite: bool
     peft: bool
+    pipeline: str | None
     only: bool
     impl: str | None
     model: str | None
@@ -161,7 +170,12 @@ class Settings:
     def active(self) -> bool:
         """Whether the built-in suite is collected in this run."""
         return (
-            self.suite or self.peft or self.only or self.impl is not None or self.model is not None
+            self.suite
+            or self.peft
+            or self.only
+            or self.impl is not None
+            or self.model is not None
+            or self.pipeline is not None
         )
 
 
@@ -218,7 +232,7 @@ def _convert(option: Option, raw: object) -> Any:
         raise pytest.UsageError(f"{option.flag}={text!r}: choose one of {names.listed(DTYPE_CHOICES)}")
     if option.name == "dtypes":
         return _dtype_names(option, text)
-    if option.name == "impl" and ":" not in text:
+    if option.name in ("impl", "pipeline") and ":" not in text:
         raise pytest.UsageError(
             f"{option.flag}={text!r}: expected MODULE:OBJECT, e.g. "
             f"{option.flag}=mypackage.merging:LORA_MERGER"

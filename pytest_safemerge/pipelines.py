@@ -1,4 +1,5 @@
-"""Tiny diffusers pipelines built from configs (no download), for the diffusers tests.
+"""Tiny diffusers pipelines built from configs (no download): the pipeline suite's, and
+the diffusers tests'.
 
 Each builder returns a real pipeline of the named family with randomly initialised,
 seeded weights, small enough that building one takes well under a second:
@@ -12,11 +13,23 @@ seeded weights, small enough that building one takes well under a second:
   precomputed embeddings and cannot be saved and reloaded as a whole.
 
 The SD and SDXL pipelines save with ``save_pretrained`` and load back with
-``DiffusionPipeline.from_pretrained``. ``unet_lora_targets`` / ``TEXT_ENCODER_TARGETS``
+``DiffusionPipeline.from_pretrained``. ``UNET_TARGETS`` / ``TEXT_ENCODER_TARGETS``
 name the modules diffusers' own LoRA loaders target.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "MAX_TOKENS",
+    "TEXT_ENCODER_TARGETS",
+    "TEXT_WIDTH",
+    "UNET_TARGETS",
+    "clip_tokenizer",
+    "flux_pipeline",
+    "sd_pipeline",
+    "sdxl_pipeline",
+    "unet_inputs",
+]
 
 import json
 import tempfile
@@ -116,7 +129,7 @@ def sd_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_clip_config()),
         tokenizer=clip_tokenizer(),
@@ -135,7 +148,7 @@ def sdxl_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    pipe = StableDiffusionXLPipeline(
+    pipe: Any = StableDiffusionXLPipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_clip_config()),
         text_encoder_2=CLIPTextModelWithProjection(_clip_config(projection=True)),
@@ -169,7 +182,7 @@ def flux_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
     )
     clip = CLIPTextModel(_clip_config(projection=True))
     vae = _vae()
-    pipe = FluxPipeline(
+    pipe: Any = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
         text_encoder=clip,

@@ -53,6 +53,10 @@ def pytest_configure(config: pytest.Config) -> None:
         from pytest_safemerge.implementations import load_implementation
 
         load_implementation(settings.impl)
+        if settings.pipeline is not None:
+            from pytest_safemerge.suite.pipeline_contract import load_pipeline_fuse
+
+            load_pipeline_fuse(settings.pipeline)
         if settings.model is not None:
             models.plan_for(config, settings)
         _share_cores(config)
@@ -101,7 +105,10 @@ def pytest_collection_modifyitems(
         return
     modules = []
     if settings.suite or settings.impl is not None or (
-        settings.only and settings.model is None and not settings.peft
+        settings.only
+        and settings.model is None
+        and not settings.peft
+        and settings.pipeline is None
     ):
         modules.append("test_contract.py")
         if _layer_suite_applies(settings.impl):
@@ -110,6 +117,8 @@ def pytest_collection_modifyitems(
         modules.append("test_model.py")
     if settings.peft:
         modules.extend(PEFT_MODULES)
+    if settings.pipeline is not None:
+        modules.append("test_pipeline.py")
     if settings.only and items:
         config.hook.pytest_deselected(items=list(items))
         items.clear()

@@ -154,7 +154,7 @@ def summary_lines(rows: Iterable[dict[str, Any]]) -> list[str]:
         by_contract.setdefault(row["contract"], []).append(row)
     # The tensor and layer contracts first, then any other matrix (the PEFT contracts'),
     # and the model suite's layers as a list.
-    matrices = [c for c in ("tensor", "layer") if c in by_contract]
+    matrices: list[str] = [c for c in ("tensor", "layer") if c in by_contract]
     matrices += [c for c in by_contract if c not in ("tensor", "layer", "model")]
     for contract in matrices:
         lines.extend(_matrix(contract, by_contract[contract]))

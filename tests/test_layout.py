@@ -43,6 +43,8 @@ PLUGIN_MAY_IMPORT = (
     "safemerge.merge.bounds",
     "safemerge.merge.adapter",
     "safemerge.io.atomic",
+    # The pipeline suite's SAFEMERGE_PIPELINE calls the public diffusers drop-in.
+    "safemerge.diffusers",
 )
 
 

@@ -31,7 +31,11 @@ from torch import nn
 from pytest_safemerge.targets.diffusers_support import quiet
 
 __all__ = [
+    "DIFFUSERS_PIPELINE",
+    "SAFEMERGE_PIPELINE",
+    "DiffusersPipelineFuse",
     "PipelineState",
+    "SafemergePipelineFuse",
     "Verdict",
     "check_fuse_atomicity",
     "check_unfuse_restores",
@@ -291,3 +295,39 @@ def check_unfuse_restores(
     unfuse(pipe)
     changed = differences(before, pipeline_state(pipe))
     return Verdict(not changed, changed)
+
+
+# The pipeline suite's implementations (``--safemerge-pipeline=MODULE:OBJECT``): an object
+# with ``fuse_lora(pipe, lora_scale=...)`` and ``unfuse_lora(pipe)``.
+
+
+class DiffusersPipelineFuse:
+    """diffusers' own ``pipe.fuse_lora(lora_scale=..., safe_fusing=True)`` and
+    ``pipe.unfuse_lora()``, as the pipeline suite calls an implementation."""
+
+    def fuse_lora(self, pipe: Any, lora_scale: float = 1.0) -> None:
+        diffusers_fuse(lora_scale)(pipe)
+
+    def unfuse_lora(self, pipe: Any) -> None:
+        diffusers_unfuse()(pipe)
+
+
+class SafemergePipelineFuse:
+    """``safemerge.diffusers.fuse_lora`` / ``unfuse_lora``, as the pipeline suite calls an
+    implementation."""
+
+    def fuse_lora(self, pipe: Any, lora_scale: float = 1.0) -> None:
+        import safemerge.diffusers
+
+        safemerge.diffusers.fuse_lora(pipe, lora_scale=lora_scale)
+
+    def unfuse_lora(self, pipe: Any) -> None:
+        import safemerge.diffusers
+
+        safemerge.diffusers.unfuse_lora(pipe)
+
+
+#: ``--safemerge-pipeline=pytest_safemerge.targets.diffusers_pipeline:DIFFUSERS_PIPELINE``.
+DIFFUSERS_PIPELINE = DiffusersPipelineFuse()
+#: ``--safemerge-pipeline=pytest_safemerge.targets.diffusers_pipeline:SAFEMERGE_PIPELINE``.
+SAFEMERGE_PIPELINE = SafemergePipelineFuse()
