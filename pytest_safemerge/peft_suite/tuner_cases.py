@@ -90,15 +90,15 @@ class TunerCase:
 
     def copy(self) -> TunerCase:
         """A deep copy to change (plant a value in): it reads its own maps."""
-        holder = copy.deepcopy(self.holder)
-        return dataclasses.replace(self, holder=holder, layer=find_tuner_layer(holder), maps={})
+        return dataclasses.replace(self.fresh(), maps={})
 
     def fresh(self) -> TunerCase:
         """A deep copy of this pristine case, sharing its maps (the same values, bit for
         bit); a tuner whose state cannot be deep-copied is built again."""
         try:
             holder = copy.deepcopy(self.holder)
-        except RuntimeError:  # a computed tensor kept as an attribute (DEFT)
+        except RuntimeError:  # a computed tensor kept as an attribute (DEFT; trainable
+            # tokens on PEFT 0.20): built again, the same values from the same seed
             return _build(self.tuner, self.kind, self.dtype, _key(self.options), self.seed)
         return dataclasses.replace(self, holder=holder, layer=find_tuner_layer(holder))
 
