@@ -109,13 +109,9 @@ def cell_skip_reason(
     cell: LayerCell, implementation: Implementation, selected: Sequence[str] | None
 ) -> str | None:
     """Why ``cell`` does not run, or None when it does."""
-    if cell.layer not in implementation.layer_kinds:
-        return (
-            f"{implementation.spec} does not declare {cell.layer} "
-            f"(layer_kinds = {sorted(implementation.layer_kinds)})"
-        )
-    if cell.dtype is None:
-        return None
+    reason = implementation.layer_skip_reason(cell.layer)
+    if reason is not None or cell.dtype is None:
+        return reason
     return implementation.dtype_skip_reason(cell.dtype, selected)
 
 
@@ -157,7 +153,7 @@ class LayerConformanceSuite:
         if reason is not None:
             pytest.skip(reason)
         active = sum(cell_skip_reason(c, implementation, selected) is None for c in LAYER_CELLS)
-        allowed = implementation.layer_kinds
+        allowed = implementation.tags_for(layer_cell.layer)
         device = safemerge_settings.device
         dtype = None if layer_cell.dtype is None else getattr(torch, layer_cell.dtype)
 
