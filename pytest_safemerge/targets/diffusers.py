@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from pytest_safemerge.targets.diffusers_legacy import DIFFUSERS_LEGACY, DiffusersLegacyFuse
-from pytest_safemerge.targets.diffusers_support import ByIdentity, import_diffusers, quiet
+from pytest_safemerge.targets.diffusers_support import import_diffusers, quiet
+from pytest_safemerge.targets.identity import ByIdentity
 from safemerge.merge.adapter import LoraAdapter
 
 __all__ = [

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pytest_safemerge.targets.diffusers_support import ByIdentity, import_diffusers, quiet
+from pytest_safemerge.targets.diffusers_support import import_diffusers, quiet
+from pytest_safemerge.targets.identity import ByIdentity
 from safemerge.merge.adapter import LoraAdapter
 
 __all__ = ["DIFFUSERS_LEGACY", "LEGACY_LAYER_KINDS", "DiffusersLegacyFuse", "legacy_layer"]

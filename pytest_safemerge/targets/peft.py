@@ -31,16 +31,16 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from pytest_safemerge.targets import peft_features
+from pytest_safemerge.targets.identity import ByIdentity
 from safemerge.merge.adapter import LoraAdapter
 from safemerge.names import ALL_TAGS
 
@@ -49,45 +49,6 @@ __all__ = ["LAYER_KINDS", "PEFT_LORA", "PeftLoraMerge"]
 #: The module-level cases PEFT's LoRA layers take, on the latest PEFT (all of the suite's
 #: kinds); an older release takes those of them it does not lack (``unsupported``).
 LAYER_KINDS = ALL_TAGS
-
-_K = TypeVar("_K")
-_V = TypeVar("_V")
-
-
-class _ByIdentity(Generic[_K, _V]):
-    """A map from live objects, by identity, to values; an entry dies with its key.
-
-    Keyed like ``SafemergeEngine`` keys its records: ``id`` plus a weak reference, which
-    tells a live object from a new one that reuses a dead one's id (tensors compare
-    element-wise, so they cannot be dictionary keys by value).
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref[Any], _V]] = {}
-
-    def get(self, key: _K) -> _V | None:
-        self._prune()
-        entry = self._entries.get(id(key))
-        if entry is None or entry[0]() is not key:
-            return None
-        return entry[1]
-
-    def put(self, key: _K, value: _V) -> None:
-        self._prune()
-        self._entries[id(key)] = (weakref.ref(key), value)
-
-    def pop(self, key: _K) -> None:
-        entry = self._entries.get(id(key))
-        if entry is not None and entry[0]() is key:
-            del self._entries[id(key)]
-
-    def __len__(self) -> int:
-        self._prune()
-        return len(self._entries)
-
-    def _prune(self) -> None:
-        for dead in [k for k, (ref, _) in self._entries.items() if ref() is None]:
-            del self._entries[dead]
 
 
 @dataclass
@@ -120,9 +81,9 @@ class PeftLoraMerge:
         return _features().missing()
 
     def __init__(self) -> None:
-        self._weights: _ByIdentity[torch.Tensor, tuple[Any, torch.Tensor, torch.Tensor]]
-        self._weights = _ByIdentity()
-        self._layers: _ByIdentity[nn.Module, _Merged] = _ByIdentity()
+        self._weights: ByIdentity[torch.Tensor, tuple[Any, torch.Tensor, torch.Tensor]]
+        self._weights = ByIdentity()
+        self._layers: ByIdentity[nn.Module, _Merged] = ByIdentity()
 
     # The tensor contract.
 
