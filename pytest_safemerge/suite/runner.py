@@ -25,6 +25,7 @@ if sys.version_info < (3, 11):  # Hypothesis installs the backport there
 
 CaseT = TypeVar("CaseT")
 _PHASES = tuple(phase for phase in Phase if phase is not Phase.explain)
+_PHASES_WITHOUT_SHRINK = tuple(phase for phase in _PHASES if phase is not Phase.shrink)
 
 
 def budget(examples: int, cells: int, kinds: int, *, least: int) -> int:
@@ -42,8 +43,13 @@ def explore(
     examples_per_kind: int,
     check: Callable[[CaseT], None],
     must_see: Sequence[str] = (),
+    shrink: bool = True,
 ) -> None:
-    """Check ``check`` over every kind's strategy; fail if a kind in ``must_see`` was never met."""
+    """Check ``check`` over every kind's strategy; fail if a kind in ``must_see`` was never met.
+
+    ``shrink=False`` reports a failing case as first found: for cases that cost a model
+    build each, where shrinking would rebuild one per attempt.
+    """
     __tracebackhide__ = True
     failures: list[tuple[str, Exception]] = []
     for kind, strategy in strategies.items():
@@ -55,7 +61,7 @@ def explore(
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
             # No "explain" phase: the message already says what broke and where, and
             # explaining a tensor case re-runs it many times over.
-            phases=_PHASES,
+            phases=_PHASES if shrink else _PHASES_WITHOUT_SHRINK,
         )
         @given(strategy)
         def property_holds(case: CaseT) -> None:
