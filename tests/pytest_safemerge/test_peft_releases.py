@@ -17,23 +17,24 @@ skips, except under ``CI=true``, where it fails: CI must not lose it silently.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from support.peft_release import (
+    RELEASE,
+    RELEASE_DIR,
+    Finding,
+    assert_exactly_the_findings_fail,
+    run_release,
+)
+
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("transformers")
 
-RELEASE = "0.10.0"
-RELEASE_DIR = Path(__file__).parents[2] / ".venv" / "peft-releases" / RELEASE
 SPEC = "safemerge.peft:PEFT_LORA"
 #: Plugin flags beyond ``--safemerge-impl``, for the contracts still to come.
 EXTRA_FLAGS: tuple[str, ...] = ()
@@ -49,17 +50,6 @@ DTYPES = ("float16",)
 DESELECT = "not (test_unfuse_layer_round_trip and conv2d)"
 #: The weight dtypes of the unquantized layer cells.
 LAYER_DTYPES = ("float32", "float16", "bfloat16")
-#: Written by the run: the version and path of the PEFT it imported.
-CONFTEST = """
-import json
-
-import peft
-
-
-def pytest_configure(config):
-    with open("peft.json", "w") as stream:
-        json.dump({"version": peft.__version__, "path": peft.__file__}, stream)
-"""
 #: What the adapter raises when it meets an API the release does not have, or a case the
 #: release cannot hold that the suite should not have made: never in a cell's message.
 ADAPTER_CRASH = re.compile(r"unexpected keyword argument|takes no \[|\(added in \d")
@@ -81,23 +71,6 @@ SKIPPED = {
         "unfuse_layer_round_trip",
     )
 }
-
-
-@dataclass(frozen=True)
-class Finding:
-    """A bug of the release's merge (or of it with today's libraries), and its cells.
-
-    Attributes:
-        name: what is wrong, in a few words.
-        cells: the cells (``test[id]``) that fail on it.
-        shows: regular expressions the failure messages of those cells must match.
-        fixed_in: the PEFT release (and change) that fixed it, or why it is not PEFT's.
-    """
-
-    name: str
-    cells: tuple[str, ...]
-    shows: tuple[str, ...]
-    fixed_in: str
 
 
 _HALF_LAYERS = ("linear", "embedding", "conv2d", "fan_in_fan_out")
@@ -157,52 +130,22 @@ FINDINGS = {
 }
 
 
-def _runs_the_release() -> Path:
-    if (RELEASE_DIR / "peft" / "__init__.py").is_file():
-        return RELEASE_DIR
-    reason = (
-        f"PEFT {RELEASE} is not installed in {RELEASE_DIR} (bash .ci/setup installs it: "
-        f"pip install --no-deps --target {RELEASE_DIR} peft=={RELEASE})"
-    )
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{reason}; CI runs this test", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The PEFT the run imported (``peft``) and the report's rows (``rows``: ``test[id]``
     -> row) of one run of the suites against :data:`RELEASE`."""
-    release = _runs_the_release()
-    directory = tmp_path_factory.mktemp("peft_release")
-    (directory / "conftest.py").write_text(CONFTEST)
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-p",
-        "no:cacheprovider",
-        f"--safemerge-impl={SPEC}",
-        "--safemerge-report=report.json",
-        f"--safemerge-examples={EXAMPLES}",
-        f"--safemerge-dtypes={','.join(DTYPES)}",
-        "-k",
-        DESELECT,
-        "--hypothesis-profile=ci",
-        *EXTRA_FLAGS,
-    ]
-    paths = [str(release), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
-    done = subprocess.run(
-        command, cwd=directory, env=env, capture_output=True, text=True, timeout=900, check=False
+    done = run_release(
+        tmp_path_factory.mktemp("peft_release"),
+        [
+            f"--safemerge-impl={SPEC}",
+            f"--safemerge-examples={EXAMPLES}",
+            f"--safemerge-dtypes={','.join(DTYPES)}",
+            "-k",
+            DESELECT,
+            *EXTRA_FLAGS,
+        ],
     )
-    report, imported = directory / "report.json", directory / "peft.json"
-    assert report.is_file() and imported.is_file(), done.stdout[-5000:] + done.stderr[-5000:]
-    rows = json.loads(report.read_text())["results"]
-    return {
-        "peft": json.loads(imported.read_text()),
-        "rows": {row["nodeid"].split("::")[-1]: row for row in rows},
-    }
+    return {"peft": done.peft, "rows": done.rows}
 
 
 def test_the_run_used_the_release(run: dict[str, Any]) -> None:
@@ -231,14 +174,7 @@ def test_what_the_release_lacks_is_skipped_with_its_reason(run: dict[str, Any]) 
 
 
 def test_exactly_the_findings_of_the_release_fail(run: dict[str, Any]) -> None:
-    rows = run["rows"]
-    failed = {cell for cell, row in rows.items() if row["result"] == "failed"}
-    expected = {cell for finding in FINDINGS.values() for cell in finding.cells}
-    assert failed == expected, {cell: rows[cell]["message"] for cell in failed ^ expected}
-    for key, finding in FINDINGS.items():
-        messages = "\n".join(str(rows[cell]["message"]) for cell in finding.cells)
-        missing = [pattern for pattern in finding.shows if not re.search(pattern, messages)]
-        assert not missing, f"{key}: {missing}\n{messages}"
+    assert_exactly_the_findings_fail(run["rows"], FINDINGS)
 
 
 def test_the_other_cells_pass_over_real_cases(run: dict[str, Any]) -> None:
