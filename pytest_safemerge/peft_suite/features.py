@@ -7,9 +7,15 @@ lacks, never crashes. Two ways to find out:
   ...), the model's entry points, and the combination types ``add_weighted_adapter``
   documents;
 - probing: a tiny model of the layer kind gets one adapter with the option on; if PEFT
-  raises while injecting it, the option is not supported there (no DoRA on a
-  convolution, no ``nn.MultiheadAttention`` before its release), and PEFT's own words
-  are the reason.
+  refuses it (``ValueError``, ``TypeError``, ``NotImplementedError``, ``KeyError``), the
+  option is not supported there (no DoRA on a convolution, no ``nn.MultiheadAttention``
+  before its release), and PEFT's own words are the reason.
+
+A probe that *crashes* (any other exception, e.g. a ``RuntimeError`` on mismatched
+shapes: PEFT 0.10.0's DoRA on GPT-2's ``Conv1D``) is not a refusal: the option is left
+out of the generated cases like an unsupported one (so it cannot spoil the other
+options' cases), but the cells of that kind fail with the crash (:func:`kind_crash`,
+:func:`option_crash`): a crash is PEFT's bug, not a missing feature.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ __all__ = [
     "OPTIONS",
     "combination_types",
     "entry_point_missing",
+    "kind_crash",
     "kind_unsupported",
+    "option_crash",
     "option_unsupported",
     "peft_version",
 ]
@@ -93,20 +101,42 @@ def combination_types() -> tuple[str, ...]:
 
 @cache
 def kind_unsupported(kind: str) -> str | None:
-    """Why this PEFT cannot put LoRA on the layer kind, or None."""
-    return _probe(kind, "")
+    """Why this PEFT cannot put LoRA on the layer kind (a refusal or a crash), or None."""
+    return _probe(kind, "")[0]
+
+
+def kind_crash(kind: str) -> str | None:
+    """The crash putting LoRA on the layer kind, or None (a refusal is not a crash)."""
+    reason, crashed = _probe(kind, "")
+    return reason if crashed else None
 
 
 @cache
 def option_unsupported(kind: str, option: str) -> str | None:
-    """Why this PEFT cannot put an adapter with ``option`` on the layer kind, or None."""
+    """Why this PEFT cannot put an adapter with ``option`` on the layer kind (a refusal or
+    a crash), or None."""
     field = OPTIONS[option]
     if field not in _config_fields():
         return f"PEFT {peft_version()}'s LoraConfig has no {field}"
-    return _probe(kind, option)
+    return _probe(kind, option)[0]
 
 
-def _probe(kind: str, option: str) -> str | None:
+def option_crash(kind: str, option: str) -> str | None:
+    """The crash putting an adapter with ``option`` on the layer kind, or None."""
+    if OPTIONS[option] not in _config_fields():
+        return None
+    reason, crashed = _probe(kind, option)
+    return reason if crashed else None
+
+
+#: What PEFT raises to refuse a layer kind or option it does not support.
+_REFUSALS = (ValueError, TypeError, NotImplementedError, KeyError)
+
+
+@cache
+def _probe(kind: str, option: str) -> tuple[str | None, bool]:
+    """Inject one adapter with ``option`` into a tiny model of ``kind``: None if PEFT takes
+    it, else the reason and whether PEFT crashed rather than refused."""
     from peft import LoraConfig, get_peft_model
 
     settings: dict[str, object] = {"r": 2, "lora_alpha": 3, "target_modules": ["first", "layer"]}
@@ -117,8 +147,11 @@ def _probe(kind: str, option: str) -> str | None:
             warnings.simplefilter("ignore")
             torch.manual_seed(0)
             get_peft_model(TinyModel(KINDS[kind]), LoraConfig(**settings))  # type: ignore[arg-type]
-    except (ValueError, TypeError, NotImplementedError, RuntimeError, KeyError) as error:
+    except Exception as error:
         what = f"{option} on {kind}" if option else kind
         words = " ".join(str(error).split()) or type(error).__name__
-        return f"PEFT {peft_version()} refuses {what}: {words[:_SHOWN]}"
-    return None
+        if isinstance(error, _REFUSALS):
+            return f"PEFT {peft_version()} refuses {what}: {words[:_SHOWN]}", False
+        crash = f"{type(error).__name__}: {words[:_SHOWN]}"
+        return f"PEFT {peft_version()} crashes injecting {what}: {crash}", True
+    return None, False
