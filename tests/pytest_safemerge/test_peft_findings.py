@@ -89,7 +89,6 @@ PASSING = (
     "TestTensor::test_unfuse_round_trip[float16]",
     "TestLayers::test_fuse_layer_leaves_adapters_unmodified[fan_in_fan_out-bfloat16]",
     "TestLayers::test_fuse_layer_keeps_form[conv2d-float32]",
-    "TestLayers::test_layer_refusal_leaves_layer_unchanged[linear-float32]",
     "TestLayers::test_unfuse_layer_round_trip[linear-float32]",
 )
 
@@ -175,7 +174,11 @@ FINDINGS = {
     ),
     "several adapters not atomic": Finding(
         "a refused adapter leaves the adapters merged before it in the weight",
-        ("TestSeveral::test_layer_refusal_leaves_layer_unchanged[linear-float16]",),
+        (
+            "TestSeveral::test_layer_refusal_leaves_layer_unchanged[linear-float16]",
+            # Where the derandomized run draws several adapters in a cast-overflow case.
+            "TestLayers::test_layer_refusal_leaves_layer_unchanged[linear-float32]",
+        ),
         (
             r"\[layer atomicity\] fuse_layer refused \(ValueError: NaNs detected in the merged "
             r"weights\. The adapter adapter_[1-9] seems to be broken\) but changed the linear "
