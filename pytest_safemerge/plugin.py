@@ -104,11 +104,15 @@ def pytest_collection_modifyitems(
     if not settings.active:
         return
     modules = []
-    if settings.suite or settings.impl is not None or (
-        settings.only
-        and settings.model is None
-        and not settings.peft
-        and settings.pipeline is None
+    if (
+        settings.suite
+        or settings.impl is not None
+        or (
+            settings.only
+            and settings.model is None
+            and not settings.peft
+            and settings.pipeline is None
+        )
     ):
         modules.append("test_contract.py")
         if _layer_suite_applies(settings.impl):
@@ -178,7 +182,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
     header = {
         "safemerge_version": safemerge.__version__,
-        "implementation": settings.impl or DEFAULT_SPEC,
+        # The tensor and layer contracts' implementation, when they ran.
+        "implementation": settings.impl
+        or (DEFAULT_SPEC if settings.suite or not (settings.peft or settings.pipeline) else None),
+        "pipeline": settings.pipeline,
+        "peft": settings.peft,
         "model": settings.model,
         "adapter": settings.adapter,
         "quant": settings.quant,

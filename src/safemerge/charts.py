@@ -225,7 +225,7 @@ def _suite_figure(figure_class: type[Figure], data: dict[str, Any]) -> Figure:
     figure = figure_class(figsize=(min(width, 40.0), sum(heights)), dpi=_DPI, layout="constrained")
     summary = data.get("summary", {})
     figure.suptitle(
-        f"safemerge suite: {data.get('implementation', '?')}: "
+        f"safemerge suite: {_targets(rows)}: "
         + ", ".join(f"{summary.get(s, 0)} {s}" for s in ("passed", "failed", "skipped")),
         fontsize=10,
     )
@@ -309,6 +309,13 @@ def _heatmap(ax: Axes, contract: str, grid: _Grid) -> None:
     ax.legend(
         handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False
     )
+
+
+def _targets(rows: list[dict[str, Any]]) -> str:
+    """What was checked: the rows' targets (an implementation's spec, a PEFT release)."""
+    targets = list(dict.fromkeys(str(row.get("target")) for row in rows if row.get("target")))
+    shown = ", ".join(targets[:3])
+    return shown + (f" and {len(targets) - 3} more" if len(targets) > 3 else "") or "?"
 
 
 def _status(cell: dict[str, Any] | None) -> str | None:
