@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safemerge.merge.correction import CorrectionBuilder, _pack, _unpack
+from safemerge.merge.correction import CorrectionBuilder, _escape_positions, _pack, _unpack
 from safemerge.merge.numerics import SUPPORTED_DTYPES, int_view
 
 
@@ -92,3 +92,41 @@ def test_pack_unpack_round_trip_for_every_byte(dtype: torch.dtype) -> None:
     packed = _pack(codes)
     assert torch.equal(packed[:256], every_byte.to(torch.uint8))
     assert torch.equal(_unpack(packed, codes.numel()).to(dtype), codes)
+
+
+@pytest.mark.parametrize("escape_rate", [0.0, 0.001, 0.02, 0.5, 1.0])
+@pytest.mark.parametrize("count", [1, 4, 31, 32, 33, 129, 4099])
+def test_escape_positions_are_every_escape_code_in_order(escape_rate: float, count: int) -> None:
+    # Lengths around the eight-byte words the search starts with, escapes from none to all.
+    generator = torch.Generator().manual_seed(count)
+    codes = torch.randint(0, 4, (count,), generator=generator, dtype=torch.uint8)
+    codes[codes == 2] = 0
+    codes[torch.rand(count, generator=generator) < escape_rate] = 2
+    expected = (codes == 2).nonzero().flatten()
+    assert torch.equal(_escape_positions(_pack(codes)), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("escaping_blocks", [(), (0,), (1,), (2,), (0, 2), (0, 1, 2)])
+def test_blocks_with_and_without_escapes_restore_exactly(
+    dtype: torch.dtype, escaping_blocks: tuple[int, ...]
+) -> None:
+    # Blocks without escapes skip the search for them: the first, a middle and the last
+    # block (whose escapes run to the end of the kept bits) each with and without.
+    block, count = 64, 160
+    original_bits = _random_bits(dtype, count, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    unfused_bits = original_bits - torch.randint(-1, 2, (count,), generator=generator).to(
+        original_bits.dtype
+    )
+    for index in escaping_blocks:
+        unfused_bits[index * block + 5] ^= 0x70  # several steps away: an escape
+    original, unfused = original_bits.view(dtype), unfused_bits.view(dtype)
+    builder = CorrectionBuilder(count, dtype)
+    for offset in range(0, count, block):
+        builder.add(offset, original[offset : offset + block], unfused[offset : offset + block])
+    correction = builder.build()
+    assert correction.escape_count == len(escaping_blocks)
+    for offset in range(0, count, block):
+        restored = correction.apply(offset, unfused[offset : offset + block])
+        assert torch.equal(int_view(restored), original_bits[offset : offset + block])
