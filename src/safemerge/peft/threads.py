@@ -24,8 +24,8 @@ import torch
 
 
 def merge_threads() -> int:
-    """torch's intra-op thread count, at most the cores the 1-minute load average leaves
-    idle, and at least 1.
+    """torch's intra-op thread count, at most the cores the 1-minute load average of the
+    other tasks leaves idle, and at least 1.
 
     On an idle machine this is torch's own count; on one whose cores are all taken it is
     1, the one thread that never waits for another.
@@ -35,7 +35,12 @@ def merge_threads() -> int:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # no load average (Windows): torch's count
         return current
-    idle = round(_usable_cores() - load)
+    # The calling thread is itself one of the runnable tasks the load average counts (it
+    # was busy building or loading the model just before): the others' load is one less.
+    # Counting it as another's halved the threads on an idle 2-core machine (an SDXL UNet
+    # fused at one thread while diffusers used two).
+    others = max(0.0, load - 1.0)
+    idle = round(_usable_cores() - others)
     return max(1, min(current, idle))
 
 
