@@ -49,7 +49,7 @@ from safemerge.merge.bound_check import BoundCheck
 from safemerge.merge.record import FuseRecord
 from safemerge.merge.request import coefficients as coefficients_of
 from safemerge.model import base_quant, bnb_targets, streaming
-from safemerge.model.memory import peak_rss_bytes, release_free_heap
+from safemerge.model.memory import release_free_heap
 from safemerge.model.report import CAST, QUANTIZED, UNCHANGED, ModelFuseReport, TensorResult
 from safemerge.model.transaction import checked_against_bound, plan_error
 from safemerge.quant.quantized import QuantizedFuseRecord
@@ -167,14 +167,11 @@ def export_files(
         except SafemergeError as error:
             error.add_note(f"export_files: nothing was written to {output_path}")
             raise
-    return ModelFuseReport(
-        layers=tuple(results),
-        parameters=sum(result.numel for result in results),
-        fused_parameters=sum(result.numel for result in results if result.fused),
-        tensors_written=written.tensors,
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=peak_rss_bytes(),
+    return ModelFuseReport.on_disk(
+        results,
+        started=started,
         output=written.path,
+        tensors_written=written.tensors,
         shard_count=written.shard_count,
         written_bytes=written.total_size,
         metadata=metadata,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,35 @@ class ModelFuseReport:
             seconds=seconds,
             peak_rss_bytes=peak_rss_bytes(),
             records=records,
+        )
+
+    @classmethod
+    def on_disk(
+        cls,
+        results: Sequence[TensorResult],
+        *,
+        started: float,
+        output: Path,
+        tensors_written: int,
+        shard_count: int,
+        written_bytes: int,
+        metadata: dict[str, str],
+        copied: tuple[str, ...],
+    ) -> ModelFuseReport:
+        """The report of a fuse written to disk (``fuse_files``, ``export_files``), timed
+        from ``started`` (a ``time.perf_counter()`` reading) to now."""
+        return cls(
+            layers=tuple(results),
+            parameters=sum(result.numel for result in results),
+            fused_parameters=sum(result.numel for result in results if result.fused),
+            tensors_written=tensors_written,
+            seconds=time.perf_counter() - started,
+            peak_rss_bytes=peak_rss_bytes(),
+            output=output,
+            shard_count=shard_count,
+            written_bytes=written_bytes,
+            metadata=metadata,
+            copied=copied,
         )
 
     @property

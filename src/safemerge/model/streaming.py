@@ -43,7 +43,7 @@ from safemerge.merge.numerics import SUPPORTED_DTYPES
 from safemerge.merge.record import FuseRecord
 from safemerge.merge.request import check_request
 from safemerge.merge.view import view_layer
-from safemerge.model.memory import peak_rss_bytes, release_free_heap
+from safemerge.model.memory import release_free_heap
 from safemerge.model.report import BIAS, CAST, UNCHANGED, ModelFuseReport, TensorResult
 from safemerge.model.transaction import (
     check_scale,
@@ -160,14 +160,11 @@ def fuse_files(
         except SafemergeError as error:
             error.add_note(f"fuse_files: nothing was written to {output_path}")
             raise
-    return ModelFuseReport(
-        layers=tuple(results),
-        parameters=sum(result.numel for result in results),
-        fused_parameters=sum(result.numel for result in results if result.fused),
-        tensors_written=written.tensors,
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=peak_rss_bytes(),
+    return ModelFuseReport.on_disk(
+        results,
+        started=started,
         output=written.path,
+        tensors_written=written.tensors,
         shard_count=written.shard_count,
         written_bytes=written.total_size,
         metadata=metadata,
@@ -242,14 +239,11 @@ def _fuse_pipeline(
         except SafemergeError as error:
             error.add_note(f"fuse_files: nothing was written to {output}")
             raise
-    return ModelFuseReport(
-        layers=tuple(results),
-        parameters=sum(result.numel for result in results),
-        fused_parameters=sum(result.numel for result in results if result.fused),
-        tensors_written=written.tensors,
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=peak_rss_bytes(),
+    return ModelFuseReport.on_disk(
+        results,
+        started=started,
         output=written.path,
+        tensors_written=written.tensors,
         shard_count=sum(len(files) for files in written.files.values()),
         written_bytes=written.total_size,
         metadata=provenance({}, sets, scale, dtype),
