@@ -1,17 +1,14 @@
-"""The reproductions' tiny StableDiffusionPipeline (tests/support/tiny_pipelines.py, built
+"""The reproductions' tiny StableDiffusionPipeline (pytest_safemerge/pipelines.py, built
 from configs: no download) with one random LoRA, "style", on the UNet's attention
 projections and the text encoder's, loaded by ``pipe.load_lora_weights``."""
 
 import logging
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from support import tiny_pipelines
+from pytest_safemerge import pipelines as tiny_pipelines
 
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)

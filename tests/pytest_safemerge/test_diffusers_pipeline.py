@@ -18,9 +18,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
+from pytest_safemerge import pipelines as tiny_pipelines  # noqa: E402
 from pytest_safemerge.targets import diffusers_pipeline as checks  # noqa: E402
-
-from support import tiny_pipelines  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 TARGETS = {"unet": tiny_pipelines.UNET_TARGETS, "text_encoder": tiny_pipelines.TEXT_ENCODER_TARGETS}

@@ -29,10 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pytest_safemerge import pipelines as tiny_pipelines
 from safemerge.cli import EXIT_CHECK_FAILED, EXIT_INPUT, EXIT_OK, main
 from safemerge.io.writer import leftover_temporaries
-
-from support import tiny_pipelines
 
 pytest.importorskip("diffusers")
 

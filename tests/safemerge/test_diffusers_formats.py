@@ -24,8 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 import safemerge.diffusers
-
-from support import tiny_pipelines
+from pytest_safemerge import pipelines as tiny_pipelines
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

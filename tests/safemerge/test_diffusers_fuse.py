@@ -21,10 +21,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 import safemerge
 import safemerge.diffusers
+from pytest_safemerge import pipelines as tiny_pipelines
 from safemerge.merge.bounds import merge_bound_parts
 from safemerge.merge.numerics import ulp
-
-from support import tiny_pipelines
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
