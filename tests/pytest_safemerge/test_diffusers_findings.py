@@ -21,15 +21,14 @@ shows fails with "... fixed finding ...": update :data:`FINDINGS` and the README
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.suite_run import run_cells
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -166,33 +165,18 @@ FINDINGS = {
 def suite_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """The report's rows (``Class::test[id]`` -> row) of one pytest run of the findings'
     cells, :data:`PASSING` and :data:`SKIPPED`, in an empty directory."""
-    directory = tmp_path_factory.mktemp("diffusers_under_the_suite")
-    (directory / MODULE).write_text(SUITE_MODULE)
-    cells = sorted(
+    cells = (
         {cell for finding in FINDINGS.values() for cell in finding.cells}
         | set(PASSING)
         | set(SKIPPED)
     )
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        *(f"{MODULE}::{cell}" for cell in cells),
-        "-p",
-        "no:cacheprovider",
-        "-n",
-        "0",
-        "--hypothesis-profile=ci",
-        f"--safemerge-examples={EXAMPLES}",
-        "--safemerge-report=report.json",
-    ]
-    done = subprocess.run(
-        command, cwd=directory, capture_output=True, text=True, timeout=900, check=False
+    return run_cells(
+        tmp_path_factory.mktemp("diffusers_under_the_suite"),
+        MODULE,
+        SUITE_MODULE,
+        cells,
+        flags=[f"--safemerge-examples={EXAMPLES}"],
     )
-    report = directory / "report.json"
-    assert report.is_file(), done.stdout + done.stderr
-    rows = json.loads(report.read_text())["results"]
-    return {row["nodeid"].split("::", 1)[1]: row for row in rows}
 
 
 def _version(owner: str) -> str:

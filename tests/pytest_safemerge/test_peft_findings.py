@@ -18,7 +18,6 @@ loses its power over a finding fails here. The findings were made on PEFT
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.suite_run import run_cells
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
@@ -261,27 +262,15 @@ DEQUANTIZE_4BIT = Finding(
 def suite_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """The report's rows (``Class::test[id]`` -> row) of one pytest run of the findings'
     cells and :data:`PASSING` from :data:`SUITE_MODULE`, in an empty directory."""
-    directory = tmp_path_factory.mktemp("peft_under_the_suite")
-    (directory / MODULE).write_text(SUITE_MODULE)
-    cells = sorted({cell for finding in FINDINGS.values() for cell in finding.cells} | set(PASSING))
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        *(f"{MODULE}::{cell}" for cell in cells),
-        "-p",
-        "no:cacheprovider",
-        "--hypothesis-profile=ci",
-        f"--safemerge-examples={EXAMPLES}",
-        "--safemerge-report=report.json",
-    ]
-    done = subprocess.run(
-        command, cwd=directory, capture_output=True, text=True, timeout=1200, check=False
+    cells = {cell for finding in FINDINGS.values() for cell in finding.cells} | set(PASSING)
+    return run_cells(
+        tmp_path_factory.mktemp("peft_under_the_suite"),
+        MODULE,
+        SUITE_MODULE,
+        cells,
+        flags=[f"--safemerge-examples={EXAMPLES}"],
+        timeout=1200,
     )
-    report = directory / "report.json"
-    assert report.is_file(), done.stdout + done.stderr
-    rows = json.loads(report.read_text())["results"]
-    return {row["nodeid"].split("::", 1)[1]: row for row in rows}
 
 
 def assert_finds(rows: dict[str, dict[str, Any]], key: str, finding: Finding) -> None:

@@ -10,15 +10,14 @@ made on PEFT :data:`FINDINGS_PEFT_VERSION`, each reproduced by a script in
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.suite_run import run_cells
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -108,28 +107,13 @@ SKIPPED = {
 def suite_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     if peft.__version__ != FINDINGS_PEFT_VERSION:
         pytest.skip(f"findings made on PEFT {FINDINGS_PEFT_VERSION}, not {peft.__version__}")
-    directory = tmp_path_factory.mktemp("peft_tuners_under_the_suite")
-    (directory / MODULE).write_text(SUITE_MODULE)
-    cells = sorted({finding.cell for finding in FINDINGS.values()} | set(PASSING) | set(SKIPPED))
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        *(f"{MODULE}::{cell}" for cell in cells),
-        "-p",
-        "no:cacheprovider",
-        "-n",
-        "0",
-        "--hypothesis-profile=ci",
-        "--safemerge-report=report.json",
-    ]
-    done = subprocess.run(
-        command, cwd=directory, capture_output=True, text=True, timeout=600, check=False
+    return run_cells(
+        tmp_path_factory.mktemp("peft_tuners_under_the_suite"),
+        MODULE,
+        SUITE_MODULE,
+        {finding.cell for finding in FINDINGS.values()} | set(PASSING) | set(SKIPPED),
+        timeout=600,
     )
-    report = directory / "report.json"
-    assert report.is_file(), done.stdout + done.stderr
-    rows = json.loads(report.read_text())["results"]
-    return {row["nodeid"].split("::", 1)[1]: row for row in rows}
 
 
 @pytest.mark.parametrize("key", list(FINDINGS), ids=[k.replace(" ", "-") for k in FINDINGS])
