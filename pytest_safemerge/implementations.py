@@ -137,19 +137,18 @@ class SafemergeEngine:
 SAFEMERGE = SafemergeEngine()
 
 
-def load_implementation(spec: str | None) -> Implementation:
-    """The implementation named ``MODULE:OBJECT`` (safemerge's engine for None).
+def resolve_spec(flag: str, spec: str) -> Any:
+    """The object ``MODULE:OBJECT`` names (``OBJECT`` may be dotted).
 
     Raises:
-        pytest.UsageError: the module or object cannot be found, or has no ``fuse``.
+        pytest.UsageError: the module cannot be imported, or has no such attribute.
     """
-    spec = spec or DEFAULT_SPEC
     module_name, _, attribute = spec.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as error:
         raise pytest.UsageError(
-            f"--safemerge-impl={spec}: cannot import module {module_name!r} ({error}); is it "
+            f"{flag}={spec}: cannot import module {module_name!r} ({error}); is it "
             f"installed or on sys.path (run pytest from its directory, or pip install -e it)?"
         ) from error
     for part in attribute.split("."):
@@ -157,8 +156,20 @@ def load_implementation(spec: str | None) -> Implementation:
             target = getattr(target, part)
         except AttributeError:
             raise pytest.UsageError(
-                f"--safemerge-impl={spec}: module {module_name!r} has no attribute {attribute!r}"
+                f"{flag}={spec}: module {module_name!r} has no attribute {attribute!r}"
             ) from None
+    return target
+
+
+def load_implementation(spec: str | None) -> Implementation:
+    """The implementation named ``MODULE:OBJECT`` (safemerge's engine for None).
+
+    Raises:
+        pytest.UsageError: the module or object cannot be found, or has no ``fuse``.
+    """
+    spec = spec or DEFAULT_SPEC
+    target = resolve_spec("--safemerge-impl", spec)
+    attribute = spec.partition(":")[2]
     if not callable(getattr(target, "fuse", None)):
         raise pytest.UsageError(
             f"--safemerge-impl={spec}: {attribute} has no callable fuse(weight, lora_A, "

@@ -24,11 +24,11 @@ be right while the pipeline is left half-fused.
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import Any
 
 import pytest
 
+from pytest_safemerge.implementations import resolve_spec
 from pytest_safemerge.options import Settings
 from pytest_safemerge.results import start_row
 
@@ -45,18 +45,8 @@ def load_pipeline_fuse(spec: str) -> Any:
         pytest.UsageError: the module or object cannot be found, or lacks a method.
     """
     flag = f"--safemerge-pipeline={spec}"
-    module_name, _, attribute = spec.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as error:
-        raise pytest.UsageError(
-            f"{flag}: cannot import module {module_name!r} ({error}); is it installed or on "
-            f"sys.path?"
-        ) from error
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise pytest.UsageError(f"{flag}: {module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
+    target = resolve_spec("--safemerge-pipeline", spec)
+    attribute = spec.partition(":")[2]
     missing = [
         name for name in ("fuse_lora", "unfuse_lora") if not callable(getattr(target, name, None))
     ]
