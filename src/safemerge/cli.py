@@ -326,6 +326,8 @@ def _report_json(report: ModelFuseReport) -> dict[str, Any]:
         "fused_parameters": report.fused_parameters,
         "tensors_written": report.tensors_written,
         "seconds": report.seconds,
+        # Seconds per phase, "other" the rest of "seconds"; absent where not measured.
+        "phases": {**report.phases, "other": report.other_seconds} if report.phases else {},
         "peak_rss_bytes": report.peak_rss_bytes,
         "metadata": dict(report.metadata),
         "layers": [

@@ -81,6 +81,11 @@ def test_json_report(tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[
     report = json.loads(capsys.readouterr().out)
     assert len(report["layers"]) == 14
     assert all(0 < layer["worst_error_of_bound"] <= 1 for layer in report["layers"])
+    phases = report["phases"]
+    assert set(phases) == {"read", "fuse", "check", "write", "fsync", "other"}
+    assert all(seconds >= 0 for seconds in phases.values())
+    # "other" is the rest of the total, so all of them add up to it.
+    assert sum(phases.values()) == pytest.approx(report["seconds"])
 
 
 @pytest.mark.parametrize(
@@ -198,16 +203,24 @@ def break_input(kind: str, model: Path, adapter_dir: Path) -> None:
         config.write_text(json.dumps(settings))
     elif kind == "shape mismatch":
         settings = json.loads(config.read_text())
-        tensors, metadata = safemerge.io.checkpoint.read_tensors(adapter_dir / "adapter_model.safetensors")
+        tensors, metadata = safemerge.io.checkpoint.read_tensors(
+            adapter_dir / "adapter_model.safetensors"
+        )
         key = next(k for k in tensors if "q_proj.lora_B" in k)
         tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
-        safemerge.io.atomic.save_tensors(adapter_dir / "adapter_model.safetensors", tensors, metadata)
+        safemerge.io.atomic.save_tensors(
+            adapter_dir / "adapter_model.safetensors", tensors, metadata
+        )
         config.write_text(json.dumps(settings))
     elif kind == "unmatched key":
-        tensors, metadata = safemerge.io.checkpoint.read_tensors(adapter_dir / "adapter_model.safetensors")
+        tensors, metadata = safemerge.io.checkpoint.read_tensors(
+            adapter_dir / "adapter_model.safetensors"
+        )
         tensors["base_model.model.layers.7.q_proj.lora_A.weight"] = torch.zeros(8, 64)
         tensors["base_model.model.layers.7.q_proj.lora_B.weight"] = torch.zeros(64, 8)
-        safemerge.io.atomic.save_tensors(adapter_dir / "adapter_model.safetensors", tensors, metadata)
+        safemerge.io.atomic.save_tensors(
+            adapter_dir / "adapter_model.safetensors", tensors, metadata
+        )
 
 
 @pytest.mark.parametrize(

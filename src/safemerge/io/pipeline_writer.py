@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from safemerge.io.atomic import copy_file, fsync_directory
+from safemerge.io.phases import PhaseTimes
 from safemerge.io.writer import (
     TEMP_MARKER,
     PlanEntry,
@@ -76,6 +77,7 @@ def write_pipeline(
     *,
     shard_size: int,
     overwrite: bool = False,
+    phases: PhaseTimes | None = None,
 ) -> WrittenPipeline:
     """Write the pipeline ``source`` to ``directory`` with ``components`` rewritten, all or nothing.
 
@@ -87,6 +89,8 @@ def write_pipeline(
             files (``config.json``) are copied, their old weight files are not.
         shard_size: the largest weight file of a component, in bytes.
         overwrite: replace an existing ``directory``, only once the new one is complete.
+        phases: adds the time spent writing and waiting for the disk to it, as
+            :func:`~safemerge.io.writer.write_model` does.
 
     Raises:
         ModelWriteError: as :func:`~safemerge.io.writer.write_model`; nothing is left
@@ -98,6 +102,7 @@ def write_pipeline(
     check_output(target, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = new_temporary(target, TEMP_MARKER)
+    phases = phases or PhaseTimes()
     try:
         files: dict[str, tuple[Path, ...]] = {}
         total = tensors = 0
@@ -110,6 +115,7 @@ def write_pipeline(
                 metadata=component.metadata,
                 copy_from=origin / component.name,
                 weights_stem=component.weights_stem,
+                phases=phases,
             )
             files[component.name] = tuple(
                 target / component.name / path.name for path in written.files
@@ -117,9 +123,11 @@ def write_pipeline(
             total += written.total_size
             tensors += written.tensors
         rewritten = {component.name for component in components}
-        copied = tuple(_copy_rest(origin, temp, rewritten))
-        fsync_directory(temp)
-        move_into_place(temp, target, overwrite)
+        with phases.timing("write"):
+            copied = tuple(_copy_rest(origin, temp, rewritten))
+        with phases.timing("fsync"):
+            fsync_directory(temp)
+            move_into_place(temp, target, overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

@@ -26,6 +26,7 @@ import torch
 
 from safemerge.errors import ModelWriteError
 from safemerge.io.atomic import copy_file, fsync_directory, save_bytes, save_json
+from safemerge.io.phases import PhaseTimes
 from safemerge.io.shard_writer import ShardWriter, tensor_nbytes
 
 #: Hugging Face's default largest shard (``max_shard_size="5GB"`` in transformers).
@@ -99,6 +100,7 @@ def write_model(
     extra_files: Mapping[str, bytes] | None = None,
     weights_stem: str = DEFAULT_WEIGHTS_STEM,
     overwrite: bool = False,
+    phases: PhaseTimes | None = None,
 ) -> WrittenModel:
     """Write named tensors as a safetensors model directory, all of it or nothing.
 
@@ -128,6 +130,8 @@ def write_model(
             ``"diffusion_pytorch_model"`` (a diffusers component); the index follows it.
         overwrite: replace an existing ``directory``, only once the new one is complete
             (the old one is renamed aside, the new one renamed in, the old one deleted).
+        phases: adds the time spent writing (``"write"``) and waiting for the disk
+            (``"fsync"``) to it; the time ``tensors`` takes to produce them is not counted.
 
     Returns:
         A :class:`WrittenModel`.
@@ -155,9 +159,10 @@ def write_model(
     header_metadata = {"format": "pt", **(metadata or {})}
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = new_temporary(target, TEMP_MARKER)
+    phases = phases or PhaseTimes()
     try:
         names = _shard_names(weights_stem, len(shards))
-        total = _write_shards(temp, names, shards, source, header_metadata)
+        total = _write_shards(temp, names, shards, source, header_metadata, phases)
         index = None
         if len(shards) > 1:
             weight_map = {
@@ -169,14 +174,16 @@ def write_model(
                 temp / index_name,
                 {"metadata": {"total_size": total}, "weight_map": weight_map},
             )
-        copied = (
-            _copy_others(Path(copy_from), temp, replaced=set(extra))
-            if copy_from is not None
-            else ()
-        )
-        _write_extra(temp, extra)
-        fsync_directory(temp)
-        move_into_place(temp, target, overwrite)
+        with phases.timing("write"):  # small files, each fsynced as it is written
+            copied = (
+                _copy_others(Path(copy_from), temp, replaced=set(extra))
+                if copy_from is not None
+                else ()
+            )
+            _write_extra(temp, extra)
+        with phases.timing("fsync"):
+            fsync_directory(temp)
+            move_into_place(temp, target, overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -371,12 +378,15 @@ def _write_shards(
     shards: Sequence[Sequence[tuple[str, tuple[int, ...], torch.dtype]]],
     source: Iterable[tuple[str, torch.Tensor]],
     metadata: Mapping[str, str],
+    phases: PhaseTimes,
 ) -> int:
     """Stream ``source`` into the shards, checking it against the plan; total data bytes."""
     produced = iter(source)
     total = 0
     for name, shard in zip(names, shards, strict=True):
-        with ShardWriter(temp / name, shard, metadata) as writer:
+        with phases.timing("write"):
+            writer = ShardWriter(temp / name, shard, metadata)
+        with writer:
             for planned, shape, dtype in shard:
                 tensor_name, tensor = _next_tensor(produced, temp, planned)
                 if tensor_name != planned:
@@ -392,8 +402,11 @@ def _write_shards(
                         f"is {tensor.dtype} {tuple(tensor.shape)} but the plan says "
                         f"{dtype} {shape}",
                     )
-                writer.write(planned, tensor)
+                with phases.timing("write"):
+                    writer.write(planned, tensor)
                 del tensor
+            with phases.timing("fsync"):
+                writer.close()
             total += writer.data_bytes
     extra = next(produced, None)
     if extra is not None:

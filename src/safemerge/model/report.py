@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from safemerge.io.phases import PhaseTimes
 from safemerge.merge.record import FuseRecord
 from safemerge.model.memory import peak_rss_bytes
 from safemerge.quant.quantized import QuantizedFuseRecord
@@ -95,6 +96,10 @@ class ModelFuseReport:
         copied: files copied beside the weights, relative to the base directory.
         records: per fused layer, the record :func:`safemerge.unfuse_model` (or
             :func:`safemerge.unfuse`) needs to restore it exactly (``fuse_model`` only).
+        phases: for a fuse written to disk, the seconds of ``seconds`` spent reading,
+            fusing, checking, writing and waiting for fsync (the names of
+            :data:`safemerge.io.phases.PHASES`); the rest (planning, checks up front,
+            bookkeeping) is :attr:`other_seconds`. Empty where not measured.
     """
 
     layers: tuple[TensorResult, ...]
@@ -109,6 +114,7 @@ class ModelFuseReport:
     metadata: dict[str, str] = field(default_factory=dict)
     copied: tuple[str, ...] = ()
     records: dict[str, FuseRecord | QuantizedFuseRecord] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def in_memory(
@@ -142,9 +148,11 @@ class ModelFuseReport:
         written_bytes: int,
         metadata: dict[str, str],
         copied: tuple[str, ...],
+        phases: PhaseTimes | None = None,
     ) -> ModelFuseReport:
         """The report of a fuse written to disk (``fuse_files``, ``export_files``), timed
-        from ``started`` (a ``time.perf_counter()`` reading) to now."""
+        from ``started`` (a ``time.perf_counter()`` reading) to now, with the ``phases``
+        measured on the way."""
         return cls(
             layers=tuple(results),
             parameters=sum(result.numel for result in results),
@@ -157,12 +165,18 @@ class ModelFuseReport:
             written_bytes=written_bytes,
             metadata=metadata,
             copied=copied,
+            phases={} if phases is None else dict(phases.seconds),
         )
 
     @property
     def fused(self) -> tuple[TensorResult, ...]:
         """The results of the weights adapters were fused into: one per fused layer."""
         return tuple(layer for layer in self.layers if layer.fused)
+
+    @property
+    def other_seconds(self) -> float:
+        """The time not in any of :attr:`phases` (0.0 when no phase was measured)."""
+        return max(0.0, self.seconds - sum(self.phases.values())) if self.phases else 0.0
 
     @property
     def parameters_per_second(self) -> float:

@@ -33,6 +33,7 @@ from safemerge.errors import (
 from safemerge.io import writer
 from safemerge.io.adapter_formats import AdapterSet, load_adapter
 from safemerge.io.checkpoint import Checkpoint, open_checkpoint, read_json
+from safemerge.io.phases import PhaseTimes
 from safemerge.io.pipeline_dir import is_pipeline_dir, open_pipeline, split_by_component
 from safemerge.io.pipeline_writer import ComponentOutput, write_pipeline
 from safemerge.io.shard_writer import tensor_nbytes
@@ -120,6 +121,7 @@ def fuse_files(
         In every case nothing is left under ``output``.
     """
     started = time.perf_counter()
+    phases = PhaseTimes()
     base_path = Path(base)
     output_path = Path(output)
     weighted_paths = check_fuse_arguments(
@@ -128,7 +130,7 @@ def fuse_files(
     if is_pipeline_dir(base_path):
         return _fuse_pipeline(
             base_path, weighted_paths, output_path, scale, dtype, shard_size, overwrite, progress
-        )
+        )  # fmt: skip
     with open_checkpoint(base_path) as checkpoint:
         sets = [(load_adapter(path, base=checkpoint), weight) for path, weight in weighted_paths]
         plan = _plan(checkpoint, dtype)
@@ -146,7 +148,7 @@ def fuse_files(
             if progress is not None:
                 progress(result)
 
-        tensors = _fused_tensors(checkpoint, plan, layers, scale, report)
+        tensors = _fused_tensors(checkpoint, plan, layers, scale, report, phases)
         try:
             written = writer.write_model(
                 output_path,
@@ -156,6 +158,7 @@ def fuse_files(
                 metadata=metadata,
                 copy_from=copy_from,
                 overwrite=overwrite,
+                phases=phases,
             )
         except SafemergeError as error:
             error.add_note(f"fuse_files: nothing was written to {output_path}")
@@ -169,6 +172,7 @@ def fuse_files(
         written_bytes=written.total_size,
         metadata=metadata,
         copied=written.copied,
+        phases=phases,
     )
 
 
@@ -184,6 +188,7 @@ def _fuse_pipeline(
 ) -> ModelFuseReport:
     """:func:`fuse_files` for a diffusers pipeline directory: each component as a model."""
     started = time.perf_counter()
+    phases = PhaseTimes()
     with ExitStack() as stack:
         pipeline = open_pipeline(base, stack)
         shapes, names = pipeline.shapes(), list(pipeline.components)
@@ -226,7 +231,7 @@ def _fuse_pipeline(
             outputs.append(
                 ComponentOutput(
                     component.name,
-                    _fused_tensors(component.checkpoint, plan, layers, scale, report),
+                    _fused_tensors(component.checkpoint, plan, layers, scale, report, phases),
                     plan,
                     provenance(component.checkpoint.metadata, own, scale, dtype),
                     component.weights_stem,
@@ -234,7 +239,7 @@ def _fuse_pipeline(
             )
         try:
             written = write_pipeline(
-                output, base, outputs, shard_size=shard_size, overwrite=overwrite
+                output, base, outputs, shard_size=shard_size, overwrite=overwrite, phases=phases
             )
         except SafemergeError as error:
             error.add_note(f"fuse_files: nothing was written to {output}")
@@ -248,6 +253,7 @@ def _fuse_pipeline(
         written_bytes=written.total_size,
         metadata=provenance({}, sets, scale, dtype),
         copied=written.copied,
+        phases=phases,
     )
 
 
@@ -536,6 +542,7 @@ def _fused_tensors(
     layers: Mapping[str, FileLayer],
     scale: float,
     report: Callable[[TensorResult], None],
+    phases: PhaseTimes,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each tensor in plan order: read, cast, fused if adapted; its result reported."""
     by_bias = {layer.bias: layer for layer in layers.values() if layer.bias is not None}
@@ -547,12 +554,13 @@ def _fused_tensors(
         if name not in done:
             layer = layers.get(name) or by_bias.get(name)
             if layer is None:
-                tensor = read_tensor(checkpoint, name, dtype)
+                with phases.timing("read"):
+                    tensor = read_tensor(checkpoint, name, dtype)
                 kind = UNCHANGED if tensor.dtype == checkpoint.info(name).dtype else CAST
                 result = TensorResult(name, kind, shape, dtype, None, 0.0)
                 done[name] = (tensor, result)
             else:
-                done.update(fuse_file_layer(checkpoint, layer, scale, dtypes))
+                done.update(fuse_file_layer(checkpoint, layer, scale, dtypes, phases=phases))
         tensor, result = done.pop(name)
         report(_placed(result, position, total, time.perf_counter() - started))
         yield name, tensor
@@ -582,24 +590,32 @@ def fuse_file_layer(
     file_layer: FileLayer,
     scale: float,
     dtypes: Mapping[str, torch.dtype],
+    *,
+    phases: PhaseTimes | None = None,
 ) -> dict[str, tuple[torch.Tensor, TensorResult]]:
     """Read one adapted layer (weight, and bias when a LoRA bias needs it), fuse and check it.
 
     The results' times are left at zero: :func:`_fused_tensors` times the whole step.
+    ``phases`` gets the time spent reading, fusing and checking.
     """
+    phases = phases or PhaseTimes()
     name = file_layer.weight
-    weight = read_tensor(checkpoint, name, dtypes[name])
-    bias = (
-        None
-        if file_layer.bias is None
-        else read_tensor(checkpoint, file_layer.bias, dtypes[file_layer.bias])
-    )
+    with phases.timing("read"):
+        weight = read_tensor(checkpoint, name, dtypes[name])
+        bias = (
+            None
+            if file_layer.bias is None
+            else read_tensor(checkpoint, file_layer.bias, dtypes[file_layer.bias])
+        )
     layer = layer_around(file_layer.kind, weight, bias)
     try:
-        check = BoundCheck(layer, name, file_layer.pairs, scale)
-        record = fuse(layer, file_layer.pairs, scale=scale, name=name, exact_unfuse=False)
+        with phases.timing("check"):  # the bound is computed from the weight before the fuse
+            check = BoundCheck(layer, name, file_layer.pairs, scale)
+        with phases.timing("fuse"):
+            record = fuse(layer, file_layer.pairs, scale=scale, name=name, exact_unfuse=False)
         assert isinstance(record, FuseRecord)
-        worst = checked_against_bound(check, record, name)
+        with phases.timing("check"):
+            worst = checked_against_bound(check, record, name)
     except SafemergeError as error:
         error.add_note(f"fuse_files: layer {name!r} of {checkpoint.path}")
         raise
