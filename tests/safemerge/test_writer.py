@@ -7,6 +7,7 @@ import json
 import os
 import struct
 import sys
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from safemerge import CheckpointError, ModelWriteError, WrittenModel, open_checkpoint, write_model
+from safemerge.io.atomic import start_writeback
 from safemerge.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from safemerge.io.shard_writer import ShardWriter
 from safemerge.io.writer import is_weight_file, leftover_temporaries, plan_shards
@@ -138,12 +140,15 @@ def _umask() -> int:
     return mask
 
 
-def test_shards_follow_the_size_limit_and_the_index_lists_every_tensor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("background", [False, True])
+def test_shards_follow_the_size_limit_and_the_index_lists_every_tensor(
+    tmp_path: Path, background: bool
+) -> None:
     tensors = _model(count=7, numel=100)  # 400 bytes each
     tensors["big.weight"] = torch.ones(300)  # 1200 bytes: over the limit, a shard of its own
     tensors["tail.weight"] = torch.ones(10)
     out = tmp_path / "out"
-    written = write_model(out, tensors, shard_size=1000)
+    written = write_model(out, tensors, shard_size=1000, background=background)
     # Shards fill in order: 2 + 2 + 2 + 1 layers (the 8th would pass 1000), big alone, tail.
     assert written.shard_count == 6
     names = [f"model-0000{i}-of-00006.safetensors" for i in range(1, 7)]
@@ -201,6 +206,89 @@ def test_tensors_stream_through_one_at_a_time(tmp_path: Path) -> None:
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
 
 
+def test_background_writes_hold_at_most_one_tensor_more(tmp_path: Path) -> None:
+    tensors = _model(count=8, numel=1000)
+    plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    alive: list[weakref.ref[torch.Tensor]] = []
+    held: list[int] = []
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in tensors:
+            gc.collect()
+            held.append(sum(ref() is not None for ref in alive))
+            tensor = tensors[name].clone()
+            alive.append(weakref.ref(tensor))
+            yield name, tensor
+            del tensor
+
+    write_model(tmp_path / "out", produce(), plan=plan, shard_size=8000, background=True)
+    # At most the one tensor being written while the next is produced.
+    assert max(held) <= 1
+    loaded = _loaded(tmp_path / "out")
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+
+def test_a_background_write_that_fails_raises_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = ShardWriter.write
+    calls: list[str] = []
+
+    def failing(self: ShardWriter, name: str, tensor: torch.Tensor) -> None:
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        original(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "write", failing)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        write_model(out, _model(count=6), shard_size=1000, background=True)
+    _assert_nothing_left(out)
+
+
+def test_a_failing_producer_waits_for_the_write_in_flight_before_closing_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original_write, original_abort = ShardWriter.write, ShardWriter.abort
+    events: list[str] = []
+
+    def slow(self: ShardWriter, name: str, tensor: torch.Tensor) -> None:
+        time.sleep(0.2)
+        original_write(self, name, tensor)
+        events.append(f"wrote {name}")
+
+    def abort(self: ShardWriter) -> None:
+        events.append("abort")
+        original_abort(self)
+
+    monkeypatch.setattr(ShardWriter, "write", slow)
+    monkeypatch.setattr(ShardWriter, "abort", abort)
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        yield "a", torch.zeros(2)
+        raise RuntimeError("boom")  # while "a" is still being written
+
+    out = tmp_path / "out"
+    plan = [("a", (2,), torch.float32), ("b", (2,), torch.float32)]
+    with pytest.raises(RuntimeError, match="boom"):
+        write_model(out, produce(), plan=plan, background=True)
+    assert events == ["wrote a", "abort"]
+    _assert_nothing_left(out)
+
+
+def test_start_writeback_leaves_the_bytes_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.write(descriptor, b"0123456789")
+        start_writeback(descriptor, 2, 5)
+        start_writeback(descriptor, 0, 0)  # nothing to do
+    finally:
+        os.close(descriptor)
+    assert path.read_bytes() == b"0123456789"
+
+
 # -- write_model: all or nothing -----------------------------------------------------------
 
 
@@ -239,9 +327,10 @@ def test_overwrite_replaces_the_old_model_only_once_the_new_one_is_complete(
     assert leftover_temporaries(out) == []
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("exception", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_an_exception_while_producing_leaves_nothing(
-    tmp_path: Path, exception: BaseException
+    tmp_path: Path, exception: BaseException, background: bool
 ) -> None:
     tensors = _model(count=6)
     plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
@@ -254,7 +343,9 @@ def test_an_exception_while_producing_leaves_nothing(
 
     out = tmp_path / "deeper" / "out"
     with pytest.raises(type(exception)):
-        write_model(out, produce(), plan=plan, shard_size=500, copy_from=None)
+        write_model(
+            out, produce(), plan=plan, shard_size=500, copy_from=None, background=background
+        )
     _assert_nothing_left(out)
     assert list(out.parent.iterdir()) == []
 
@@ -276,13 +367,14 @@ def test_an_exception_while_producing_leaves_nothing(
         ([("a", [0.0, 0.0])], "'a' is a list, not a tensor"),
     ],
 )
+@pytest.mark.parametrize("background", [False, True])
 def test_tensors_that_differ_from_the_plan_are_refused(
-    tmp_path: Path, produced: list[tuple[str, Any]], fragment: str
+    tmp_path: Path, produced: list[tuple[str, Any]], fragment: str, background: bool
 ) -> None:
     plan = [("a", (2,), torch.float32), ("b", (2,), torch.float32)]
     out = tmp_path / "out"
     with pytest.raises(ModelWriteError, match=fragment) as caught:
-        write_model(out, iter(produced), plan=plan)
+        write_model(out, iter(produced), plan=plan, background=background)
     assert caught.value.reason == "plan-mismatch"
     assert caught.value.path == out
     _assert_nothing_left(out)

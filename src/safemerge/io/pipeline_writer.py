@@ -78,6 +78,7 @@ def write_pipeline(
     shard_size: int,
     overwrite: bool = False,
     phases: PhaseTimes | None = None,
+    background: bool = False,
 ) -> WrittenPipeline:
     """Write the pipeline ``source`` to ``directory`` with ``components`` rewritten, all or nothing.
 
@@ -91,6 +92,8 @@ def write_pipeline(
         overwrite: replace an existing ``directory``, only once the new one is complete.
         phases: adds the time spent writing and waiting for the disk to it, as
             :func:`~safemerge.io.writer.write_model` does.
+        background: write tensors on a helper thread, as ``write_model`` does (its
+            condition holds for every component's producer).
 
     Raises:
         ModelWriteError: as :func:`~safemerge.io.writer.write_model`; nothing is left
@@ -116,6 +119,7 @@ def write_pipeline(
                 copy_from=origin / component.name,
                 weights_stem=component.weights_stem,
                 phases=phases,
+                background=background,
             )
             files[component.name] = tuple(
                 target / component.name / path.name for path in written.files

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from safemerge.io.atomic import WRITE_CHUNK, checked_metadata
+from safemerge.io.atomic import WRITE_CHUNK, checked_metadata, start_writeback
 from safemerge.io.header import DTYPE_NAMES
 
 
@@ -139,10 +139,14 @@ class ShardWriter:
         if end > begin:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             self._pwrite(memoryview(data.numpy().data), self._data_start + begin)
+            start_writeback(self._descriptor, self._data_start + begin, end - begin)
         self._written.add(name)
 
     def close(self) -> None:
         """Check every tensor was written, flush the file to disk (fsync) and close it.
+
+        The disk has been writing each tensor since it was written (see
+        :func:`safemerge.io.atomic.start_writeback`); the fsync waits for the rest.
 
         Raises:
             ValueError: tensors were not written (the file stays open; :meth:`abort` it).

@@ -10,11 +10,13 @@ through :func:`safemerge.io.writer.write_model` (a model) or
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +161,7 @@ def fuse_files(
                 copy_from=copy_from,
                 overwrite=overwrite,
                 phases=phases,
+                background=True,  # _fused_tensors never touches a tensor it has yielded
             )
         except SafemergeError as error:
             error.add_note(f"fuse_files: nothing was written to {output_path}")
@@ -239,7 +242,13 @@ def _fuse_pipeline(
             )
         try:
             written = write_pipeline(
-                output, base, outputs, shard_size=shard_size, overwrite=overwrite, phases=phases
+                output,
+                base,
+                outputs,
+                shard_size=shard_size,
+                overwrite=overwrite,
+                phases=phases,
+                background=True,  # as in fuse_files
             )
         except SafemergeError as error:
             error.add_note(f"fuse_files: nothing was written to {output}")
@@ -549,24 +558,85 @@ def _fused_tensors(
     dtypes = {name: dtype for name, _, dtype in plan}
     done: dict[str, tuple[torch.Tensor, TensorResult]] = {}
     total = len(plan)
-    for position, (name, shape, dtype) in enumerate(plan, start=1):
-        started = time.perf_counter()
-        if name not in done:
-            layer = layers.get(name) or by_bias.get(name)
-            if layer is None:
-                with phases.timing("read"):
-                    tensor = read_tensor(checkpoint, name, dtype)
-                kind = UNCHANGED if tensor.dtype == checkpoint.info(name).dtype else CAST
-                result = TensorResult(name, kind, shape, dtype, None, 0.0)
-                done[name] = (tensor, result)
-            else:
-                done.update(fuse_file_layer(checkpoint, layer, scale, dtypes, phases=phases))
-        tensor, result = done.pop(name)
-        report(_placed(result, position, total, time.perf_counter() - started))
-        yield name, tensor
-        del tensor
-        if tensor_nbytes(shape, dtype) >= _TRIM_BYTES:
-            release_free_heap()
+    with _ReadAhead(checkpoint, plan) as read_ahead:
+        for position, (name, shape, dtype) in enumerate(plan, start=1):
+            started = time.perf_counter()
+            if name not in done:
+                layer = layers.get(name) or by_bias.get(name)
+                if layer is None:
+                    with phases.timing("read"):
+                        tensor = read_ahead.read(name, dtype)
+                    kind = UNCHANGED if tensor.dtype == checkpoint.info(name).dtype else CAST
+                    result = TensorResult(name, kind, shape, dtype, None, 0.0)
+                    done[name] = (tensor, result)
+                else:
+                    done.update(
+                        fuse_file_layer(
+                            checkpoint, layer, scale, dtypes, phases=phases, read=read_ahead.read
+                        )
+                    )
+            tensor, result = done.pop(name)
+            report(_placed(result, position, total, time.perf_counter() - started))
+            yield name, tensor
+            del tensor
+            if tensor_nbytes(shape, dtype) >= _TRIM_BYTES:
+                release_free_heap()
+
+
+#: The largest tensor :class:`_ReadAhead` reads ahead: memory grows by at most this much.
+_READ_AHEAD_LIMIT = 64 * 2**20
+
+
+class _ReadAhead:
+    """Reads the next tensor of the plan on a helper thread while the caller fuses and
+    checks the one before.
+
+    A read is a copy from the page cache (or the disk) that releases the GIL, so it runs
+    beside the fuse instead of before it. One tensor ahead at most, and none larger than
+    :data:`_READ_AHEAD_LIMIT` (an embedding is read when asked for), so memory grows by
+    one layer's weight. A read's error is raised when its tensor is asked for, as if it
+    had been read then.
+    """
+
+    def __init__(
+        self, checkpoint: Checkpoint, plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+    ):
+        self._checkpoint = checkpoint
+        self._order = [(name, dtype) for name, _, dtype in plan]
+        self._next = 0  # the first entry of _order not asked for yet, or after it
+        self._asked: set[str] = set()
+        self._pending: tuple[str, torch.dtype, Future[torch.Tensor]] | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="safemerge-read")
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``name`` as :func:`read_tensor` reads it; then the next one is started."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[:2] == (name, dtype):
+            tensor = pending[2].result()
+        else:  # not the one read ahead (a LoRA bias read with its weight): read it now
+            if pending is not None:
+                pending[2].cancel()
+            tensor = read_tensor(self._checkpoint, name, dtype)
+        self._asked.add(name)
+        self._start_next()
+        return tensor
+
+    def _start_next(self) -> None:
+        while self._next < len(self._order) and self._order[self._next][0] in self._asked:
+            self._next += 1
+        if self._next == len(self._order):
+            return
+        name, dtype = self._order[self._next]
+        if self._checkpoint.info(name).nbytes <= _READ_AHEAD_LIMIT:
+            future = self._executor.submit(read_tensor, self._checkpoint, name, dtype)
+            self._pending = (name, dtype, future)
+
+    def __enter__(self) -> _ReadAhead:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Waits for a read in flight: the checkpoint is closed after this.
+        self._executor.shutdown(cancel_futures=True)
 
 
 def _placed(result: TensorResult, position: int, total: int, seconds: float) -> TensorResult:
@@ -592,21 +662,21 @@ def fuse_file_layer(
     dtypes: Mapping[str, torch.dtype],
     *,
     phases: PhaseTimes | None = None,
+    read: Callable[[str, torch.dtype], torch.Tensor] | None = None,
 ) -> dict[str, tuple[torch.Tensor, TensorResult]]:
     """Read one adapted layer (weight, and bias when a LoRA bias needs it), fuse and check it.
 
     The results' times are left at zero: :func:`_fused_tensors` times the whole step.
-    ``phases`` gets the time spent reading, fusing and checking.
+    ``phases`` gets the time spent reading, fusing and checking; ``read(name, dtype)``
+    reads the tensors (:func:`read_tensor` on ``checkpoint`` by default).
     """
     phases = phases or PhaseTimes()
+    if read is None:
+        read = functools.partial(read_tensor, checkpoint)
     name = file_layer.weight
     with phases.timing("read"):
-        weight = read_tensor(checkpoint, name, dtypes[name])
-        bias = (
-            None
-            if file_layer.bias is None
-            else read_tensor(checkpoint, file_layer.bias, dtypes[file_layer.bias])
-        )
+        weight = read(name, dtypes[name])
+        bias = None if file_layer.bias is None else read(file_layer.bias, dtypes[file_layer.bias])
     layer = layer_around(file_layer.kind, weight, bias)
     try:
         with phases.timing("check"):  # the bound is computed from the weight before the fuse
