@@ -19,7 +19,9 @@ import torch
 
 from safemerge.merge import guard
 from safemerge.merge.numerics import U32
+from safemerge.quant import quantize4
 from safemerge.quant.grid import CODES, block_bounds, blocks_of
+from safemerge.quant.quantize4 import stored_absmax as _stored_absmax
 
 _4BIT_CLASSES = ("Linear4bit", "LinearNF4", "LinearFP4")
 _8BIT_CLASSES = ("Linear8bitLt",)
@@ -186,19 +188,23 @@ class FourBit(QuantizedFormat):
         return self._from_codes(self.layer.weight.data, _stored_absmax(state))
 
     def quantize(self, merged: torch.Tensor) -> Quantized:
-        import bitsandbytes.functional as bnb_functional
-
-        packed, state = bnb_functional.quantize_4bit(
-            merged.contiguous(),
-            blocksize=self.blocksize,
-            compress_statistics=self.nested,
-            quant_type=self.quant_type,
-            quant_storage=self.storage,
+        merged = merged.contiguous()
+        # bitsandbytes' quantize_4bit, bit for bit; vectorised on the CPU (quantize4).
+        done = quantize4.quantize_4bit(
+            merged, self.blocksize, self.nested, self.quant_type, self.storage
         )
+        if done is None:
+            packed, state = _bnb_quantize_4bit(
+                merged, self.blocksize, self.nested, self.quant_type, self.storage
+            )
+            absmax = _stored_absmax(state)
+            values = self._from_codes(packed, absmax)
+            bounds = block_bounds(merged, self.blocksize, self.quant_type, absmax)
+        else:
+            packed, state, values = done.packed, done.state, done.values
+            absmax = _stored_absmax(state)
+            bounds = block_bounds(merged, self.blocksize, self.quant_type, absmax, done.true_absmax)
         state.dtype = self.dtype  # what dequantization returns, as before
-        absmax = _stored_absmax(state)
-        bounds = block_bounds(merged, self.blocksize, self.quant_type, absmax)
-        values = self._from_codes(packed, absmax)
         return Quantized({"data": packed, "quant_state": state}, values, self.blocksize, bounds)
 
     def magnitude_limit(self) -> float:
@@ -223,8 +229,9 @@ class FourBit(QuantizedFormat):
     def _from_codes(self, packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
         rows, columns = self.shape
         data = packed.reshape(-1).view(torch.uint8)
-        # Two codes a byte, high nibble first: one gather from a table of byte -> pair.
-        pairs = _byte_pairs(self.quant_type, data.device)[data.int()].reshape(-1)
+        # Two codes a byte, high nibble first: one gather from a table of byte -> pair
+        # (index_select: several times faster than advanced indexing here).
+        pairs = _byte_pairs(self.quant_type, data.device).index_select(0, data.int()).reshape(-1)
         values = blocks_of(pairs[: rows * columns], self.blocksize)
         values *= absmax.float().reshape(-1, 1)
         return values.reshape(-1)[: rows * columns].reshape(rows, columns)
@@ -341,14 +348,19 @@ def _not_quantized_yet(name: str) -> Exception:
     )
 
 
-def _stored_absmax(state: Any) -> torch.Tensor:
-    """Per-block absmax as dequantization uses it (a nested one dequantized), float32."""
+def _bnb_quantize_4bit(
+    merged: torch.Tensor, blocksize: int, nested: bool, quant_type: str, storage: torch.dtype
+) -> tuple[torch.Tensor, Any]:
     import bitsandbytes.functional as bnb_functional
 
-    absmax: torch.Tensor = state.absmax
-    if state.nested:
-        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    return absmax.float()
+    packed, state = bnb_functional.quantize_4bit(
+        merged,
+        blocksize=blocksize,
+        compress_statistics=nested,
+        quant_type=quant_type,
+        quant_storage=storage,
+    )
+    return packed, state
 
 
 def _clone(tensor: torch.Tensor | None) -> torch.Tensor | None:

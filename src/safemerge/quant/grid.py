@@ -44,6 +44,7 @@ def block_bounds(
     blocksize: int,
     quant_type: str,
     stored_absmax: torch.Tensor | None = None,
+    true_absmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-block bound on ``|dequantize(quantize(ideal)) - ideal|`` (float64, one per block).
 
@@ -53,12 +54,16 @@ def block_bounds(
         quant_type: ``"nf4"`` or ``"fp4"``.
         stored_absmax: the absmax values as dequantization sees them (one per block);
             when nested, they differ from the true absmax and the difference is added.
+        true_absmax: ``max|ideal|`` per block (float32) when the quantizer already has it;
+            computed from ``ideal`` otherwise.
 
     The half-gap bound gains ``2u`` times the absmax for the float32 division that picks
     a code (a value within rounding of a midpoint may go either way) and the float32
     product that dequantizes.
     """
-    absmax = blocks_of(ideal.reshape(-1).abs(), blocksize).amax(dim=1).to(torch.float64)
+    if true_absmax is None:
+        true_absmax = blocks_of(ideal.reshape(-1).abs(), blocksize).amax(dim=1)
+    absmax = true_absmax.to(torch.float64)
     bounds = (largest_half_gap(quant_type) + 2 * U32) * absmax
     if stored_absmax is not None:
         bounds = bounds + (stored_absmax.to(torch.float64).reshape(-1) - absmax).abs()
