@@ -65,18 +65,23 @@ class Quantized:
         bound = expanded.reshape(self.values.shape)
         return bound if self.element_bound is None else bound + self.element_bound
 
-    def worst_ratio(self, merged: torch.Tensor) -> float:
-        """The largest ``|values - merged| / bound`` over all elements."""
-        if self.values.numel() == 0:
+    def worst_ratio(self, merged: torch.Tensor, start: int = 0) -> float:
+        """The largest ``|values - merged| / bound`` over the elements ``merged`` holds:
+        all of them, or (a report taken in slices) those from flat position ``start``, a
+        multiple of ``group``, on."""
+        count = merged.numel()
+        if count == 0:
             return 0.0
-        error = (self.values - merged).abs()
+        error = (self.values.reshape(-1)[start : start + count] - merged.reshape(-1)).abs_()
+        first = start // self.group
+        group_bound = self.group_bound[first : first + -(-count // self.group)]
         if self.element_bound is not None:
-            group_bound = self.group_bound.float().repeat_interleave(self.group)[: error.numel()]
-            bound = group_bound.reshape(error.shape) + self.element_bound
+            bound = group_bound.float().repeat_interleave(self.group)[:count]
+            bound += self.element_bound.reshape(-1)[start : start + count]
             return float((error / bound.clamp_min(torch.finfo(torch.float32).tiny)).max())
-        worst_in_group = blocks_of(error.reshape(-1), self.group).amax(dim=1).double()
+        worst_in_group = blocks_of(error, self.group).amax(dim=1).double()
         return float(
-            (worst_in_group / self.group_bound.clamp_min(torch.finfo(torch.float64).tiny)).max()
+            (worst_in_group / group_bound.clamp_min(torch.finfo(torch.float64).tiny)).max()
         )
 
 
