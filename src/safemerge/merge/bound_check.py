@@ -10,21 +10,34 @@ coefficients' float32 rounding folded into ``|left|``), and the final cast's hal
 comes from the float64 exponent bits (exact, where ``log2`` can round a value just
 below a power of two up to it). The tests hold it to :func:`safemerge.merge_bound`.
 
-The check runs on one thread: its blocks are small (to stay in cache) and many, and on a
-busy machine every parallel region waits for its slowest thread: with two threads on two
-shared cores, it measured 40x slower than with one.
+:func:`worst_error_of_bound` needs only the largest ratio, so for float16 and bfloat16
+weights it first screens each block in float32 (:class:`_Screen`): a few cheap passes
+give every element a proven upper bound on its ratio, and only the elements whose upper
+bound reaches the largest exact ratio found so far are computed in float64
+(:class:`_Exact`). Every element is still compared with its bound; the screen only
+proves, for the others, that they cannot change the answer. See docs/design.md, "The
+bound check".
+
+Its blocks are small (to stay in cache) and many: torch runs each op on one thread, and
+each of torch's intra-op threads takes the next block when done with one, as the
+engine's blocks do. A parallel region per block waited for its slowest thread every time:
+with two threads on two busy cores, that measured 40x slower than one thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 from safemerge.merge import bounds, engine
 from safemerge.merge.adapter import LoraAdapter
-from safemerge.merge.numerics import FLOAT32_TINY_SUBNORMAL, MANTISSA_BITS
+from safemerge.merge.numerics import FLOAT32_TINY_SUBNORMAL, MANTISSA_BITS, U32
 from safemerge.merge.reference import expected_fuse
 from safemerge.merge.view import LayerView, view_layer
 
@@ -32,8 +45,31 @@ from safemerge.merge.view import LayerView, view_layer
 #: temporaries stays near the caches (measured 2x faster than 2 MiB on a 2-core EPYC).
 BLOCK_ELEMENTS = 1 << 16
 
+#: Elements per screened block (float32: 512 KiB per temporary; measured faster than 2**16).
+SCREEN_ELEMENTS = 1 << 17
+
+#: A screened block with more candidates than this fraction of its elements is computed
+#: whole in float64 (the first block, where no exact ratio is known yet, always is).
+GATHER_FRACTION = 1 / 16
+
+#: Candidates evaluated together in float64.
+GATHER_BATCH = 1 << 14
+
 _FLOAT64_MANTISSA_BITS = 52
 _FLOAT64_EXPONENT_BIAS = 1023
+_FLOAT32_EXPONENT_MASK = 0x7F800000
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_SCREENED_DTYPES = (torch.float16, torch.bfloat16)
+_FLOAT32_EXACT = (torch.float32, torch.float16, torch.bfloat16)
+#: Elements per chunk whose maximum the screen compares first.
+_CHUNK = 32
+
+#: What float64 rounding can move a ratio, generously: the old check's float64 reference
+#: is within ``(rank + 2) 2**-53 (|W| + sum |c| P)`` of the exact merge and every bound is
+#: at least ``gamma_n (|W| + sum |c32| P)``, about ``2**29`` times that; 2**-16 also
+#: covers a coefficient far from float32's range, where the ratio is a ratio of exact
+#: parts.
+_FLOAT64_NOISE = 2.0**-16
 
 
 def worst_error_of_bound(
@@ -51,19 +87,367 @@ def worst_error_of_bound(
         dtype: the weight's dtype (the final cast's).
 
     Returns:
-        The worst ratio: at most 1 for a correct fuse.
+        The worst ratio: at most 1 for a correct fuse; ``inf`` where an element's error
+        is NaN (a NaN fused element, say).
     """
     rows, columns = original.shape
-    step = max(1, BLOCK_ELEMENTS // max(columns, 1))
-    worst = 0.0
+    if rows * columns == 0:
+        return 0.0
+    # As the engine's blocks: each thread takes the next block when done with one (no
+    # parallel region waits for a slow thread), torch runs one thread per op meanwhile.
+    threads = torch.get_num_threads() if original.device.type == "cpu" else 1
     with engine.pinned_threads(1):
-        for start in range(0, rows, step):
-            stop = min(start + step, rows)
-            block_terms = [(left[start:stop], right, c) for left, right, c in terms]
-            reference, bound = block_bound(original[start:stop], block_terms, dtype)
-            error = fused[start:stop].to(torch.float64).sub_(reference).abs_()
-            worst = max(worst, float(error.div_(bound).max()) if error.numel() else 0.0)
-    return worst
+        exact = _Exact(terms, dtype)
+        if not _Screen.applies(original, fused, terms, dtype):
+            step = max(1, BLOCK_ELEMENTS // columns)
+            return _Blocks(rows, step, threads).run(
+                lambda start, stop, worst: exact.block(original, fused, start, stop)
+            )
+        step = max(1, SCREEN_ELEMENTS // columns)
+        screen = _Screen(terms, dtype)
+        return _Blocks(rows, step, threads).run(
+            lambda start, stop, worst: screen.checked(exact, original, fused, start, stop, worst),
+            flush=lambda: screen.flush(exact, original, fused),
+        )
+
+
+class _Blocks:
+    """Row blocks shared out to threads, and the largest ratio found so far."""
+
+    def __init__(self, rows: int, step: int, threads: int) -> None:
+        self._ranges = iter([(start, min(start + step, rows)) for start in range(0, rows, step)])
+        self._threads = max(1, min(threads, -(-rows // step)))
+        self._lock = threading.Lock()
+        self._worst = 0.0
+        self._stop = False
+
+    def run(
+        self,
+        check: Callable[[int, int, float], float],
+        flush: Callable[[], float] | None = None,
+    ) -> float:
+        """``check(start, stop, worst)`` gives a block's largest ratio (or one at most the
+        ``worst`` it was given); ``flush`` each thread's last, when no blocks are left."""
+
+        def work() -> None:
+            try:
+                while True:
+                    with self._lock:
+                        block = None if self._stop else next(self._ranges, None)
+                        worst = self._worst
+                    if block is None:
+                        break
+                    self._found(check(*block, worst))
+                if flush is not None:
+                    self._found(flush())
+            except BaseException:
+                self._stop = True  # the other threads stop after their current block
+                raise
+
+        if self._threads == 1:
+            work()
+            return self._worst
+        with ThreadPoolExecutor(self._threads - 1) as pool:
+            helpers = [pool.submit(work) for _ in range(self._threads - 1)]
+            work()
+            for helper in helpers:
+                helper.result()
+        return self._worst
+
+    def _found(self, ratio: float) -> None:
+        with self._lock:
+            self._worst = max(self._worst, ratio)
+
+
+class _Exact:
+    """The float64 ratio ``|fused - reference| / bound``, as :func:`block_bound` has it.
+
+    The layer's factors are laid out once: ``left`` with each coefficient folded in for
+    the reference, and the bound's ``[alpha | 1] @ [|right|; underflow]``, with ``alpha``
+    ``|left|`` times ``gamma |c32| + |c - c32|`` and ``underflow`` the per-column
+    ``2**-150 colsum |right| + n 2**-149``, so one matmul gives the bound but for
+    ``gamma |W|`` and the cast's half ulp. The sums run in another order than
+    :func:`block_bound`'s: the ratios agree up to float64 rounding.
+    """
+
+    def __init__(self, terms: Sequence[bounds.Term], dtype: torch.dtype) -> None:
+        n = bounds.roundings([left.shape[1] for left, _, _ in terms])
+        self.gamma = bounds.gamma(n)
+        self.dtype = dtype
+        lefts, alphas, rights = [], [], []
+        for left, right, coefficient in terms:
+            rounded = float(torch.tensor(coefficient, dtype=torch.float32))
+            left64 = left.to(torch.float64)
+            lefts.append(left64 * coefficient)
+            alphas.append(left64.abs() * (self.gamma * abs(rounded) + abs(coefficient - rounded)))
+            rights.append(right.to(torch.float64))
+        right = torch.cat(rights, dim=0)
+        underflow = (
+            right.abs().sum(dim=0) * (FLOAT32_TINY_SUBNORMAL / 2) + n * FLOAT32_TINY_SUBNORMAL
+        )
+        self.left = torch.cat(lefts, dim=1)
+        self.right = right
+        ones = torch.ones(self.left.shape[0], 1, dtype=torch.float64, device=right.device)
+        self.bound_left = torch.cat([*alphas, ones], dim=1)
+        self.bound_right = torch.cat([right.abs(), underflow[None]], dim=0)
+        # Column-major copies for gathering a few elements' columns.
+        self.right_t = self.right.T.contiguous()
+        self.bound_right_t = self.bound_right.T.contiguous()
+
+    def rows(self, original: torch.Tensor, fused: torch.Tensor, start: int, stop: int) -> float:
+        """The largest ratio over rows ``start:stop``, block by block."""
+        step = max(1, BLOCK_ELEMENTS // original.shape[1])
+        return max(
+            self.block(original, fused, row, min(row + step, stop))
+            for row in range(start, stop, step)
+        )
+
+    def block(self, original: torch.Tensor, fused: torch.Tensor, start: int, stop: int) -> float:
+        """The largest ratio over rows ``start:stop`` (float64 temporaries that size)."""
+        weight, result = original[start:stop], _readable(fused[start:stop])
+        # error = W - F + c L @ R  (= reference - fused), one matmul.
+        error = weight.to(torch.float64, copy=True).sub_(result)
+        error.addmm_(self.left[start:stop], self.right)
+        bound = weight.to(torch.float64, copy=True).abs_()
+        bound.addmm_(self.bound_left[start:stop], self.bound_right, beta=self.gamma)
+        if self.dtype != torch.float32:
+            magnitude = torch.add(error, result).abs_().add_(bound)  # |reference| + acc
+            bound += _half_ulp(magnitude, self.dtype)
+        return _largest(error.abs_().div_(bound))
+
+    def elements(self, original: torch.Tensor, fused: torch.Tensor, flat: torch.Tensor) -> float:
+        """The largest ratio over the elements at row-major indices ``flat``."""
+        columns = original.shape[1]
+        rows, cols = flat.div(columns, rounding_mode="floor"), flat % columns
+        weight = torch.take(original, flat).to(torch.float64)
+        reference = weight + (self.left[rows] * self.right_t[cols]).sum(dim=1)
+        products = (self.bound_left[rows] * self.bound_right_t[cols]).sum(dim=1)
+        bound = weight.abs().mul_(self.gamma).add_(products)
+        if self.dtype != torch.float32:
+            bound += _half_ulp(reference.abs().add_(bound), self.dtype)
+        error = torch.take(fused, flat).to(torch.float64).sub_(reference).abs_()
+        return _largest(error.div_(bound))
+
+
+def _readable(block: torch.Tensor) -> torch.Tensor:
+    # torch does no mixed-dtype arithmetic with float8: read it into float64 first.
+    if block.dtype in _FLOAT32_EXACT:
+        return block
+    return block.to(torch.float64)
+
+
+def _largest(ratios: torch.Tensor) -> float:
+    """The largest ratio; ``inf`` if any is NaN (``torch.max`` propagates NaN)."""
+    if not ratios.numel():
+        return 0.0
+    largest = float(ratios.max())
+    return math.inf if math.isnan(largest) else largest
+
+
+class _Screen:
+    """A float32 upper bound on every element's ratio, for float16 and bfloat16 weights.
+
+    For each element the screen computes ``Y``, the float32 merge exactly as the bound
+    models the engine's (``c32`` folded into ``left`` with one rounding, a float32 matmul,
+    ``+ W`` rounded once), so ``|Y - reference| <= acc`` (``docs/design.md``, "Forward
+    error bounds"); with ``h = half_ulp_dtype(|Y|)`` (of ``max(|Y|, smallest normal)``):
+
+        |F - reference| <= |F - Y| + acc          (triangle inequality)
+        bound = acc + half_ulp(|reference| + acc) >= half_ulp(|Y|) = h
+                                                  (|Y| <= |reference| + acc, monotone)
+        ratio <= (|F - Y| + acc) / h
+
+    ``acc`` is bounded per element without a second matmul: ``|W| <= |Y| / (1 - u) +
+    |fl(Lf @ R)|`` and every ``P_i[r, c] <= (sum_k |left_i[r, k]|) max_k |right[k, c]|``,
+    so ``acc <= gamma |Y| / (1 - u) + a_r b_c + (n + 1) 2**-149`` with ``a_r`` per row
+    (``__init__``) and ``b_c = max_k |right[k, c]|``. With ``p = 2**(m+1) h`` (``m`` the
+    dtype's mantissa bits), ``|Y| < 2p``, and ``h >= h_min`` (at the smallest normal):
+
+        ratio <= 2**(m+1) (|F - Y| + a_r b_c) / p  +  slack,
+        slack  = gamma 2**(m+2) / (1 - u) + (n + 1) 2**-149 / h_min
+
+    ``p`` is ``Y``'s float32 exponent bits (clamped at the smallest normal), so the
+    screen is ``q = fl(fl(|fl(Y - F)|) + fl(a_r b_c)) / p``: a subtraction, an
+    absolute value, a multiply-add and an exact division by a power of two. Each float32
+    rounding is relative (at most ``u``) or, where the result is subnormal, absolute (at
+    most ``2**-150``; a subnormal sum or difference is exact), so the exact
+    ``(|F - Y| + a_r b_c) / p <= (1 + 2u)**2 (q + tiny)`` (:meth:`threshold`). An element
+    with ``q`` below the threshold then has a ratio, even as float64 computes it, below
+    ``worst``, a ratio already found exactly: it cannot be the largest. The rest (NaN
+    included: the test is ``not q < threshold``) are computed exactly.
+
+    It relies on IEEE float32 arithmetic with subnormals in the matmul and elementwise
+    ops: :meth:`applies` checks the matmul precision setting and probes both.
+    """
+
+    def __init__(self, terms: Sequence[bounds.Term], dtype: torch.dtype) -> None:
+        n = bounds.roundings([left.shape[1] for left, _, _ in terms])
+        gamma = bounds.gamma(n)
+        rank = sum(left.shape[1] for left, _, _ in terms)
+        lefts, rights = [], []
+        row_scale = torch.zeros(terms[0][0].shape[0], dtype=torch.float64)
+        for left, right, coefficient in terms:
+            rounded = float(torch.tensor(coefficient, dtype=torch.float32))
+            folded = left.to(torch.float32) * rounded  # one float32 rounding, as the engine
+            lefts.append(folded)
+            rights.append(right.to(torch.float32))
+            weight = gamma * abs(rounded) + abs(coefficient - rounded)
+            # gamma (1 + gamma_r) |fl(c32 left)| (the |W| part) + alpha (the P_i part).
+            row_scale += folded.to(torch.float64).abs().sum(dim=1) * (gamma * (1 + gamma))
+            row_scale += left.to(torch.float64).abs().sum(dim=1) * weight
+        self.left = torch.cat(lefts, dim=1)  # fl32(c32 * left), the terms side by side
+        self.right = torch.cat(rights, dim=0)  # exactly the terms' values
+        self.column_scale = self.right.abs().amax(dim=0, keepdim=True)  # b_c, exact
+        # a_r: + r 2**-150 (the fold's underflow, and colsum |right| <= r b_c), then up
+        # past float64's rounding and float32's, also where a_r is subnormal.
+        row_scale += rank * FLOAT32_TINY_SUBNORMAL
+        row_scale = row_scale * (1 + 2.0**-20) + FLOAT32_TINY_SUBNORMAL
+        self.row_scale = row_scale.to(torch.float32)[:, None]
+        mantissa = MANTISSA_BITS[dtype]
+        smallest_normal = torch.finfo(dtype).smallest_normal
+        self.exponent_floor = _float32_bits(smallest_normal)
+        self.slack = gamma * 2.0 ** (mantissa + 2) / (1 - U32) + (
+            n + 1
+        ) * FLOAT32_TINY_SUBNORMAL / (smallest_normal * 2.0 ** -(mantissa + 1))
+        # (1 + 2u)**2 (q + 2**-150 + 2**-150 / 2**e), in q's scale, 2**-(m+1) per ratio.
+        self._tiny = 2.0**-150 + 2.0**-150 / smallest_normal
+        self._scale = 2.0 ** -(mantissa + 1)
+        self._thresholds: dict[float, float] = {}
+        # Each thread's candidates, evaluated in batches: an exact pass over a few hundred
+        # elements costs mostly its fixed per-call overhead.
+        self._pending = threading.local()
+
+    @staticmethod
+    def applies(
+        original: torch.Tensor,
+        fused: torch.Tensor,
+        terms: Sequence[bounds.Term],
+        dtype: torch.dtype,
+    ) -> bool:
+        """Whether the screen's proof holds here (else every element is computed exactly)."""
+        factors = [t for left, right, _ in terms for t in (left, right)]
+        return (
+            dtype in _SCREENED_DTYPES
+            and original.dtype == dtype
+            and fused.dtype == dtype
+            and all(t.dtype in _FLOAT32_EXACT for t in factors)
+            and all(t.device.type == "cpu" for t in (original, fused, *factors))
+            and _float32_is_ieee()
+        )
+
+    def threshold(self, worst: float) -> float:
+        """The float32 ``q`` below which an element's ratio is surely below ``worst``.
+
+        From ``ratio <= 2**(m+1) (1 + 2u)**2 (q + tiny) + slack`` and a float64 ratio
+        within :data:`_FLOAT64_NOISE` of the exact one; ``tiny`` is a subnormal quotient's
+        ``2**-150`` and a subnormal numerator's ``2**-150 / 2**e``. Not positive where
+        nothing can be ruled out.
+        """
+        if worst not in self._thresholds:
+            scaled = (worst - self.slack - _FLOAT64_NOISE) * self._scale
+            # 2**-40 covers these few float64 roundings.
+            threshold = (scaled / (1 + 2 * U32) ** 2 - self._tiny) / (1 + 2.0**-40)
+            self._thresholds = {worst: _float32_below(threshold)}
+        return self._thresholds[worst]
+
+    def checked(
+        self,
+        exact: _Exact,
+        original: torch.Tensor,
+        fused: torch.Tensor,
+        start: int,
+        stop: int,
+        worst: float,
+    ) -> float:
+        """Rows ``start:stop``'s largest ratio, or a ratio at most ``worst`` where none of
+        the block's can exceed it; candidates wait for a batch (see :meth:`flush`).
+
+        Screening against an older (smaller) ``worst`` only lets more elements through.
+        """
+        candidates = self.candidates(original, fused, start, stop, worst)
+        if candidates is None:
+            return exact.rows(original, fused, start, stop)
+        pending: list[torch.Tensor] = self._pending.__dict__.setdefault("list", [])
+        if candidates.numel():
+            pending.append(candidates.add_(start * original.shape[1]))
+        if sum(batch.numel() for batch in pending) < GATHER_BATCH:
+            return 0.0
+        return self.flush(exact, original, fused)
+
+    def flush(self, exact: _Exact, original: torch.Tensor, fused: torch.Tensor) -> float:
+        """The largest ratio of this thread's waiting candidates."""
+        pending: list[torch.Tensor] = self._pending.__dict__.setdefault("list", [])
+        if not pending:
+            return 0.0
+        flat = torch.cat(pending)
+        pending.clear()
+        return exact.elements(original, fused, flat)
+
+    def candidates(
+        self, original: torch.Tensor, fused: torch.Tensor, start: int, stop: int, worst: float
+    ) -> torch.Tensor | None:
+        """Flat indices (in rows ``start:stop``) whose ratio may reach ``worst``; None
+        where that is much of the block (compute it whole)."""
+        threshold = self.threshold(worst)
+        if threshold <= 0:
+            return None
+        merged = torch.mm(self.left[start:stop], self.right).add_(original[start:stop])
+        power = merged.view(torch.int32).bitwise_and(_FLOAT32_EXPONENT_MASK)
+        power = power.clamp_(min=self.exponent_floor).view(torch.float32)  # 2**(m+1) h
+        screened = merged.sub_(fused[start:stop]).abs_()
+        screened.addcmul_(self.row_scale[start:stop], self.column_scale).div_(power)
+        # Chunk maxima first: one cheap pass, where a full-size comparison and nonzero cost
+        # several times the screen (NaN is not below the threshold, so it is kept).
+        chunks = screened.view(-1, _CHUNK) if screened.numel() % _CHUNK == 0 else None
+        if chunks is None:
+            return _not_below(screened.view(-1), threshold, GATHER_FRACTION)
+        open_chunks = _not_below(chunks.amax(dim=1), threshold, 1.0)
+        assert open_chunks is not None
+        if open_chunks.numel() > chunks.shape[0] // 2:
+            return None
+        inside = _not_below(chunks[open_chunks].view(-1), threshold, 1.0)
+        assert inside is not None
+        if inside.numel() > GATHER_FRACTION * screened.numel():
+            return None
+        return open_chunks[inside // _CHUNK] * _CHUNK + inside % _CHUNK
+
+
+def _not_below(values: torch.Tensor, threshold: float, fraction: float) -> torch.Tensor | None:
+    """Indices of the values not below ``threshold`` (NaN included); None where they are
+    more than ``fraction`` of all."""
+    kept = (values < threshold).logical_not_().nonzero().view(-1)
+    return None if kept.numel() > fraction * values.numel() else kept
+
+
+def _float32_bits(value: float) -> int:
+    return int(struct.unpack("<i", struct.pack("<f", value))[0])
+
+
+def _float32_below(value: float) -> float:
+    """The largest float32 at most ``value`` (positive, finite or not); 0.0 for the rest."""
+    if not value > 0:
+        return 0.0
+    if value >= _FLOAT32_MAX:
+        return _FLOAT32_MAX if math.isfinite(value) else math.inf
+    rounded = struct.unpack("<f", struct.pack("<f", value))[0]
+    if rounded > value:  # rounded up: step one float32 down (rounded >= 2**-149 here)
+        rounded = struct.unpack("<f", struct.pack("<i", _float32_bits(rounded) - 1))[0]
+    return float(rounded)
+
+
+def _float32_is_ieee() -> bool:
+    """Whether float32 matmuls and elementwise ops round as the screen's proof assumes:
+    full precision (no bfloat16 or TF32 shortcut) and subnormals kept, not flushed."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    tiny = torch.full((1, 16), 2.0**-140)
+    halves = torch.full((16, 1), 0.5)
+    near_one = torch.full((1, 16), 1 + 2.0**-20)
+    return (
+        float(torch.mm(tiny, halves)) == 2.0**-137
+        and float(tiny[0, :1] * 0.5) == 2.0**-141
+        and float(torch.mm(near_one, torch.ones(16, 1))) == 16 * (1 + 2.0**-20)
+    )
 
 
 def block_bound(
