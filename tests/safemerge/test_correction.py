@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safemerge.merge.correction import CorrectionBuilder, _escape_positions, _pack, _unpack
+from safemerge.merge.correction import CorrectionBuilder, _pack, _unpack, escape_positions
 from safemerge.merge.numerics import SUPPORTED_DTYPES, int_view
 
 
@@ -96,14 +96,14 @@ def test_pack_unpack_round_trip_for_every_byte(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("escape_rate", [0.0, 0.001, 0.02, 0.5, 1.0])
 @pytest.mark.parametrize("count", [1, 4, 31, 32, 33, 129, 4099])
-def test_escape_positions_are_every_escape_code_in_order(escape_rate: float, count: int) -> None:
+def testescape_positions_are_every_escape_code_in_order(escape_rate: float, count: int) -> None:
     # Lengths around the eight-byte words the search starts with, escapes from none to all.
     generator = torch.Generator().manual_seed(count)
     codes = torch.randint(0, 4, (count,), generator=generator, dtype=torch.uint8)
     codes[codes == 2] = 0
     codes[torch.rand(count, generator=generator) < escape_rate] = 2
     expected = (codes == 2).nonzero().flatten()
-    assert torch.equal(_escape_positions(_pack(codes)), expected)
+    assert torch.equal(escape_positions(_pack(codes)), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

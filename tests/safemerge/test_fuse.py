@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import sys
 from collections.abc import Callable
 
@@ -22,6 +24,7 @@ from safemerge import (
     fuse,
     unfuse,
 )
+from safemerge.merge import kernel
 from safemerge.merge.numerics import SUPPORTED_DTYPES, int_view, ordered_bits
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -208,22 +211,43 @@ def test_float8_e4m3fn_saturation_is_refused() -> None:
     assert_unchanged(layer, before)
 
 
+#: Where each path of the engine can be interrupted: the torch-op path's guard and
+#: correction, and the compiled kernel's block call and correction record.
+_INTERRUPTIBLE = {
+    "torch ops": [
+        "safemerge.merge.guard.block_fits",
+        "safemerge.merge.correction.CorrectionBuilder.add",
+    ],
+    "compiled": [
+        "safemerge.merge.kernel.fuse_block",
+        "safemerge.merge.correction.CorrectionBuilder.record",
+    ],
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("failing_call", [1, 2, 5])
 @pytest.mark.parametrize(
-    "target", ["safemerge.merge.guard.block_fits", "safemerge.merge.correction.CorrectionBuilder.add"]
+    ("path", "target"),
+    [(path, target) for path, targets in _INTERRUPTIBLE.items() for target in targets],
 )
 def test_an_exception_midway_leaves_the_layer_untouched(
-    monkeypatch: pytest.MonkeyPatch, target: str, failing_call: int
+    monkeypatch: pytest.MonkeyPatch, path: str, target: str, failing_call: int, threads: int
 ) -> None:
     import safemerge.merge.engine as engine
 
+    if path == "compiled" and not kernel.compiled():
+        pytest.skip("the compiled kernel is not built here")
     monkeypatch.setattr(engine, "BLOCK_BYTES", 64 * 4 * 8)  # 8 rows a block: many blocks
     layer = make_layer("linear", torch.bfloat16, 64, 64)
     adapter = make_adapter(layer)
     before = snapshot(layer)
-    _module_name, _, attribute = target.rpartition(".")
+    module_name, _, attribute = target.rpartition(".")
     owner: object
-    owner = safemerge.merge.correction.CorrectionBuilder if attribute == "add" else safemerge.merge.guard
+    if module_name.endswith("CorrectionBuilder"):
+        owner = safemerge.merge.correction.CorrectionBuilder
+    else:
+        owner = importlib.import_module(module_name)
     original: Callable[..., object] = getattr(owner, attribute)
     calls = []
 
@@ -234,9 +258,14 @@ def test_an_exception_midway_leaves_the_layer_untouched(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, attribute, failing)
-    with pytest.raises(KeyboardInterrupt, match="injected"):
+    with engine.pinned_threads(threads), _engine_path(path), pytest.raises(KeyboardInterrupt):
         fuse(layer, adapter)
+    assert calls, f"{target} was never called: the test did not interrupt the {path} path"
     assert_unchanged(layer, before)
+
+
+def _engine_path(path: str) -> contextlib.AbstractContextManager[None]:
+    return kernel.disabled() if path == "torch ops" else contextlib.nullcontext()
 
 
 def test_bias_refusal_leaves_the_weight_untouched_too() -> None:
@@ -553,6 +582,41 @@ def test_an_exception_midway_through_an_exact_unfuse_leaves_the_layer_fused(
     unfuse(layer, record)
     assert_unchanged(layer, original)
     assert layer.weight.untyped_storage().data_ptr() == storage
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_exception_midway_through_a_compiled_exact_unfuse_leaves_the_layer_fused(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, threads: int
+) -> None:
+    """The compiled kernel's path (no DoRA) restores blocks in place on several threads: an
+    interrupt midway fuses the restored ones again, exactly."""
+    import safemerge.merge.engine as engine
+
+    if not kernel.compiled():
+        pytest.skip("the compiled kernel is not built here")
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 64 * 4 * 8)  # 8 rows a block: many blocks
+    layer = make_layer("linear", dtype, 64, 64)
+    adapter = make_adapter(layer)
+    original = snapshot(layer)
+    record = fuse(layer, adapter)
+    fused = snapshot(layer)
+    unfuse_block = kernel.unfuse_block
+    calls = []
+
+    def failing_unfuse_block(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("injected")
+        return unfuse_block(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernel, "unfuse_block", failing_unfuse_block)
+    with engine.pinned_threads(threads), pytest.raises(KeyboardInterrupt):
+        unfuse(layer, record)
+    assert_unchanged(layer, fused)  # blocks already restored were fused again, exactly
+    monkeypatch.setattr(kernel, "unfuse_block", unfuse_block)
+    unfuse(layer, record)
+    assert_unchanged(layer, original)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e5m2])

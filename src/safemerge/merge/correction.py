@@ -72,22 +72,38 @@ class Correction:
 
         ``offset`` must be the start of a block recorded by :class:`CorrectionBuilder`.
         """
-        block = int(torch.searchsorted(self.block_offsets, offset))
-        if block >= self.block_offsets.numel() or int(self.block_offsets[block]) != offset:
-            raise ValueError(f"offset {offset} is not the start of a recorded correction block")
+        block = self._block_at(offset)
         count = unfused.numel()
         packed = self.packed_codes[offset // 4 : math.ceil((offset + count) / 4)].to(unfused.device)
         bits = int_view(unfused.contiguous()).reshape(-1)
-        steps = _STEPS_OF_BYTE.to(unfused.device).index_select(0, packed.int()).view(torch.int8)
         # int + int8 promotes to the bits' width and wraps modulo 2**width, as the
         # difference was taken.
-        restored_bits = torch.add(bits, steps[:count])
+        restored_bits = torch.add(bits, steps_of(packed, count))
         if self._block_has_escapes(block):
-            positions = _escape_positions(packed)
+            positions = escape_positions(packed)
             first = int(self.block_escape_starts[block])
             originals = self.escape_bits[first : first + positions.numel()]
             restored_bits[positions] = originals.to(unfused.device)
         return restored_bits.view(self.dtype).reshape(unfused.shape)
+
+    def block(self, offset: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed codes and the escaped original bits of the block at ``offset`` of
+        ``count`` elements (views, for the compiled kernel to apply)."""
+        block = self._block_at(offset)
+        packed = self.packed_codes[offset // 4 : math.ceil((offset + count) / 4)]
+        first = int(self.block_escape_starts[block])
+        last = (
+            int(self.block_escape_starts[block + 1])
+            if block + 1 < self.block_escape_starts.numel()
+            else self.escape_count
+        )
+        return packed, self.escape_bits[first:last]
+
+    def _block_at(self, offset: int) -> int:
+        block = int(torch.searchsorted(self.block_offsets, offset))
+        if block >= self.block_offsets.numel() or int(self.block_offsets[block]) != offset:
+            raise ValueError(f"offset {offset} is not the start of a recorded correction block")
+        return block
 
     def _block_has_escapes(self, block: int) -> bool:
         # The escapes of a block sit between its first escape and the next block's: with
@@ -98,45 +114,99 @@ class Correction:
         return self.escape_count > first
 
 
+def assembled(
+    dtype: torch.dtype,
+    packed: torch.Tensor,
+    original: torch.Tensor,
+    block_elements: int,
+    pin: bool,
+) -> Correction:
+    """The correction of a whole layer whose codes were made on its device: ``packed``
+    for all of ``original`` (the weight before the fuse), in blocks of ``block_elements``.
+
+    The search for the layer's escapes waits for the device once (``nonzero`` must know
+    its count); the codes and escapes go to host memory, pinned if ``pin``, as copies
+    queued without a wait of their own, and the last copy (the blocks' escape starts)
+    returns when all of them are done.
+    """
+    numel = original.numel()
+    positions = escape_positions(packed)
+    escape_bits = int_view(original.contiguous()).reshape(-1).index_select(0, positions)
+    offsets = torch.arange(0, max(numel, 1), block_elements, dtype=torch.int64)
+    starts = torch.searchsorted(positions, offsets.to(positions.device))
+    return Correction(
+        dtype=dtype,
+        numel=numel,
+        packed_codes=_to_host(packed, pin),
+        escape_bits=_to_host(escape_bits, pin),
+        block_offsets=offsets,
+        block_escape_starts=starts.cpu(),
+    )
+
+
+def _to_host(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+    return host.copy_(tensor, non_blocking=pin)
+
+
 class CorrectionBuilder:
-    """Accumulates a :class:`Correction` block by block during a fuse."""
+    """Accumulates a :class:`Correction` block by block during a fuse.
+
+    Blocks may be recorded in any order and from several threads at once (each writes its
+    own bytes of the packed codes; the escapes are put in order when the correction is
+    built).
+    """
 
     def __init__(self, numel: int, dtype: torch.dtype) -> None:
         self._dtype = dtype
         self._numel = numel
         self._packed = torch.zeros(math.ceil(numel / 4), dtype=torch.uint8)
-        self._escape_bits: list[torch.Tensor] = []
-        self._block_offsets: list[int] = []
-        self._block_escape_starts: list[int] = []
-        self._escapes = 0
+        self._escapes_by_offset: dict[int, torch.Tensor] = {}
 
     def add(self, offset: int, original: torch.Tensor, unfused: torch.Tensor) -> None:
         """Record the block ``[offset, offset + numel)``; ``offset`` a multiple of 4."""
-        original_bits = int_view(original.contiguous()).reshape(-1)
-        steps = original_bits - int_view(unfused.contiguous()).reshape(-1)
-        # clamp(d, -2, 2) as uint8 is 0, 1, 2, 254, 255: its low two bits are the code.
-        packed = _pack(steps.clamp_(-2, 2).to(torch.uint8))
+        packed = packed_codes(original, unfused)
         self._packed[offset // 4 : offset // 4 + packed.numel()] = packed.cpu()
-        self._block_offsets.append(offset)
-        self._block_escape_starts.append(self._escapes)
-        positions = _escape_positions(packed)
-        if positions.numel():
-            self._escape_bits.append(original_bits[positions].cpu())
-            self._escapes += positions.numel()
+        original_bits = int_view(original.contiguous()).reshape(-1)
+        self.record(offset, original_bits[escape_positions(packed)].cpu())
+
+    def packed_codes(self, offset: int, count: int) -> torch.Tensor:
+        """The bytes of the block at ``offset`` of ``count`` elements, for the compiled
+        kernel to write in place (it then calls :meth:`record`)."""
+        return self._packed[offset // 4 : math.ceil((offset + count) / 4)]
+
+    def record(self, offset: int, escape_bits: torch.Tensor) -> None:
+        """Record the block at ``offset``, its codes written, with its escapes' bits."""
+        self._escapes_by_offset[offset] = escape_bits
 
     def build(self) -> Correction:
+        offsets = sorted(self._escapes_by_offset)
+        escapes = [self._escapes_by_offset[offset] for offset in offsets]
+        counts = torch.tensor([0] + [bits.numel() for bits in escapes], dtype=torch.int64)
         bits_dtype = int_view(torch.empty(0, dtype=self._dtype)).dtype
-        bits = (
-            torch.cat(self._escape_bits) if self._escape_bits else torch.empty(0, dtype=bits_dtype)
-        )
         return Correction(
             dtype=self._dtype,
             numel=self._numel,
             packed_codes=self._packed,
-            escape_bits=bits,
-            block_offsets=torch.tensor(self._block_offsets, dtype=torch.int64),
-            block_escape_starts=torch.tensor(self._block_escape_starts, dtype=torch.int64),
+            escape_bits=torch.cat(escapes) if escapes else torch.empty(0, dtype=bits_dtype),
+            block_offsets=torch.tensor(offsets, dtype=torch.int64),
+            block_escape_starts=counts.cumsum(0)[:-1],
         )
+
+
+def packed_codes(original: torch.Tensor, unfused: torch.Tensor) -> torch.Tensor:
+    """The packed codes that take ``unfused``'s bits back to ``original``'s, on their device."""
+    steps = int_view(original.contiguous()).reshape(-1) - int_view(unfused.contiguous()).reshape(-1)
+    # clamp(d, -2, 2) as uint8 is 0, 1, 2, 254, 255: its low two bits are the code.
+    return _pack(steps.clamp_(-2, 2).to(torch.uint8))
+
+
+def steps_of(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` codes' steps (int8, an escape's 0), on ``packed``'s device."""
+    table = _STEPS_OF_BYTE.to(packed.device)
+    return table.index_select(0, packed.int()).view(torch.int8)[:count]
 
 
 # Four consecutive one-byte codes read as a little-endian int32 hold code j at bit 8j.
@@ -165,7 +235,7 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
     return ((four_codes * _PACKING_MULTIPLIER) >> 24).to(torch.uint8)
 
 
-def _escape_positions(packed: torch.Tensor) -> torch.Tensor:
+def escape_positions(packed: torch.Tensor) -> torch.Tensor:
     """Element positions of the escape codes in packed bytes, in increasing order.
 
     A slot holds the escape, binary 10, where its high bit is set and its low bit is not.

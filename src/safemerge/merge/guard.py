@@ -20,11 +20,17 @@ from safemerge.merge.numerics import overflow_threshold, unravel
 
 def block_fits(merged: torch.Tensor, threshold: float) -> bool:
     """True when every element of the float32 ``merged`` casts finite and in range."""
+    return bool(block_fits_on_device(merged, threshold))
+
+
+def block_fits_on_device(merged: torch.Tensor, threshold: float) -> torch.Tensor:
+    """:func:`block_fits` as a boolean tensor on ``merged``'s device: no wait for the
+    device, so that a GPU fuse can read its verdicts once per layer."""
     if merged.numel() == 0:
-        return True
+        return torch.ones((), dtype=torch.bool, device=merged.device)
     low, high = torch.aminmax(merged)
     # NaN in the block makes aminmax NaN, and every comparison with NaN is False.
-    return bool((low > -threshold) & (high < threshold))
+    return (low > -threshold) & (high < threshold)
 
 
 def non_finite_error(
@@ -74,4 +80,6 @@ def non_finite_error(
 def check_vector(merged: torch.Tensor, *, layer: str, tensor: str, dtype: torch.dtype) -> None:
     """Raise NonFiniteMergeError unless a small float32 ``merged`` tensor fits ``dtype``."""
     if not block_fits(merged, overflow_threshold(dtype)):
-        raise non_finite_error([merged], layer=layer, tensor=tensor, dtype=dtype, shape=merged.shape)
+        raise non_finite_error(
+            [merged], layer=layer, tensor=tensor, dtype=dtype, shape=merged.shape
+        )

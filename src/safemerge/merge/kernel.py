@@ -1,0 +1,171 @@
+"""The engine's one-pass block kernel, where it is built, and the switch to do without it.
+
+``_blockops`` (C, built with the package when a compiler is there; see ``_blockops.c``)
+does a block's merge, guard, cast and exact-unfuse correction in one vectorised pass over
+memory, where the same arithmetic in torch ops takes five passes, several of them
+mixed-dtype. It computes exactly what the torch ops compute, bit for bit: the engine keeps
+the torch code as the reference and as the fallback (no compiler, float8 weights, DoRA's
+factor, rows that are not contiguous, any device other than the CPU), and the tests run
+both and compare every bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+
+def _load() -> ModuleType | None:
+    try:
+        return importlib.import_module("safemerge.merge._blockops")
+    except ImportError:  # built without a C compiler: the torch ops do the same work
+        return None
+
+
+_blockops = _load()
+
+_KINDS: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_enabled = True
+
+
+def compiled() -> bool:
+    """Whether the compiled kernel is built and switched on."""
+    return _blockops is not None and _enabled
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the engine on its torch-op path only (for tests and benchmarks)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def sequential_product(matrix: torch.Tensor, has_factor: bool) -> bool:
+    """Whether ``matrix``'s blocks take the kernel's product (:func:`rank_product`), built
+    or not: a CPU float32, float16 or bfloat16 matrix without DoRA's factor. The rest (the
+    float8 types, DoRA, other devices) take torch's matmul, fast wherever torch runs.
+
+    This depends on nothing but the matrix and the factor, so a fuse and its unfuse
+    always agree on it, even on machines where one has the compiled kernel and the other
+    not: the kernel and :func:`rank_product` give the same bits.
+    """
+    return matrix.device.type == "cpu" and matrix.dtype in _KINDS and not has_factor
+
+
+def applies(matrix: torch.Tensor, has_factor: bool) -> bool:
+    """Whether the compiled kernel does ``matrix``'s blocks: it is built and switched on,
+    the product is the sequential one, and the rows are contiguous."""
+    if _blockops is None or not _enabled or not sequential_product(matrix, has_factor):
+        return False
+    if matrix.dtype == torch.float16 and not _blockops.has_float16():
+        return False
+    return matrix.dim() == 2 and (matrix.stride(1) == 1 or matrix.shape[1] <= 1)
+
+
+def fuse_block(
+    weight: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    codes: torch.Tensor | None = None,
+    packed: torch.Tensor | None = None,
+    escapes: torch.Tensor | None = None,
+) -> int | None:
+    """``out = cast(weight + left @ right)``, the product computed as :func:`rank_product`
+    does; with ``codes`` (a uint8 scratch of a byte per element), also the packed
+    correction codes into ``packed`` and the escaped original bits into ``escapes``.
+
+    Returns:
+        None when some fused element is not finite in the dtype, else the number of
+        escapes written (0 without a correction).
+    """
+    assert _blockops is not None
+    rows, columns = weight.shape
+    kept = _blockops.fuse_block(
+        _KINDS[weight.dtype],
+        weight.data_ptr(),
+        _row_stride(weight),
+        *_factors(left, right),
+        rows,
+        columns,
+        out.data_ptr(),
+        _row_stride(out),
+        0 if codes is None else codes.data_ptr(),
+        0 if packed is None else packed.data_ptr(),
+        0 if escapes is None else escapes.data_ptr(),
+    )
+    return None if kept < 0 else int(kept)
+
+
+def unfuse_block(
+    fused: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    codes: torch.Tensor | None = None,
+    packed: torch.Tensor | None = None,
+    escapes: torch.Tensor | None = None,
+) -> int | None:
+    """``out = cast(fused - left @ right)``, corrected to the original bits when ``codes`` (a
+    uint8 scratch) is given with the block's ``packed`` codes and ``escapes``.
+
+    Returns:
+        Without a correction, None when some element is not finite, else 0; with one, the
+        number of escapes used. ``out`` may be ``fused`` itself.
+    """
+    assert _blockops is not None
+    rows, columns = fused.shape
+    available = 0 if escapes is None else escapes.numel()
+    used = _blockops.unfuse_block(
+        _KINDS[fused.dtype],
+        fused.data_ptr(),
+        _row_stride(fused),
+        *_factors(left, right),
+        rows,
+        columns,
+        out.data_ptr(),
+        _row_stride(out),
+        0 if codes is None else codes.data_ptr(),
+        0 if packed is None else packed.data_ptr(),
+        0 if escapes is None or available == 0 else escapes.data_ptr(),
+        available,
+    )
+    return None if used < 0 else int(used)
+
+
+def rank_product(
+    left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, term: torch.Tensor
+) -> torch.Tensor:
+    """``left @ right`` into ``out`` as the kernel computes it, with torch ops.
+
+    ``left[:, 0] * right[0]``, then ``+ left[:, k] * right[k]`` for each further k, every
+    product and sum rounded on its own: a fixed order of IEEE operations, so any machine
+    gets the same bits (a BLAS matmul's order and fused multiply-adds vary with the
+    library, the CPU and the thread count). ``term`` is scratch the size of ``out``.
+    """
+    torch.mul(left[:, :1], right[:1], out=out)
+    for k in range(1, left.shape[1]):
+        out.add_(torch.mul(left[:, k : k + 1], right[k : k + 1], out=term))
+    return out
+
+
+def _factors(left: torch.Tensor, right: torch.Tensor) -> tuple[int, int, int]:
+    assert left.is_contiguous() and right.is_contiguous() and left.dtype == torch.float32
+    assert right.dtype == torch.float32 and left.shape[1] == right.shape[0] >= 1
+    return left.data_ptr(), right.data_ptr(), left.shape[1]
+
+
+def _row_stride(block: torch.Tensor) -> int:
+    assert block.stride(1) == 1 or block.shape[1] <= 1, "the kernel needs contiguous rows"
+    return block.stride(0) if block.shape[0] > 1 else block.shape[1]
