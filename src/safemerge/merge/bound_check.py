@@ -55,9 +55,6 @@ GATHER_FRACTION = 1 / 16
 #: Candidates evaluated together in float64.
 GATHER_BATCH = 1 << 14
 
-#: Largest ``gamma |Y| / h`` taken as one slack for all elements (see :class:`_Screen`).
-MAGNITUDE_SLACK_LIMIT = 1e-3
-
 _FLOAT64_MANTISSA_BITS = 52
 _FLOAT64_EXPONENT_BIAS = 1023
 _FLOAT32_EXPONENT_MASK = 0x7F800000
@@ -309,23 +306,11 @@ class _Screen:
         mantissa = MANTISSA_BITS[dtype]
         smallest_normal = torch.finfo(dtype).smallest_normal
         self.exponent_floor = _float32_bits(smallest_normal)
-        magnitude_slack = gamma * 2.0 ** (mantissa + 2) / (1 - U32)
-        # Where gamma |Y| / h is a coarse slack (float16's ten mantissa bits: 4e-3, enough
-        # to let ~1% of the elements through), it is added per element instead: two more
-        # passes, against float64 work on a few times as many candidates.
-        self.magnitude_weight: float | None = None
-        if magnitude_slack > MAGNITUDE_SLACK_LIMIT:
-            # gamma / (1 - u), rounded up to float32 (nearest is within 2**-24).
-            self.magnitude_weight = float(
-                torch.tensor(gamma / (1 - U32) * (1 + 2.0**-20), dtype=torch.float32)
-            )
-            magnitude_slack = 0.0
-        underflow_slack = (
-            (n + 1) * FLOAT32_TINY_SUBNORMAL / (smallest_normal * 2.0 ** -(mantissa + 1))
-        )
-        self.slack = magnitude_slack + underflow_slack
-        # (1 + 2u)**3 (q + 2**-150 + 2 2**-150 / 2**e), in q's scale, 2**-(m+1) per ratio.
-        self._tiny = 2.0**-150 + 2.0**-149 / smallest_normal
+        self.slack = gamma * 2.0 ** (mantissa + 2) / (1 - U32) + (
+            n + 1
+        ) * FLOAT32_TINY_SUBNORMAL / (smallest_normal * 2.0 ** -(mantissa + 1))
+        # (1 + 2u)**2 (q + 2**-150 + 2**-150 / 2**e), in q's scale, 2**-(m+1) per ratio.
+        self._tiny = 2.0**-150 + 2.0**-150 / smallest_normal
         self._scale = 2.0 ** -(mantissa + 1)
         self._thresholds: dict[float, float] = {}
         # Each thread's candidates, evaluated in batches: an exact pass over a few hundred
@@ -353,15 +338,15 @@ class _Screen:
     def threshold(self, worst: float) -> float:
         """The float32 ``q`` below which an element's ratio is surely below ``worst``.
 
-        From ``ratio <= 2**(m+1) (1 + 2u)**3 (q + tiny) + slack`` and a float64 ratio
+        From ``ratio <= 2**(m+1) (1 + 2u)**2 (q + tiny) + slack`` and a float64 ratio
         within :data:`_FLOAT64_NOISE` of the exact one; ``tiny`` is a subnormal quotient's
-        ``2**-150`` and two subnormal products' ``2**-150 / p``. Not positive where nothing
-        can be ruled out.
+        ``2**-150`` and a subnormal numerator's ``2**-150 / 2**e``. Not positive where
+        nothing can be ruled out.
         """
         if worst not in self._thresholds:
             scaled = (worst - self.slack - _FLOAT64_NOISE) * self._scale
             # 2**-40 covers these few float64 roundings.
-            threshold = (scaled / (1 + 2 * U32) ** 3 - self._tiny) / (1 + 2.0**-40)
+            threshold = (scaled / (1 + 2 * U32) ** 2 - self._tiny) / (1 + 2.0**-40)
             self._thresholds = {worst: _float32_below(threshold)}
         return self._thresholds[worst]
 
@@ -409,15 +394,8 @@ class _Screen:
         merged = torch.mm(self.left[start:stop], self.right).add_(original[start:stop])
         power = merged.view(torch.int32).bitwise_and(_FLOAT32_EXPONENT_MASK)
         power = power.clamp_(min=self.exponent_floor).view(torch.float32)  # 2**(m+1) h
-        result = fused[start:stop]
-        if self.magnitude_weight is None:
-            screened = merged.sub_(result).abs_()
-            screened.addcmul_(self.row_scale[start:stop], self.column_scale)
-        else:
-            screened = torch.sub(merged, result).abs_()
-            screened.addcmul_(self.row_scale[start:stop], self.column_scale)
-            screened.add_(merged.abs_(), alpha=self.magnitude_weight)
-        screened.div_(power)
+        screened = merged.sub_(fused[start:stop]).abs_()
+        screened.addcmul_(self.row_scale[start:stop], self.column_scale).div_(power)
         # Chunk maxima first: one cheap pass, where a full-size comparison and nonzero cost
         # several times the screen (NaN is not below the threshold, so it is kept).
         chunks = screened.view(-1, _CHUNK) if screened.numel() % _CHUNK == 0 else None
