@@ -137,11 +137,12 @@ def _lookup(
     """Code indices of ``scaled`` (rows of values in ``[-1, 1]``; bitsandbytes'
     ``bucketize`` and order) into ``codes``, and ``code * scale`` per row into ``values``."""
     flat = scaled.reshape(-1)
-    cell = (flat + 1.0).mul_(CELLS / 2).to(torch.int32).clamp_(max=CELLS - 1)
+    cell = (flat + 1.0).mul_(CELLS / 2).to(torch.int32)  # 0 to CELLS (x = 1)
     above = flat > tables.midpoint.index_select(0, cell)
     index = cell.mul_(2).add_(above)
-    codes.copy_(tables.code.index_select(0, index))
-    torch.mul(tables.value.index_select(0, index).view_as(values), scales, out=values)
+    torch.index_select(tables.code, 0, index, out=codes)
+    torch.index_select(tables.value, 0, index, out=values.view(-1))
+    values.mul_(scales)
 
 
 def _code_of_zero(tables: _Tables) -> torch.Tensor:
@@ -155,7 +156,7 @@ def _code_of_zero(tables: _Tables) -> torch.Tensor:
 class _Tables:
     """Per cell of ``[-1, 1]``; ``code`` and ``value`` indexed by ``2 * cell + above``."""
 
-    midpoint: torch.Tensor  # float32: the one midpoint in the cell, or +inf
+    midpoint: torch.Tensor  # float32 per cell (CELLS + 1): its one midpoint, or +inf
     code: torch.Tensor  # uint8: the code index
     value: torch.Tensor  # float32: the code's value
 
@@ -168,10 +169,11 @@ def _tables(quant_type: str) -> _Tables | None:
 
     midpoints, order = _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))
     points = midpoints.double()
-    # (x + 1) rounds by at most 2**-23 (x + 1 < 2); * CELLS / 2 and truncation are exact.
+    # (x + 1) rounds by at most 2**-23 (x + 1 <= 2); * CELLS / 2 and truncation are exact.
     # Every x that lands in a cell lies within [low, high].
     slack = 2.0**-22
-    edges = torch.arange(CELLS + 1, dtype=torch.float64) * (2.0 / CELLS) - 1
+    # One cell more than CELLS: x = 1 lands in cell CELLS, [1, 1 + 2 / CELLS].
+    edges = torch.arange(CELLS + 2, dtype=torch.float64) * (2.0 / CELLS) - 1
     low, high = (edges[:-1] - slack)[:, None], (edges[1:] + slack)[:, None]
     inside = (points >= low) & (points <= high)  # (CELLS, midpoints)
     # Two midpoints in one cell must be equal (then both lie below or above any x alike).
