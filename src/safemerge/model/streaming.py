@@ -558,8 +558,9 @@ def _fused_tensors(
     dtypes = {name: dtype for name, _, dtype in plan}
     done: dict[str, tuple[torch.Tensor, TensorResult]] = {}
     total = len(plan)
-    with _ReadAhead(checkpoint, plan) as read_ahead:
+    with _ReadAhead(checkpoint, plan) as read_ahead, _Threads() as threads:
         for position, (name, shape, dtype) in enumerate(plan, start=1):
+            threads.refresh()
             started = time.perf_counter()
             if name not in done:
                 layer = layers.get(name) or by_bias.get(name)
@@ -581,6 +582,91 @@ def _fused_tensors(
             del tensor
             if tensor_nbytes(shape, dtype) >= _TRIM_BYTES:
                 release_free_heap()
+
+
+#: How often, in seconds, a streaming fuse reconsiders how many threads it computes on.
+_THREADS_EVERY = 2.0
+
+
+class _Threads:
+    """torch's intra-op thread count during a streaming fuse: at most the cores that other
+    processes leave idle, decided again every :data:`_THREADS_EVERY` seconds, and torch's
+    count from before afterwards.
+
+    Each layer's fuse and check are many torch calls over cache-sized blocks; with two
+    threads each call forks and joins, and when the other thread's core is taken by
+    another process, every join waits for the scheduler. Measured on a 2-core machine
+    with a busy process on one core, 4 TinyLlama layers: the fuse phase 33-39 s with 2
+    threads, 5-6 s with 1 (and the whole fuse 66-71 s against 34-40 s); on the same
+    machine under other developers' load, 2 threads were also the slower. This is the
+    policy of :func:`safemerge.peft.threads.merge_threads`, but counted now rather than
+    from the 1-minute load average: a fresh ``safemerge fuse`` process has no history
+    there, and a busy process started a few seconds before barely shows in it.
+    """
+
+    def __init__(self) -> None:
+        self._limit = torch.get_num_threads()
+        self._decided = -float("inf")
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._decided < _THREADS_EVERY:
+            return
+        self._decided = now
+        count = fuse_threads(self._limit)
+        if count != torch.get_num_threads():
+            torch.set_num_threads(count)
+
+    def __enter__(self) -> _Threads:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if torch.get_num_threads() != self._limit:
+            torch.set_num_threads(self._limit)
+
+
+def fuse_threads(limit: int) -> int:
+    """How many threads to compute on: the usable cores less those other processes'
+    runnable tasks take now, between 1 and ``limit``; ``limit`` where that is unknown."""
+    busy = busy_elsewhere()
+    if busy is None:
+        return limit
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks
+        cores = os.cpu_count() or 1
+    return max(1, min(limit, cores - busy))
+
+
+def busy_elsewhere(samples: int = 5, pause: float = 0.001) -> int | None:
+    """Runnable tasks of other processes, the least seen over a few samples ``pause``
+    seconds apart (a task busy computing is runnable in every one; a passing one is
+    not), from Linux's ``/proc``; None elsewhere.
+
+    The kernel's count (``/proc/loadavg``) includes this process's runnable threads,
+    the one reading it first: they are counted in ``/proc/self/task`` and left out.
+    """
+    seen = []
+    for sample in range(samples):
+        if sample:
+            time.sleep(pause)
+        try:
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+            own = sum(_running(task) for task in Path("/proc/self/task").iterdir())
+        except (OSError, ValueError, IndexError):
+            return None
+        seen.append(running - max(own, 1))
+    return max(0, min(seen))
+
+
+def _running(task: Path) -> bool:
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:  # the thread ended meanwhile
+        return False
+    # "pid (name) state ...": the name may hold spaces and parentheses; the state follows
+    # the last parenthesis.
+    return stat[stat.rindex(")") + 2 :].startswith("R")
 
 
 #: The largest tensor :class:`_ReadAhead` reads ahead: memory grows by at most this much.

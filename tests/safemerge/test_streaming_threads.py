@@ -1,0 +1,69 @@
+"""How many threads a streaming fuse computes on: the cores other processes leave idle."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import safemerge
+from safemerge import synthetic
+from safemerge.model import streaming
+
+
+@pytest.mark.parametrize(("busy", "limit", "expected"), [(None, 3, 3), (0, 1, 1), (1, 2, 1)])
+def test_threads_are_the_idle_cores_within_the_limit(
+    monkeypatch: pytest.MonkeyPatch, busy: int | None, limit: int, expected: int
+) -> None:
+    monkeypatch.setattr(streaming, "busy_elsewhere", lambda: busy)
+    monkeypatch.setattr(streaming.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    assert streaming.fuse_threads(limit) == expected
+
+
+def test_all_cores_busy_elsewhere_still_leaves_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streaming, "busy_elsewhere", lambda: 64)
+    assert streaming.fuse_threads(8) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_busy_elsewhere_counts_other_processes_tasks() -> None:
+    busy = streaming.busy_elsewhere(samples=2, pause=0.0)
+    assert busy is not None and busy >= 0
+
+
+def test_a_task_state_is_read_after_the_last_parenthesis(tmp_path: Path) -> None:
+    (tmp_path / "stat").write_text("12 (odd ) S (name) R 1 2 3\n")
+    assert streaming._running(tmp_path)
+    (tmp_path / "stat").write_text("12 (R) S 1 2 3\n")
+    assert not streaming._running(tmp_path)
+    assert not streaming._running(tmp_path / "gone")
+
+
+def test_a_fuse_computes_on_the_chosen_threads_and_restores_torchs_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    safemerge.io.atomic.save_tensors(
+        base / "model.safetensors", synthetic.tiny_state_dict(torch.float32)
+    )
+    adapter = safemerge.write_peft_adapter(tmp_path / "adapter", synthetic.tiny_adapters())
+    chosen: list[int] = []
+    monkeypatch.setattr(streaming, "fuse_threads", lambda limit: chosen.append(limit) or 1)
+    during: list[int] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        safemerge.fuse_files(
+            base,
+            [adapter],
+            tmp_path / "out",
+            progress=lambda _: during.append(torch.get_num_threads()),
+        )
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert chosen[0] == 3  # torch's count before the fuse is the most it may use
+    assert set(during) == {1}
