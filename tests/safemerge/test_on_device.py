@@ -23,6 +23,7 @@ import torch
 import safemerge
 import safemerge.merge.correction as correction_module
 from safemerge import LoraAdapter, NonFiniteMergeError
+from safemerge.merge.record import FuseRecord
 from safemerge.merge import engine, on_device
 from safemerge.merge.numerics import int_view
 
@@ -109,7 +110,7 @@ def test_waits_for_the_device_twice_a_layer_whatever_its_blocks(
     waits = _Waits(monkeypatch)
     with on_device.forced():
         record = safemerge.fuse(layer, _adapter(layer))
-        assert record.block_rows == 4
+        assert isinstance(record, FuseRecord) and record.block_rows == 4
         fuse_waits, waits.count = waits.count, 0
         safemerge.unfuse(layer, record)
     assert fuse_waits <= 2, f"the fuse waited for the device {fuse_waits} times"

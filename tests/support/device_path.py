@@ -15,4 +15,8 @@ from safemerge.merge import on_device
 def pytest_configure(config: pytest.Config) -> None:
     forced = on_device.forced()
     forced.__enter__()
-    config.add_cleanup(lambda: forced.__exit__(None, None, None))
+
+    def leave() -> None:
+        forced.__exit__(None, None, None)
+
+    config.add_cleanup(leave)
