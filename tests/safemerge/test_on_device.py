@@ -23,9 +23,9 @@ import torch
 import safemerge
 import safemerge.merge.correction as correction_module
 from safemerge import LoraAdapter, NonFiniteMergeError
-from safemerge.merge.record import FuseRecord
 from safemerge.merge import engine, on_device
 from safemerge.merge.numerics import int_view
+from safemerge.merge.record import FuseRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 
