@@ -16,7 +16,7 @@ of them alike; each time is the best over the repeats. It prints ``old / new`` a
 repository root::
 
     python benchmarks/bound_check.py              # 5 repeats
-    python benchmarks/bound_check.py --repeats 9 --dtypes bfloat16
+    python benchmarks/bound_check.py --repeats 9 --dtypes bfloat16 --threads 1
 
 It is a benchmark, not a test: it always exits with status 0.
 """
@@ -151,7 +151,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (default: as is)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
         f"intra-op threads, best of {args.repeats}, load average {os.getloadavg()[0]:.2f}"

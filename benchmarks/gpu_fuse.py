@@ -209,19 +209,6 @@ def guard_and_rollback(device: torch.device) -> list[str]:
         if name in bases and not torch.equal(int_view(p.detach()), bases[name])
     ]
     print(f"  base weights changed by the refused merge: {len(changed)} of {len(bases)}")
-    try:
-        model.merge_and_unload(safe_merge=True)
-        print("  PEFT merge_and_unload(safe_merge=True): merged")
-    except ValueError as error:
-        changed_by_peft = [
-            name
-            for name, p in model.named_parameters()
-            if name in bases and not torch.equal(int_view(p.detach()), bases[name])
-        ]
-        print(
-            f"  PEFT refused ({str(error)[:80]}); base weights it had changed: "
-            f"{len(changed_by_peft)}"
-        )
     return [f"refused merge changed {name}" for name in changed]
 
 
