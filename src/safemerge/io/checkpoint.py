@@ -272,7 +272,10 @@ def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
         CheckpointError: as :func:`open_checkpoint`.
     """
     with open_checkpoint(path) as checkpoint:
-        return {name: checkpoint.read(name) for name in checkpoint}, checkpoint.metadata
+        # Straight from the file: through a memory map, each page faulted in one by one cost
+        # 0.4-0.6 s for a 50 MB adapter (TinyLlama's 154 projections), 0.1 s this way.
+        tensors = {name: checkpoint.read(name, mapped=False) for name in checkpoint}
+        return tensors, checkpoint.metadata
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
