@@ -123,21 +123,19 @@ SM_INLINE float8 load8(const float *source) {
     return value;
 }
 
-SM_INLINE float8 splat8(float value) {
-    return (float8){value, value, value, value, value, value, value, value};
-}
-
+/* A vector times a scalar: GCC broadcasts the scalar with one instruction (an explicit
+ * {l, l, ...} vector literal costs nine). Multiplication commutes exactly in IEEE. */
 SM_INLINE void product_tile(const float *restrict left, const float *restrict right,
                             Py_ssize_t cols, Py_ssize_t rank, float *restrict acc) {
     float8 a[TILE / 8];
-    float8 l = splat8(left[0]);
-    for (int v = 0; v < TILE / 8; v++) a[v] = l * load8(right + 8 * v);
+    const float l0 = left[0];
+    for (int v = 0; v < TILE / 8; v++) a[v] = load8(right + 8 * v) * l0;
     for (Py_ssize_t k = 1; k < rank; k++) {
         const float *r = right + k * cols;
-        l = splat8(left[k]);
-        for (int v = 0; v < TILE / 8; v++) a[v] = a[v] + l * load8(r + 8 * v);
+        const float lk = left[k];
+        for (int v = 0; v < TILE / 8; v++) a[v] = a[v] + load8(r + 8 * v) * lk;
     }
-    memcpy(acc, a, sizeof a);
+    for (int v = 0; v < TILE / 8; v++) memcpy(acc + 8 * v, &a[v], sizeof a[v]);
 }
 
 /* The product of ``n`` columns of one row, from column ``j0``, into ``acc``. */
@@ -152,6 +150,56 @@ SM_INLINE void product_segment(const float *restrict left, const float *restrict
         const float l = left[k];
         const float *r = right + k * cols + j0;
         for (Py_ssize_t u = t; u < n; u++) acc[u] = acc[u] + l * r[u];
+    }
+}
+
+/* Two rows at once: each vector of ``right`` is loaded once for both (the loads, not
+ * the arithmetic, were most of the instructions). Half a tile a row keeps the eight
+ * accumulators in registers. Each row's numbers are exactly product_segment's. */
+SM_INLINE void product_tile2(const float *restrict left0, const float *restrict left1,
+                             const float *restrict right, Py_ssize_t cols, Py_ssize_t rank,
+                             float *restrict acc0, float *restrict acc1) {
+    float8 a[TILE / 16], b[TILE / 16];
+    const float l0 = left0[0], m0 = left1[0];
+    for (int v = 0; v < TILE / 16; v++) {
+        const float8 r = load8(right + 8 * v);
+        a[v] = r * l0;
+        b[v] = r * m0;
+    }
+    for (Py_ssize_t k = 1; k < rank; k++) {
+        const float *row = right + k * cols;
+        const float lk = left0[k], mk = left1[k];
+        for (int v = 0; v < TILE / 16; v++) {
+            const float8 r = load8(row + 8 * v);
+            a[v] = a[v] + r * lk;
+            b[v] = b[v] + r * mk;
+        }
+    }
+    for (int v = 0; v < TILE / 16; v++) {
+        memcpy(acc0 + 8 * v, &a[v], sizeof a[v]);
+        memcpy(acc1 + 8 * v, &b[v], sizeof b[v]);
+    }
+}
+
+SM_INLINE void product_segment2(const float *restrict left0, const float *restrict left1,
+                                const float *restrict right, Py_ssize_t cols, Py_ssize_t rank,
+                                Py_ssize_t j0, Py_ssize_t n, float *restrict acc0,
+                                float *restrict acc1) {
+    Py_ssize_t t = 0;
+    for (; t + TILE / 2 <= n; t += TILE / 2)
+        product_tile2(left0, left1, right + j0 + t, cols, rank, acc0 + t, acc1 + t);
+    if (t == n) return;
+    for (Py_ssize_t u = t; u < n; u++) {
+        acc0[u] = left0[0] * right[j0 + u];
+        acc1[u] = left1[0] * right[j0 + u];
+    }
+    for (Py_ssize_t k = 1; k < rank; k++) {
+        const float l = left0[k], m = left1[k];
+        const float *r = right + k * cols + j0;
+        for (Py_ssize_t u = t; u < n; u++) {
+            acc0[u] = acc0[u] + l * r[u];
+            acc1[u] = acc1[u] + m * r[u];
+        }
     }
 }
 
@@ -188,14 +236,22 @@ SM_INLINE void product_segment(const float *restrict left, const float *restrict
                               Py_ssize_t cols, TYPE *out, Py_ssize_t out_stride,             \
                               uint8_t *codes) {                                              \
         int bad = 0;                                                                         \
-        float product[SEGMENT];                                                              \
-        for (Py_ssize_t i = 0; i < rows; i++) {                                              \
+        float product[2][SEGMENT];                                                           \
+        for (Py_ssize_t i = 0; i < rows; i += 2) {                                           \
+            const int pair = i + 1 < rows;                                                   \
             for (Py_ssize_t j0 = 0; j0 < cols; j0 += SEGMENT) {                              \
                 Py_ssize_t n = cols - j0 < SEGMENT ? cols - j0 : SEGMENT;                    \
-                product_segment(left + i * rank, right, cols, rank, j0, n, product);         \
-                bad |= NAME##_segment(weight + i * weight_stride + j0, product, n,            \
-                                      out + i * out_stride + j0,                             \
-                                      codes == NULL ? NULL : codes + i * cols + j0);         \
+                if (pair)                                                                    \
+                    product_segment2(left + i * rank, left + (i + 1) * rank, right, cols,    \
+                                     rank, j0, n, product[0], product[1]);                   \
+                else                                                                         \
+                    product_segment(left + i * rank, right, cols, rank, j0, n, product[0]);  \
+                for (int h = 0; h <= pair; h++) {                                            \
+                    Py_ssize_t row = i + h;                                                  \
+                    bad |= NAME##_segment(weight + row * weight_stride + j0, product[h], n,  \
+                                          out + row * out_stride + j0,                       \
+                                          codes == NULL ? NULL : codes + row * cols + j0);   \
+                }                                                                            \
             }                                                                                \
         }                                                                                    \
         return bad;                                                                          \
@@ -226,14 +282,22 @@ SM_INLINE void product_segment(const float *restrict left, const float *restrict
                               Py_ssize_t cols, TYPE *out, Py_ssize_t out_stride,             \
                               const uint8_t *codes) {                                        \
         int bad = 0;                                                                         \
-        float product[SEGMENT];                                                              \
-        for (Py_ssize_t i = 0; i < rows; i++) {                                              \
+        float product[2][SEGMENT];                                                           \
+        for (Py_ssize_t i = 0; i < rows; i += 2) {                                           \
+            const int pair = i + 1 < rows;                                                   \
             for (Py_ssize_t j0 = 0; j0 < cols; j0 += SEGMENT) {                              \
                 Py_ssize_t n = cols - j0 < SEGMENT ? cols - j0 : SEGMENT;                    \
-                product_segment(left + i * rank, right, cols, rank, j0, n, product);         \
-                bad |= NAME##_segment(fused + i * fused_stride + j0, product, n,             \
-                                      out + i * out_stride + j0,                             \
-                                      codes == NULL ? NULL : codes + i * cols + j0);         \
+                if (pair)                                                                    \
+                    product_segment2(left + i * rank, left + (i + 1) * rank, right, cols,    \
+                                     rank, j0, n, product[0], product[1]);                   \
+                else                                                                         \
+                    product_segment(left + i * rank, right, cols, rank, j0, n, product[0]);  \
+                for (int h = 0; h <= pair; h++) {                                            \
+                    Py_ssize_t row = i + h;                                                  \
+                    bad |= NAME##_segment(fused + row * fused_stride + j0, product[h], n,  \
+                                          out + row * out_stride + j0,                       \
+                                          codes == NULL ? NULL : codes + row * cols + j0);   \
+                }                                                                            \
             }                                                                                \
         }                                                                                    \
         return bad;                                                                          \
