@@ -122,7 +122,9 @@ def _fuse_view(
         delta = low_rank_delta(view, pairs, coefficients)
         factor = _dora_factor(view, pairs, delta)
         new_bias = merged_bias(view, pairs, coefficients, sign=1.0)
-        matrix, in_place = _writable_matrix(view, exact_unfuse)
+        # In place whenever M is a view of the weight: without exact_unfuse, the engine
+        # journals the blocks for a rollback and drops the journal at the end.
+        matrix, in_place = _writable_matrix(view, True)
         fused = engine.fuse_matrix(
             matrix,
             delta,

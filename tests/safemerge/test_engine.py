@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from safemerge import NonFiniteMergeError
 from safemerge.merge import engine
 
 
@@ -55,12 +56,35 @@ def test_joint_delta_is_the_weighted_sum_of_the_terms() -> None:
     assert all(tensor.is_contiguous() for tensor in (delta.left, delta.right))
 
 
-def test_in_place_without_a_correction_is_refused() -> None:
-    matrix = torch.zeros(4, 4)
-    delta = engine.LowRankDelta.from_terms(
-        [(torch.ones(4, 1), torch.ones(1, 4), 1.0)], torch.device("cpu")
+def test_in_place_without_a_correction_keeps_none_and_rolls_a_refusal_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In place, the correction is the journal of the fuse: without keep_correction it is
+    dropped at the end, and a refusal still restores every block already written."""
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 16 * 4 * 8)  # 8 rows a block
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(64, 16, generator=generator).to(torch.float16)
+    original = matrix.clone()
+    small = engine.LowRankDelta.from_terms(
+        [(torch.full((64, 1), 0.5), torch.ones(1, 16), 1.0)], torch.device("cpu")
     )
-    with pytest.raises(ValueError, match="roll back"):
+    fused = engine.fuse_matrix(
+        matrix, small, layer="l", weight_shape=(64, 16), keep_correction=False, in_place=True
+    )
+    assert fused.merged is None and fused.correction is None
+    assert torch.equal(matrix, (original.float() + 0.5).half())
+    matrix.copy_(original)
+    huge_last_rows = torch.zeros(64, 1)
+    huge_last_rows[-1] = 1e6  # only the last block overflows float16
+    with pytest.raises(NonFiniteMergeError):
         engine.fuse_matrix(
-            matrix, delta, layer="l", weight_shape=(4, 4), keep_correction=False, in_place=True
+            matrix,
+            engine.LowRankDelta.from_terms(
+                [(huge_last_rows, torch.ones(1, 16), 1.0)], torch.device("cpu")
+            ),
+            layer="l",
+            weight_shape=(64, 16),
+            keep_correction=False,
+            in_place=True,
         )
+    assert torch.equal(matrix.view(torch.int16), original.view(torch.int16))

@@ -531,9 +531,16 @@ def test_in_place_fuse_and_unfuse_hold_no_full_size_copy() -> None:
     # Blocks of 2 MiB, their temporaries and the correction; a copy would be 64 MiB.
     assert growth < weight_bytes / 2, f"peak grew by {growth / 2**20:.1f} MiB for a 64 MiB weight"
     assert unfuse_growth < weight_bytes / 2, f"unfuse: {unfuse_growth / 2**20:.1f} MiB more"
-    # The measurement can tell: without a correction the fuse needs a new full-size buffer.
-    buffered_growth, _, _ = _peak_growth_of_a_fuse(exact_unfuse=False)
-    assert buffered_growth >= weight_bytes, f"{buffered_growth / 2**20:.1f} MiB"
+    # Without exact_unfuse the fuse is in place too: its correction is the journal of a
+    # rollback only, dropped at the end.
+    plain_growth, _, arithmetic_unfuse_growth = _peak_growth_of_a_fuse(exact_unfuse=False)
+    assert plain_growth < weight_bytes / 2, f"{plain_growth / 2**20:.1f} MiB"
+    # The measurement can tell: an arithmetic unfuse fills a new full-size buffer (part of
+    # its pages can come from memory freed since the fuse's peak, hence half, the same line
+    # the no-copy assertions stay under).
+    assert arithmetic_unfuse_growth > weight_bytes / 2, (
+        f"{arithmetic_unfuse_growth / 2**20:.1f} MiB"
+    )
 
 
 def test_record_summary_states_what_undoing_costs() -> None:

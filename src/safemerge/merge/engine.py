@@ -106,11 +106,14 @@ def fuse_matrix(
 ) -> FusedMatrix:
     """Merge ``delta`` into ``matrix``, guarded and all-or-nothing.
 
-    ``in_place`` (which needs ``keep_correction``) writes the merge into ``matrix`` itself,
-    block by block, each block's exact-unfuse correction recorded before it is overwritten;
-    a refusal or any exception midway restores the blocks already written from those
-    corrections, so no full-size copy is ever held. Otherwise the merge goes into a new
-    tensor, ``FusedMatrix.merged``, for the caller to commit.
+    ``in_place`` writes the merge into ``matrix`` itself, block by block, each block's
+    exact-unfuse correction recorded before it is overwritten; a refusal or any exception
+    midway restores the blocks already written from those corrections, so no full-size
+    copy is ever held. Without ``keep_correction`` that correction is the fuse's journal
+    only, dropped once every block is written: a quarter byte an element for the layer's
+    duration, where a new tensor would be the weight's whole size (and first-touch page
+    faults on every page of it). Otherwise the merge goes into a new tensor,
+    ``FusedMatrix.merged``, for the caller to commit.
 
     Blocks run on as many threads as torch's intra-op setting allows (see
     :func:`run_blocks`); the result does not depend on how many.
@@ -122,8 +125,6 @@ def fuse_matrix(
     dtype = matrix.dtype
     rows, columns = matrix.shape
     block_rows = block_rows_for(rows, columns, matrix.device)
-    if in_place and not keep_correction:
-        raise ValueError("an in-place fuse needs its correction to roll back a failure")
     if on_device.applies(matrix.device):
         blocks = Blocks(matrix, delta, block_rows, factor)
         done = on_device.fuse(blocks, keep_correction=keep_correction, in_place=in_place)
@@ -133,7 +134,8 @@ def fuse_matrix(
             )
         fused, correction = done
         return FusedMatrix(None if in_place else fused, correction, fingerprint(fused), block_rows)
-    builder = CorrectionBuilder(rows * columns, dtype) if keep_correction else None
+    # In place, the correction is also the journal that rolls a failure back.
+    builder = CorrectionBuilder(rows * columns, dtype) if keep_correction or in_place else None
     target = matrix if in_place else torch.empty(rows, columns, dtype=dtype, device=matrix.device)
 
     def fuse_block(blocks: Blocks, start: int, stop: int) -> bool:
@@ -159,7 +161,7 @@ def fuse_matrix(
         raise guard.non_finite_error(
             new_blocks().all_merged(), layer=layer, tensor="weight", dtype=dtype, shape=weight_shape
         )
-    correction = builder.build() if builder is not None else None
+    correction = builder.build() if builder is not None and keep_correction else None
     return FusedMatrix(None if in_place else target, correction, fingerprint(target), block_rows)
 
 
