@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from unittest import mock
 
 import pytest
@@ -20,7 +20,7 @@ import torch
 from hypothesis import event, given, note, target
 from hypothesis import strategies as st
 
-from safemerge.merge import bound_check
+from safemerge.merge import bound_check, kernel
 from safemerge.merge.bound_check import worst_error_of_bound
 from safemerge.merge.bounds import Term, merge_bound
 from safemerge.merge.numerics import from_ordered_bits, ordered_bits
@@ -140,8 +140,20 @@ def cases(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, list[Term], torc
     return weight, fused, terms, dtype
 
 
+def screen_path(path: str) -> AbstractContextManager[None]:
+    """The screen in the compiled kernel (where built), or in torch ops."""
+    if path == "compiled" and not kernel.compiled():
+        pytest.skip("the compiled kernel is not built here")
+    return kernel.disabled() if path == "torch ops" else nullcontext()
+
+
+SCREEN_PATHS = pytest.mark.parametrize("path", ["compiled", "torch ops"])
+
+
+@SCREEN_PATHS
 @given(cases(), st.sampled_from([64, 256]), st.sampled_from([1, 37]), st.sampled_from([1, 2]))
 def test_the_worst_ratio_is_merge_bound_s(
+    path: str,
     case: tuple[torch.Tensor, torch.Tensor, list[Term], torch.dtype],
     screen_elements: int,
     batch: int,
@@ -149,7 +161,7 @@ def test_the_worst_ratio_is_merge_bound_s(
 ) -> None:
     weight, fused, terms, dtype = case
     expected = reference_worst(weight, fused, terms, dtype)
-    with small_blocks(screen_elements, batch, threads):
+    with small_blocks(screen_elements, batch, threads), screen_path(path):
         worst = worst_error_of_bound(weight, fused, terms, dtype)
     note(f"expected {expected!r}, got {worst!r}")
     if math.isfinite(expected):
@@ -191,8 +203,11 @@ def test_the_adversarial_elements_straddle_their_bound(dtype: torch.dtype, kind:
         )
 
 
+@SCREEN_PATHS
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_the_screen_never_drops_an_element_that_may_reach_the_worst(dtype: torch.dtype) -> None:
+def test_the_screen_never_drops_an_element_that_may_reach_the_worst(
+    dtype: torch.dtype, path: str
+) -> None:
     """Every element whose exact ratio reaches ``worst`` is a candidate, for any ``worst``."""
     generator = torch.Generator().manual_seed(5)
     weight = (torch.randn(32, 256, generator=generator) * 0.02).to(dtype)
@@ -209,14 +224,16 @@ def test_the_screen_never_drops_an_element_that_may_reach_the_worst(dtype: torch
     ratios = ((fused.to(torch.float64) - reference).abs() / bound).view(-1)
     screen = bound_check._Screen(terms, dtype)
     for worst in [0.5, 0.9, float(ratios.kthvalue(ratios.numel() - 20).values), 0.99]:
-        candidates = screen.candidates(weight, fused, 0, 32, worst)
+        with screen_path(path):
+            candidates = screen.candidates(weight, fused, 0, 32, worst)
         if candidates is None:
             continue
         needed = set((ratios >= worst).nonzero().view(-1).tolist())
         assert needed <= set(candidates.tolist())
 
 
-def test_a_correct_bfloat16_fuse_is_mostly_settled_by_the_screen() -> None:
+@SCREEN_PATHS
+def test_a_correct_bfloat16_fuse_is_mostly_settled_by_the_screen(path: str) -> None:
     """The point of the screen: few elements computed in float64, the same answer."""
     generator = torch.Generator().manual_seed(7)
     rows, columns = 512, 1024
@@ -250,6 +267,7 @@ def test_a_correct_bfloat16_fuse_is_mostly_settled_by_the_screen() -> None:
         mock.patch.object(bound_check._Exact, "elements", counted_elements),
         mock.patch.object(bound_check._Exact, "block", counted_block),
         small_blocks(1 << 14, 1 << 10, 1),
+        screen_path(path),
     ):
         worst = worst_error_of_bound(weight, fused, terms, torch.bfloat16)
     assert worst == pytest.approx(reference_worst(weight, fused, terms, torch.bfloat16), rel=2**-30)

@@ -312,6 +312,87 @@ SM_FUSE_LOOP(fuse_f16, uint16_t, f16_value, f16_bits, f16_bad, diff16)
 SM_UNFUSE_LOOP(unfuse_f16, uint16_t, f16_value, f16_bits, f16_bad)
 #endif
 
+/* ------------------------------------------------------------------ the bound screen
+ * For safemerge.merge.bound_check's _Screen (its docstring has the proof): per element,
+ * Y = W + P' in float32, where P' is the rank-r product computed independently of the
+ * fuse's (k from last to first: another order of the same recursive sum, so the bound's
+ * gamma covers it, and a systematic slip in one order shows as |Y - F|), then
+ * q = (|Y - F| + a_r * b_c) / p, p = Y's exponent bits (at least ``floor``), and the flat
+ * indices of the elements whose q is not below ``threshold`` (NaN included).
+ */
+
+SM_INLINE void reverse_product_tile(const float *restrict left, const float *restrict right,
+                                    Py_ssize_t cols, Py_ssize_t rank, float *restrict acc) {
+    float8 a[TILE / 8];
+    const float *last = right + (rank - 1) * cols;
+    const float l_last = left[rank - 1];
+    for (int v = 0; v < TILE / 8; v++) a[v] = load8(last + 8 * v) * l_last;
+    for (Py_ssize_t k = rank - 2; k >= 0; k--) {
+        const float *r = right + k * cols;
+        const float lk = left[k];
+        for (int v = 0; v < TILE / 8; v++) a[v] = a[v] + load8(r + 8 * v) * lk;
+    }
+    for (int v = 0; v < TILE / 8; v++) memcpy(acc + 8 * v, &a[v], sizeof a[v]);
+}
+
+SM_INLINE void reverse_product_segment(const float *restrict left, const float *restrict right,
+                                       Py_ssize_t cols, Py_ssize_t rank, Py_ssize_t j0,
+                                       Py_ssize_t n, float *restrict acc) {
+    Py_ssize_t t = 0;
+    for (; t + TILE <= n; t += TILE)
+        reverse_product_tile(left, right + j0 + t, cols, rank, acc + t);
+    if (t == n) return;
+    for (Py_ssize_t u = t; u < n; u++) acc[u] = left[rank - 1] * right[(rank - 1) * cols + j0 + u];
+    for (Py_ssize_t k = rank - 2; k >= 0; k--) {
+        const float l = left[k];
+        const float *r = right + k * cols + j0;
+        for (Py_ssize_t u = t; u < n; u++) acc[u] = acc[u] + l * r[u];
+    }
+}
+
+#define SM_SCREEN_LOOP(NAME, TYPE, TO_FLOAT)                                                 \
+    SM_INLINE void NAME##_segment(const TYPE *restrict w, const TYPE *restrict f,            \
+                                  const float *restrict p, float a, const float *restrict b, \
+                                  uint32_t floor, Py_ssize_t n, float *restrict q) {         \
+        for (Py_ssize_t t = 0; t < n; t++) {                                                 \
+            float y = TO_FLOAT(w[t]) + p[t];                                                 \
+            uint32_t power = float_to_bits(y) & 0x7F800000u;                                 \
+            power = power < floor ? floor : power;                                           \
+            float difference = y - TO_FLOAT(f[t]);                                           \
+            float magnitude = difference < 0 ? -difference : difference;                     \
+            q[t] = (magnitude + a * b[t]) / bits_to_float(power);                            \
+        }                                                                                    \
+    }                                                                                        \
+    SM_CLONES static Py_ssize_t NAME(const TYPE *weight, Py_ssize_t weight_stride,           \
+                                     const TYPE *fused, Py_ssize_t fused_stride,             \
+                                     const float *left, const float *right, Py_ssize_t rank, \
+                                     Py_ssize_t rows, Py_ssize_t cols,                       \
+                                     const float *row_scale, const float *column_scale,      \
+                                     uint32_t floor, float threshold, int64_t *found,        \
+                                     Py_ssize_t room) {                                      \
+        Py_ssize_t count = 0;                                                                \
+        float product[SEGMENT], q[SEGMENT];                                                  \
+        for (Py_ssize_t i = 0; i < rows; i++) {                                              \
+            for (Py_ssize_t j0 = 0; j0 < cols; j0 += SEGMENT) {                              \
+                Py_ssize_t n = cols - j0 < SEGMENT ? cols - j0 : SEGMENT;                    \
+                reverse_product_segment(left + i * rank, right, cols, rank, j0, n, product); \
+                NAME##_segment(weight + i * weight_stride + j0, fused + i * fused_stride + j0, \
+                               product, row_scale[i], column_scale + j0, floor, n, q);       \
+                for (Py_ssize_t t = 0; t < n; t++) {                                         \
+                    if (q[t] < threshold) continue;                                          \
+                    if (count == room) return -1;                                            \
+                    found[count++] = i * cols + j0 + t;                                      \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+        return count;                                                                        \
+    }
+
+SM_SCREEN_LOOP(screen_bf16, uint16_t, bf16_value)
+#if SM_HAS_FLOAT16
+SM_SCREEN_LOOP(screen_f16, uint16_t, f16_value)
+#endif
+
 /* ----------------------------------------------------------------- codes and escapes */
 
 SM_CLONES static void pack_codes(const uint8_t *codes, Py_ssize_t count, uint8_t *packed) {
@@ -496,6 +577,54 @@ static PyObject *unfuse_block(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(bad ? -1 : used);
 }
 
+PyDoc_STRVAR(screen_block_doc,
+"screen_block(kind, weight, weight_stride, fused, fused_stride, left, right, rank, rows,\n"
+"             cols, row_scale, column_scale, floor, threshold, found, room) -> int\n\n"
+"The bound check's screen over a block of a float16 or bfloat16 merge: writes the flat\n"
+"indices of the elements whose screened ratio is not below threshold into found (int64,\n"
+"room of them) and returns their count, or -1 when there are more than room.");
+
+static PyObject *screen_block(PyObject *self, PyObject *args) {
+    int kind;
+    unsigned long long weight, fused, left, right, row_scale, column_scale, found;
+    Py_ssize_t weight_stride, fused_stride, rank, rows, cols, room;
+    unsigned int floor;
+    float threshold;
+    if (!PyArg_ParseTuple(args, "iKnKnKKnnnKKIfKn", &kind, &weight, &weight_stride, &fused,
+                          &fused_stride, &left, &right, &rank, &rows, &cols, &row_scale,
+                          &column_scale, &floor, &threshold, &found, &room))
+        return NULL;
+    if (kind != KIND_BFLOAT16 && !(kind == KIND_FLOAT16 && SM_HAS_FLOAT16)) {
+        PyErr_Format(PyExc_ValueError, "no bound screen for dtype kind %d", kind);
+        return NULL;
+    }
+    if (rank < 1) {
+        PyErr_SetString(PyExc_ValueError, "the bound screen needs a rank of at least 1");
+        return NULL;
+    }
+    Py_ssize_t count = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const float *l = (const float *)(uintptr_t)left;
+    const float *r = (const float *)(uintptr_t)right;
+    const float *a = (const float *)(uintptr_t)row_scale;
+    const float *b = (const float *)(uintptr_t)column_scale;
+    int64_t *out = (int64_t *)(uintptr_t)found;
+    if (kind == KIND_BFLOAT16) {
+        count = screen_bf16((const uint16_t *)(uintptr_t)weight, weight_stride,
+                            (const uint16_t *)(uintptr_t)fused, fused_stride, l, r, rank, rows,
+                            cols, a, b, floor, threshold, out, room);
+    }
+#if SM_HAS_FLOAT16
+    else {
+        count = screen_f16((const uint16_t *)(uintptr_t)weight, weight_stride,
+                           (const uint16_t *)(uintptr_t)fused, fused_stride, l, r, rank, rows,
+                           cols, a, b, floor, threshold, out, room);
+    }
+#endif
+    Py_END_ALLOW_THREADS
+    return PyLong_FromSsize_t(count);
+}
+
 static PyObject *has_float16(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(SM_HAS_FLOAT16);
 }
@@ -503,6 +632,7 @@ static PyObject *has_float16(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"fuse_block", fuse_block, METH_VARARGS, fuse_block_doc},
     {"unfuse_block", unfuse_block, METH_VARARGS, unfuse_block_doc},
+    {"screen_block", screen_block, METH_VARARGS, screen_block_doc},
     {"has_float16", has_float16, METH_NOARGS, "Whether float16 blocks are supported."},
     {NULL, NULL, 0, NULL},
 };

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from safemerge.merge import bounds, engine
+from safemerge.merge import bounds, engine, kernel
 from safemerge.merge.adapter import LoraAdapter
 from safemerge.merge.numerics import FLOAT32_TINY_SUBNORMAL, MANTISSA_BITS, U32
 from safemerge.merge.reference import expected_fuse
@@ -391,6 +391,20 @@ class _Screen:
         threshold = self.threshold(worst)
         if threshold <= 0:
             return None
+        if kernel.screens(original, fused):
+            # The same screen in one compiled pass, its product in another order than the
+            # fuse's (see kernel.screen_block).
+            return kernel.screen_block(
+                original[start:stop],
+                fused[start:stop],
+                self.left[start:stop],
+                self.right,
+                self.row_scale[start:stop].view(-1),
+                self.column_scale.view(-1),
+                self.exponent_floor,
+                threshold,
+                int(GATHER_FRACTION * (stop - start) * original.shape[1]),
+            )
         merged = torch.mm(self.left[start:stop], self.right).add_(original[start:stop])
         power = merged.view(torch.int32).bitwise_and(_FLOAT32_EXPONENT_MASK)
         power = power.clamp_(min=self.exponent_floor).view(torch.float32)  # 2**(m+1) h

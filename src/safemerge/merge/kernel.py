@@ -144,6 +144,67 @@ def unfuse_block(
     return None if used < 0 else int(used)
 
 
+def screens(weight: torch.Tensor, fused: torch.Tensor) -> bool:
+    """Whether :func:`screen_block` does this bound check: built and switched on, a CPU
+    float16 or bfloat16 merge with contiguous rows."""
+    if _blockops is None or not _enabled or weight.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if weight.dtype == torch.float16 and not _blockops.has_float16():
+        return False
+    return (
+        all(
+            t.device.type == "cpu" and t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1)
+            for t in (weight, fused)
+        )
+        and fused.dtype == weight.dtype
+    )
+
+
+def screen_block(
+    weight: torch.Tensor,
+    fused: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    row_scale: torch.Tensor,
+    column_scale: torch.Tensor,
+    floor: int,
+    threshold: float,
+    room: int,
+) -> torch.Tensor | None:
+    """The bound check's screen of a block (``safemerge.merge.bound_check._Screen``, whose
+    docstring has the proof): the flat indices of the elements whose screened ratio is
+    not below ``threshold``, or None when there are more than ``room``.
+
+    The screen's product is computed in the opposite order of the fuse's, so that the
+    check does not repeat the fuse's arithmetic: a slip in either shows as a difference.
+    """
+    assert _blockops is not None
+    rows, columns = weight.shape
+    found = torch.empty(max(room, 1), dtype=torch.int64)
+    count = _blockops.screen_block(
+        _KINDS[weight.dtype],
+        weight.data_ptr(),
+        _row_stride(weight),
+        fused.data_ptr(),
+        _row_stride(fused),
+        *_factors(left, right),
+        rows,
+        columns,
+        _contiguous_float32(row_scale).data_ptr(),
+        _contiguous_float32(column_scale).data_ptr(),
+        floor,
+        threshold,
+        found.data_ptr(),
+        room,
+    )
+    return None if count < 0 else found[:count]
+
+
+def _contiguous_float32(tensor: torch.Tensor) -> torch.Tensor:
+    assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+    return tensor
+
+
 def rank_product(
     left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, term: torch.Tensor
 ) -> torch.Tensor:
