@@ -203,10 +203,19 @@ def packed_codes(original: torch.Tensor, unfused: torch.Tensor) -> torch.Tensor:
     return _pack(steps.clamp_(-2, 2).to(torch.uint8))
 
 
-def steps_of(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """The first ``count`` codes' steps (int8, an escape's 0), on ``packed``'s device."""
-    table = _STEPS_OF_BYTE.to(packed.device)
+def steps_of(packed: torch.Tensor, count: int, table: torch.Tensor | None = None) -> torch.Tensor:
+    """The first ``count`` codes' steps (int8, an escape's 0), on ``packed``'s device.
+
+    ``table`` is :func:`steps_table` on that device, for callers that apply many blocks
+    there (each copy of the table to a GPU would wait for it).
+    """
+    table = steps_table(packed.device) if table is None else table
     return table.index_select(0, packed.int()).view(torch.int8)[:count]
+
+
+def steps_table(device: torch.device) -> torch.Tensor:
+    """The byte-to-four-steps table (see :func:`_steps_of_byte_table`) on ``device``."""
+    return _STEPS_OF_BYTE.to(device)
 
 
 # Four consecutive one-byte codes read as a little-endian int32 hold code j at bit 8j.

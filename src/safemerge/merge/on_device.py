@@ -40,6 +40,7 @@ from safemerge.merge.correction import (
     escape_positions,
     packed_codes,
     steps_of,
+    steps_table,
 )
 from safemerge.merge.numerics import int_view, overflow_threshold
 
@@ -119,6 +120,7 @@ def unfuse(
     threshold = overflow_threshold(fused.dtype)
     fits = torch.ones((), dtype=torch.bool, device=fused.device)
     packed = escapes = None
+    table = steps_table(fused.device)
     if correction is not None:
         packed = correction.packed_codes.to(fused.device, non_blocking=True)
         escapes = correction.escape_bits.to(fused.device, non_blocking=True)
@@ -131,7 +133,7 @@ def unfuse(
             continue
         unfused = unmerge(blocks.cast_block(start, stop))
         offset, count = start * columns, out.numel()
-        steps = steps_of(packed[offset // 4 : math.ceil((offset + count) / 4)], count)
+        steps = steps_of(packed[offset // 4 : math.ceil((offset + count) / 4)], count, table)
         int_view(out).view(-1).copy_(int_view(unfused).reshape(-1) + steps)
     if packed is not None and escapes is not None and escapes.numel():
         int_view(result).view(-1)[escape_positions(packed)] = escapes
