@@ -67,3 +67,38 @@ def test_a_fuse_computes_on_the_chosen_threads_and_restores_torchs_count(
         torch.set_num_threads(before)
     assert chosen[0] == 3  # torch's count before the fuse is the most it may use
     assert set(during) == {1}
+
+
+def _checkpoint_file(tmp_path: Path) -> Path:
+    tensors = {f"t{i}": torch.arange(100, dtype=torch.float32) + i for i in range(5)}
+    path = tmp_path / "model.safetensors"
+    safemerge.io.atomic.save_tensors(path, tensors)
+    return path
+
+
+def test_reads_ahead_give_what_a_direct_read_gives_in_any_order(tmp_path: Path) -> None:
+    path = _checkpoint_file(tmp_path)
+    with safemerge.open_checkpoint(path) as checkpoint:
+        plan = streaming._plan(checkpoint, None)
+        with streaming._ReadAhead(checkpoint, plan) as read_ahead:
+            # In plan order, then out of it (as a LoRA bias is read with its weight), and
+            # in another dtype than the one read ahead.
+            for name in ("t0", "t1", "t3", "t2", "t4"):
+                assert torch.equal(read_ahead.read(name, torch.float32), checkpoint.read(name))
+            assert read_ahead.read("t0", torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_an_error_reading_ahead_is_raised_when_its_tensor_is_asked_for(tmp_path: Path) -> None:
+    path = _checkpoint_file(tmp_path)
+    with safemerge.open_checkpoint(path) as checkpoint:
+        plan = streaming._plan(checkpoint, None)
+        with streaming._ReadAhead(checkpoint, plan) as read_ahead:
+            read_ahead.read("t0", torch.float32)
+            pending = read_ahead._pending
+            assert pending is not None and pending[0] == "t1"
+            pending[2].result()  # t1 read ahead while the file is still whole
+            with path.open("r+b") as file:  # truncated while open
+                file.truncate(path.stat().st_size - 8)
+            assert torch.equal(read_ahead.read("t1", torch.float32), torch.arange(100.0) + 1)
+            with pytest.raises(safemerge.CheckpointError, match="truncated"):
+                read_ahead.read("t2", torch.float32)

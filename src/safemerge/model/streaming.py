@@ -132,7 +132,7 @@ def fuse_files(
     if is_pipeline_dir(base_path):
         return _fuse_pipeline(
             base_path, weighted_paths, output_path, scale, dtype, shard_size, overwrite, progress
-        )  # fmt: skip
+        )
     with open_checkpoint(base_path) as checkpoint:
         sets = [(load_adapter(path, base=checkpoint), weight) for path, weight in weighted_paths]
         plan = _plan(checkpoint, dtype)
