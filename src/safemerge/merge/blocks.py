@@ -76,9 +76,11 @@ class OutputFactor:
 class Blocks:
     """Buffers and per-block arithmetic shared by fuse, unfuse and the DoRA norm pass.
 
-    Every operation reads its dtype inputs and writes its dtype output directly (torch
-    computes mixed-dtype elementwise ops in float32 and rounds once on the way out), so a
-    block costs one matmul and a handful of passes over cached memory.
+    Every torch operation reads its dtype inputs and writes its dtype output directly
+    (torch computes mixed-dtype elementwise ops in float32 and rounds once on the way out),
+    so a block costs its product and a handful of passes over cached memory; where the
+    compiled kernel applies (:attr:`compiled`), :meth:`fuse_into`, :meth:`restore_into`
+    and :meth:`unfuse_into` are one pass of it instead, to the same bits.
     """
 
     def __init__(

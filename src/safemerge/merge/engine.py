@@ -5,9 +5,10 @@ exact-unfuse correction) stays in cache, so no full-size float32 temporary exist
 either writes in place, journaled by its own exact correction, or into a new buffer the
 caller commits: either way a refusal or any exception leaves the weight as it was.
 
-Unfuse recomputes the same deltas with the same block geometry and thread count, so the
-arithmetic is bit-for-bit the same as during the fuse; that is what makes the stored
-correction exact.
+Unfuse recomputes the same deltas with the same block geometry, so the arithmetic is
+bit-for-bit the same as during the fuse; that is what makes the stored correction exact.
+Blocks run on several threads (:func:`run_blocks`); on a GPU the fuse and unfuse go
+through :mod:`safemerge.merge.on_device`, which waits for the device once a layer.
 """
 
 from __future__ import annotations
