@@ -13,6 +13,7 @@ the strategy generates each of them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -115,7 +116,8 @@ def run_fuse(case: Case, *, keep: bool, in_place: bool) -> dict[str, object]:
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return int_view(tensor.contiguous()).clone()
+    copied: torch.Tensor = int_view(tensor.contiguous()).clone()
+    return copied
 
 
 def tensor(result: dict[str, object], key: str) -> torch.Tensor:
@@ -230,3 +232,26 @@ def test_thread_count_does_not_change_a_bit(dtype: torch.dtype) -> None:
                 results.append(run_fuse(case, keep=True, in_place=True))
     assert_same(results[0], results[1])
     assert_same(results[0], results[2])
+
+
+def test_a_correction_with_missing_escapes_is_refused_not_misapplied() -> None:
+    """A block's codes and its kept escapes must agree; the kernel says so when they do not."""
+    generator = torch.Generator().manual_seed(2)
+    weight = (torch.randn(64, 64, generator=generator) * 1e-3).to(torch.bfloat16)
+    case = Case(
+        weight, torch.randn(64, 4, generator=generator), torch.randn(4, 64, generator=generator)
+    )
+    fused = engine.fuse_matrix(weight, case.delta, layer="x", weight_shape=weight.shape)
+    correction = fused.correction
+    assert correction is not None and correction.escape_count > 0
+    damaged = dataclasses.replace(correction, escape_bits=correction.escape_bits[:-1])
+    assert fused.merged is not None
+    with pytest.raises(ValueError, match="escapes but the correction kept"):
+        engine.unfuse_matrix(
+            fused.merged,
+            case.delta,
+            layer="x",
+            weight_shape=weight.shape,
+            block_rows=fused.block_rows,
+            correction=damaged,
+        )

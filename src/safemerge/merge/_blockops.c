@@ -569,7 +569,7 @@ static PyObject *unfuse_block(PyObject *self, PyObject *args) {
                                code_bytes, count, (const char *)(uintptr_t)escapes, available);
     }
     Py_END_ALLOW_THREADS
-    if (code_bytes != NULL && used > available) {
+    if (code_bytes != NULL && used != available) {
         PyErr_Format(PyExc_ValueError, "the block has %zd escapes but the correction kept %zd",
                      used, available);
         return NULL;
