@@ -593,15 +593,17 @@ class _Threads:
     processes leave idle, decided again every :data:`_THREADS_EVERY` seconds, and torch's
     count from before afterwards.
 
-    Each layer's fuse and check are many torch calls over cache-sized blocks; with two
-    threads each call forks and joins, and when the other thread's core is taken by
-    another process, every join waits for the scheduler. Measured on a 2-core machine
-    with a busy process on one core, 4 TinyLlama layers: the fuse phase 33-39 s with 2
-    threads, 5-6 s with 1 (and the whole fuse 66-71 s against 34-40 s); on the same
-    machine under other developers' load, 2 threads were also the slower. This is the
-    policy of :func:`safemerge.peft.threads.merge_threads`, but counted now rather than
-    from the 1-minute load average: a fresh ``safemerge fuse`` process has no history
-    there, and a busy process started a few seconds before barely shows in it.
+    When each torch call of a layer's fuse and check forked and joined two threads, and
+    the other thread's core was taken by another process, every join waited for the
+    scheduler. Measured on a 2-core machine with a busy process on one core, 4
+    TinyLlama layers: the fuse phase 33-39 s with 2 threads, 5-6 s with 1 (the whole
+    fuse 66-71 s against 34-40 s). Since the engine and the check share out blocks to
+    threads that each run single-threaded torch calls, the count matters little under
+    load (4.7-6.0 s against 4.8-5.1 s, same machine and load); it still keeps any call
+    that forks (a cast to ``dtype``) off a taken core. This is the policy of
+    :func:`safemerge.peft.threads.merge_threads`, but counted now rather than from the
+    1-minute load average: a fresh ``safemerge fuse`` process has no history there, and
+    a busy process started a few seconds before barely shows in it.
     """
 
     def __init__(self) -> None:
