@@ -10,35 +10,36 @@ import torch
 
 import safemerge
 from safemerge import synthetic
-from safemerge.model import streaming
+from safemerge.model import idle_cores, streaming
+from safemerge.model.read_ahead import ReadAhead
 
 
 @pytest.mark.parametrize(("busy", "limit", "expected"), [(None, 3, 3), (0, 1, 1), (1, 2, 1)])
 def test_threads_are_the_idle_cores_within_the_limit(
     monkeypatch: pytest.MonkeyPatch, busy: int | None, limit: int, expected: int
 ) -> None:
-    monkeypatch.setattr(streaming, "busy_elsewhere", lambda: busy)
-    monkeypatch.setattr(streaming.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
-    assert streaming.fuse_threads(limit) == expected
+    monkeypatch.setattr(idle_cores, "busy_elsewhere", lambda: busy)
+    monkeypatch.setattr(idle_cores.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    assert idle_cores.fuse_threads(limit) == expected
 
 
 def test_all_cores_busy_elsewhere_still_leaves_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(streaming, "busy_elsewhere", lambda: 64)
-    assert streaming.fuse_threads(8) == 1
+    monkeypatch.setattr(idle_cores, "busy_elsewhere", lambda: 64)
+    assert idle_cores.fuse_threads(8) == 1
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_busy_elsewhere_counts_other_processes_tasks() -> None:
-    busy = streaming.busy_elsewhere(samples=2, pause=0.0)
+    busy = idle_cores.busy_elsewhere(samples=2, pause=0.0)
     assert busy is not None and busy >= 0
 
 
 def test_a_task_state_is_read_after_the_last_parenthesis(tmp_path: Path) -> None:
     (tmp_path / "stat").write_text("12 (odd ) S (name) R 1 2 3\n")
-    assert streaming._running(tmp_path)
+    assert idle_cores._running(tmp_path)
     (tmp_path / "stat").write_text("12 (R) S 1 2 3\n")
-    assert not streaming._running(tmp_path)
-    assert not streaming._running(tmp_path / "gone")
+    assert not idle_cores._running(tmp_path)
+    assert not idle_cores._running(tmp_path / "gone")
 
 
 def test_a_fuse_computes_on_the_chosen_threads_and_restores_torchs_count(
@@ -51,7 +52,7 @@ def test_a_fuse_computes_on_the_chosen_threads_and_restores_torchs_count(
     )
     adapter = safemerge.write_peft_adapter(tmp_path / "adapter", synthetic.tiny_adapters())
     chosen: list[int] = []
-    monkeypatch.setattr(streaming, "fuse_threads", lambda limit: chosen.append(limit) or 1)
+    monkeypatch.setattr(idle_cores, "fuse_threads", lambda limit: chosen.append(limit) or 1)
     during: list[int] = []
     before = torch.get_num_threads()
     torch.set_num_threads(3)
@@ -80,7 +81,7 @@ def test_reads_ahead_give_what_a_direct_read_gives_in_any_order(tmp_path: Path) 
     path = _checkpoint_file(tmp_path)
     with safemerge.open_checkpoint(path) as checkpoint:
         plan = streaming._plan(checkpoint, None)
-        with streaming._ReadAhead(checkpoint, plan) as read_ahead:
+        with ReadAhead(checkpoint, plan) as read_ahead:
             # In plan order, then out of it (as a LoRA bias is read with its weight), and
             # in another dtype than the one read ahead.
             for name in ("t0", "t1", "t3", "t2", "t4"):
@@ -92,7 +93,7 @@ def test_an_error_reading_ahead_is_raised_when_its_tensor_is_asked_for(tmp_path:
     path = _checkpoint_file(tmp_path)
     with safemerge.open_checkpoint(path) as checkpoint:
         plan = streaming._plan(checkpoint, None)
-        with streaming._ReadAhead(checkpoint, plan) as read_ahead:
+        with ReadAhead(checkpoint, plan) as read_ahead:
             read_ahead.read("t0", torch.float32)
             pending = read_ahead._pending
             assert pending is not None and pending[0] == "t1"

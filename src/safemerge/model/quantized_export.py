@@ -49,7 +49,9 @@ from safemerge.merge.bound_check import BoundCheck
 from safemerge.merge.record import FuseRecord
 from safemerge.merge.request import coefficients as coefficients_of
 from safemerge.model import base_quant, bnb_targets, streaming
+from safemerge.model.fuse_arguments import AdapterPaths, check_fuse_arguments, output_dtype
 from safemerge.model.memory import release_free_heap
+from safemerge.model.read_ahead import read_tensor
 from safemerge.model.report import CAST, QUANTIZED, UNCHANGED, ModelFuseReport, TensorResult
 from safemerge.model.transaction import checked_against_bound, plan_error
 from safemerge.quant.quantized import QuantizedFuseRecord
@@ -80,7 +82,7 @@ class _Export:
 
 def export_files(
     base: str | os.PathLike[str],
-    adapters: streaming.AdapterPaths,
+    adapters: AdapterPaths,
     output: str | os.PathLike[str],
     *,
     quant: QuantSpec | None = None,
@@ -123,7 +125,7 @@ def export_files(
             problems=[],
         )
     base_path, output_path = Path(base), Path(output)
-    weighted_paths = streaming.check_fuse_arguments(
+    weighted_paths = check_fuse_arguments(
         base_path, adapters, output_path, scale=scale, dtype=dtype, overwrite=overwrite
     )
     model_dir = streaming.copy_source(base_path)
@@ -132,7 +134,7 @@ def export_files(
     with open_checkpoint(base_path) as checkpoint:
         sets = [(load_adapter(path, base=checkpoint), weight) for path, weight in weighted_paths]
         dtypes = {
-            name: streaming.output_dtype(checkpoint.info(name).dtype, dtype)
+            name: output_dtype(checkpoint.info(name).dtype, dtype)
             for name in checkpoint.names
         }
         layers = streaming.file_layers(checkpoint, sets, scale, dtypes)
@@ -310,7 +312,7 @@ def _float_tensor(
     owner = next((weight for weight, layer in layers.items() if name in (weight, layer.bias)), None)
     if owner is not None:
         return streaming.fuse_file_layer(checkpoint, layers[owner], scale, dtypes)
-    tensor = streaming.read_tensor(checkpoint, name, dtypes[name])
+    tensor = read_tensor(checkpoint, name, dtypes[name])
     kind = UNCHANGED if tensor.dtype == checkpoint.info(name).dtype else CAST
     return {name: (tensor, TensorResult(name, kind, tuple(tensor.shape), tensor.dtype, None, 0.0))}
 
@@ -347,7 +349,7 @@ def _export_linear_unguarded(
     dtype: torch.dtype,
     scale: float,
 ) -> tuple[list[tuple[str, torch.Tensor]], TensorResult]:
-    original = streaming.read_tensor(checkpoint, name, dtype)
+    original = read_tensor(checkpoint, name, dtype)
     base = original
     if export.base_quant is not None:
         base = dequantized(quantized_linear(original, export.base_quant), name).to(dtype)

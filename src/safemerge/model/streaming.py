@@ -16,7 +16,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from safemerge.errors import (
 )
 from safemerge.io import writer
 from safemerge.io.adapter_formats import AdapterSet, load_adapter
-from safemerge.io.checkpoint import Checkpoint, open_checkpoint, read_json
+from safemerge.io.checkpoint import Checkpoint, open_checkpoint
 from safemerge.io.phases import PhaseTimes
 from safemerge.io.pipeline_dir import is_pipeline_dir, open_pipeline, split_by_component
 from safemerge.io.pipeline_writer import ComponentOutput, write_pipeline
@@ -42,21 +41,24 @@ from safemerge.io.shard_writer import tensor_nbytes
 from safemerge.layer import fuse
 from safemerge.merge.adapter import LoraAdapter
 from safemerge.merge.bound_check import BoundCheck
-from safemerge.merge.numerics import SUPPORTED_DTYPES
 from safemerge.merge.record import FuseRecord
 from safemerge.merge.request import check_request
 from safemerge.merge.view import view_layer
+from safemerge.model.fuse_arguments import (
+    AdapterPaths,
+    check_config,
+    check_fuse_arguments,
+    output_dtype,
+)
+from safemerge.model.idle_cores import FuseThreads
 from safemerge.model.memory import release_free_heap
+from safemerge.model.read_ahead import ReadAhead, read_tensor
 from safemerge.model.report import BIAS, CAST, UNCHANGED, ModelFuseReport, TensorResult
 from safemerge.model.transaction import (
-    check_scale,
     checked_against_bound,
-    finite_weight,
     plan_error,
 )
 
-#: Adapters for :func:`fuse_files`: paths, each optionally with its weight.
-AdapterPaths: TypeAlias = Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], float]]
 #: One planned output tensor: ``(name, shape, dtype)``.
 _Plan: TypeAlias = list[tuple[str, tuple[int, ...], torch.dtype]]
 
@@ -139,7 +141,7 @@ def fuse_files(
         layers = file_layers(checkpoint, sets, scale, _dtypes(plan))
         copy_from = copy_source(base_path)
         if copy_from is not None:
-            _check_config(copy_from)
+            check_config(copy_from)
         copied = writer.files_to_copy(copy_from) if copy_from is not None else []
         _check_space(output_path, _plan_bytes(plan) + sum(path.stat().st_size for path in copied))
         metadata = provenance(checkpoint.metadata, sets, scale, dtype)
@@ -214,7 +216,7 @@ def _fuse_pipeline(
             except ModelFuseError as error:
                 problems += [(f"{component.name}.{name}", what) for name, what in error.problems]
                 continue
-            _check_config(component.path)
+            check_config(component.path)
             jobs.append((component, own, plan, layers))
         if problems:
             raise plan_error(problems, base, "nothing was written")
@@ -317,60 +319,6 @@ class FileLayer:
     bias: str | None
 
 
-def check_fuse_arguments(
-    base: Path,
-    adapters: AdapterPaths,
-    output: Path,
-    *,
-    scale: float,
-    dtype: torch.dtype | None,
-    overwrite: bool,
-) -> list[tuple[Path, float]]:
-    """The checks of :func:`fuse_files`'s arguments, before any input is opened: the
-    output (absent unless ``overwrite``, overlapping no input), ``scale``, ``dtype`` and
-    the adapters' list; the adapters as ``(path, weight)`` pairs.
-
-    Raises:
-        ModelWriteError, AdapterConfigError: as :func:`fuse_files`.
-    """
-    writer.check_output(output, overwrite=overwrite)
-    check_scale(scale)
-    _check_dtype(dtype)
-    weighted_paths = _paths(adapters)
-    _refuse_output_over_inputs(output, [base, *(path for path, _ in weighted_paths)])
-    return weighted_paths
-
-
-def _paths(adapters: AdapterPaths) -> list[tuple[Path, float]]:
-    if isinstance(adapters, (str, os.PathLike)):
-        adapters = [adapters]
-    pairs: list[tuple[Path, float]] = []
-    for position, item in enumerate(adapters):
-        if isinstance(item, tuple) and len(item) == 2:
-            pairs.append((Path(item[0]), finite_weight(item[1], position)))
-        elif isinstance(item, (str, os.PathLike)):
-            pairs.append((Path(item), 1.0))
-        else:
-            raise AdapterConfigError(
-                f"adapters[{position}] must be a path or a (path, weight) pair; got "
-                f"{type(item).__name__}"
-            )
-    if not pairs:
-        raise AdapterConfigError("no adapters given: pass at least one adapter path")
-    return pairs
-
-
-def _check_dtype(dtype: torch.dtype | None) -> None:
-    if dtype is not None and dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-        raise AdapterConfigError(f"dtype={dtype} is not an output dtype safemerge writes: {names}")
-
-
-def output_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype a tensor stored as ``stored`` is written in: ``dtype`` if it is floating."""
-    return dtype if dtype is not None and stored.is_floating_point else stored
-
-
 def _plan(checkpoint: Checkpoint, dtype: torch.dtype | None) -> _Plan:
     """Every tensor of ``checkpoint``, in order, with the shape and dtype it is written in."""
     return [
@@ -385,24 +333,6 @@ def _dtypes(plan: _Plan) -> dict[str, torch.dtype]:
 
 def _plan_bytes(plan: _Plan) -> int:
     return sum(tensor_nbytes(shape, dtype) for _, shape, dtype in plan)
-
-
-def _check_config(folder: Path) -> None:
-    if (folder / "config.json").is_file():
-        read_json(folder / "config.json")  # a truncated config fails now, not later
-
-
-def _refuse_output_over_inputs(output: Path, inputs: Sequence[Path]) -> None:
-    target = output.resolve()
-    for path in inputs:
-        source = path.resolve()
-        if target == source or target in source.parents or source in target.parents:
-            raise ModelWriteError(
-                f"output {output} would overlap input {path}; the inputs are never "
-                f"modified: write the merged model to a new directory",
-                path=output,
-                reason="same-as-input",
-            )
 
 
 def file_layers(
@@ -558,7 +488,7 @@ def _fused_tensors(
     dtypes = {name: dtype for name, _, dtype in plan}
     done: dict[str, tuple[torch.Tensor, TensorResult]] = {}
     total = len(plan)
-    with _ReadAhead(checkpoint, plan) as read_ahead, _Threads() as threads:
+    with ReadAhead(checkpoint, plan) as read_ahead, FuseThreads() as threads:
         for position, (name, shape, dtype) in enumerate(plan, start=1):
             threads.refresh()
             started = time.perf_counter()
@@ -584,149 +514,6 @@ def _fused_tensors(
                 release_free_heap()
 
 
-#: How often, in seconds, a streaming fuse reconsiders how many threads it computes on.
-_THREADS_EVERY = 2.0
-
-
-class _Threads:
-    """torch's intra-op thread count during a streaming fuse: at most the cores that other
-    processes leave idle, decided again every :data:`_THREADS_EVERY` seconds, and torch's
-    count from before afterwards.
-
-    When each torch call of a layer's fuse and check forked and joined two threads, and
-    the other thread's core was taken by another process, every join waited for the
-    scheduler. Measured on a 2-core machine with a busy process on one core, 4
-    TinyLlama layers: the fuse phase 33-39 s with 2 threads, 5-6 s with 1 (the whole
-    fuse 66-71 s against 34-40 s). Since the engine and the check share out blocks to
-    threads that each run single-threaded torch calls, the count matters little under
-    load (4.7-6.0 s against 4.8-5.1 s, same machine and load); it still keeps any call
-    that forks (a cast to ``dtype``) off a taken core. This is the policy of
-    :func:`safemerge.peft.threads.merge_threads`, but counted now rather than from the
-    1-minute load average: a fresh ``safemerge fuse`` process has no history there, and
-    a busy process started a few seconds before barely shows in it.
-    """
-
-    def __init__(self) -> None:
-        self._limit = torch.get_num_threads()
-        self._decided = -float("inf")
-
-    def refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._decided < _THREADS_EVERY:
-            return
-        self._decided = now
-        count = fuse_threads(self._limit)
-        if count != torch.get_num_threads():
-            torch.set_num_threads(count)
-
-    def __enter__(self) -> _Threads:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if torch.get_num_threads() != self._limit:
-            torch.set_num_threads(self._limit)
-
-
-def fuse_threads(limit: int) -> int:
-    """How many threads to compute on: the usable cores less those other processes'
-    runnable tasks take now, between 1 and ``limit``; ``limit`` where that is unknown."""
-    busy = busy_elsewhere()
-    if busy is None:
-        return limit
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity masks
-        cores = os.cpu_count() or 1
-    return max(1, min(limit, cores - busy))
-
-
-def busy_elsewhere(samples: int = 5, pause: float = 0.001) -> int | None:
-    """Runnable tasks of other processes, the least seen over a few samples ``pause``
-    seconds apart (a task busy computing is runnable in every one; a passing one is
-    not), from Linux's ``/proc``; None elsewhere.
-
-    The kernel's count (``/proc/loadavg``) includes this process's runnable threads,
-    the one reading it first: they are counted in ``/proc/self/task`` and left out.
-    """
-    seen = []
-    for sample in range(samples):
-        if sample:
-            time.sleep(pause)
-        try:
-            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-            own = sum(_running(task) for task in Path("/proc/self/task").iterdir())
-        except (OSError, ValueError, IndexError):
-            return None
-        seen.append(running - max(own, 1))
-    return max(0, min(seen))
-
-
-def _running(task: Path) -> bool:
-    try:
-        stat = (task / "stat").read_text()
-    except OSError:  # the thread ended meanwhile
-        return False
-    # "pid (name) state ...": the name may hold spaces and parentheses; the state follows
-    # the last parenthesis.
-    return stat[stat.rindex(")") + 2 :].startswith("R")
-
-
-#: The largest tensor :class:`_ReadAhead` reads ahead: memory grows by at most this much.
-_READ_AHEAD_LIMIT = 64 * 2**20
-
-
-class _ReadAhead:
-    """Reads the next tensor of the plan on a helper thread while the caller fuses and
-    checks the one before.
-
-    A read is a copy from the page cache (or the disk) that releases the GIL, so it runs
-    beside the fuse instead of before it. One tensor ahead at most, and none larger than
-    :data:`_READ_AHEAD_LIMIT` (an embedding is read when asked for), so memory grows by
-    one layer's weight. A read's error is raised when its tensor is asked for, as if it
-    had been read then.
-    """
-
-    def __init__(
-        self, checkpoint: Checkpoint, plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]]
-    ):
-        self._checkpoint = checkpoint
-        self._order = [(name, dtype) for name, _, dtype in plan]
-        self._next = 0  # the first entry of _order not asked for yet, or after it
-        self._asked: set[str] = set()
-        self._pending: tuple[str, torch.dtype, Future[torch.Tensor]] | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="safemerge-read")
-
-    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Tensor ``name`` as :func:`read_tensor` reads it; then the next one is started."""
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[:2] == (name, dtype):
-            tensor = pending[2].result()
-        else:  # not the one read ahead (a LoRA bias read with its weight): read it now
-            if pending is not None:
-                pending[2].cancel()
-            tensor = read_tensor(self._checkpoint, name, dtype)
-        self._asked.add(name)
-        self._start_next()
-        return tensor
-
-    def _start_next(self) -> None:
-        while self._next < len(self._order) and self._order[self._next][0] in self._asked:
-            self._next += 1
-        if self._next == len(self._order):
-            return
-        name, dtype = self._order[self._next]
-        if self._checkpoint.info(name).nbytes <= _READ_AHEAD_LIMIT:
-            future = self._executor.submit(read_tensor, self._checkpoint, name, dtype)
-            self._pending = (name, dtype, future)
-
-    def __enter__(self) -> _ReadAhead:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        # Waits for a read in flight: the checkpoint is closed after this.
-        self._executor.shutdown(cancel_futures=True)
-
-
 def _placed(result: TensorResult, position: int, total: int, seconds: float) -> TensorResult:
     """``result`` at its place in the output, timed by the loop that produced it.
 
@@ -734,13 +521,6 @@ def _placed(result: TensorResult, position: int, total: int, seconds: float) -> 
     fused in one step, timed once here (the tensor handed over later takes no time).
     """
     return dataclasses.replace(result, seconds=seconds, position=position, total=total)
-
-
-def read_tensor(checkpoint: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """Tensor ``name`` of ``checkpoint`` in memory of its own, cast to ``dtype``."""
-    # Not through a memory map: its pages would stay resident, growing memory to the model.
-    tensor = checkpoint.read(name, mapped=False)
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def fuse_file_layer(
