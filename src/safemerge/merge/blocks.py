@@ -8,6 +8,7 @@ restore or unfuse of a block, through the compiled kernel where it applies
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -96,23 +97,49 @@ class Blocks:
         self.factor = factor
         rows, columns = matrix.shape
         buffer_rows = min(block_rows, rows)
-        self._delta = torch.empty(buffer_rows, columns, dtype=torch.float32, device=matrix.device)
-        self._float32 = torch.empty_like(self._delta)
-        self._cast = torch.empty(buffer_rows, columns, dtype=matrix.dtype, device=matrix.device)
-        self._spare_cast = torch.empty_like(self._cast)
-        self._upcast = (
-            None if matrix.dtype in _CAST_SHOWS_OVERFLOW else torch.empty_like(self._delta)
-        )
+        self._float32_shape = (buffer_rows, columns)
         self.sequential = kernel.sequential_product(matrix, factor is not None)
         self.compiled = kernel.applies(matrix, factor is not None)
-        self._term = (
-            torch.empty_like(self._delta) if self.sequential and not self.compiled else None
-        )
-        # The kernel's scratch: a code per element, and room for every element to escape.
-        self._codes = torch.empty(buffer_rows * columns if self.compiled else 0, dtype=torch.uint8)
-        self._escapes = int_view(
-            torch.empty(buffer_rows * columns if self.compiled else 0, dtype=matrix.dtype)
-        )
+
+    # Buffers, made when first used: the compiled path needs only the cast block and the
+    # kernel's scratch, and a layer's fuse makes a set per thread.
+
+    @functools.cached_property
+    def _delta(self) -> torch.Tensor:
+        return self._new(torch.float32)
+
+    @functools.cached_property
+    def _float32(self) -> torch.Tensor:
+        return self._new(torch.float32)
+
+    @functools.cached_property
+    def _cast(self) -> torch.Tensor:
+        return self._new(self.matrix.dtype)
+
+    @functools.cached_property
+    def _spare_cast(self) -> torch.Tensor:
+        return self._new(self.matrix.dtype)
+
+    @functools.cached_property
+    def _upcast(self) -> torch.Tensor | None:
+        return None if self.matrix.dtype in _CAST_SHOWS_OVERFLOW else self._new(torch.float32)
+
+    @functools.cached_property
+    def _term(self) -> torch.Tensor:
+        return self._new(torch.float32)
+
+    @functools.cached_property
+    def _codes(self) -> torch.Tensor:
+        """The kernel's scratch: a code per element."""
+        return self._new(torch.uint8).view(-1)
+
+    @functools.cached_property
+    def _escapes(self) -> torch.Tensor:
+        """The kernel's scratch: room for every element to escape."""
+        return int_view(self._new(self.matrix.dtype)).view(-1)
+
+    def _new(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(self._float32_shape, dtype=dtype, device=self.matrix.device)
 
     def ranges(self) -> Iterator[tuple[int, int]]:
         rows = self.matrix.shape[0]
@@ -127,7 +154,7 @@ class Blocks:
         left = self.delta.left[start:stop]
         if not self.sequential:
             return torch.mm(left, self.delta.right, out=product)
-        term = self._term if self._term is not None else torch.empty_like(self._delta)
+        term = self._term
         return kernel.rank_product(left, self.delta.right, product, term[: stop - start])
 
     def merge(
