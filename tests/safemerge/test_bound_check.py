@@ -104,6 +104,8 @@ def small_blocks(screen_elements: int, batch: int, threads: int) -> Iterator[Non
             mock.patch.object(bound_check, "SCREEN_ELEMENTS", screen_elements),
             mock.patch.object(bound_check, "BLOCK_ELEMENTS", screen_elements),
             mock.patch.object(bound_check, "GATHER_BATCH", batch),
+            # A few rows' worth: the first blocks are seeded, the rest screened.
+            mock.patch.object(bound_check, "SEED_ELEMENTS", max(1, screen_elements // 8)),
         ):
             yield
     finally:

@@ -49,8 +49,12 @@ BLOCK_ELEMENTS = 1 << 16
 SCREEN_ELEMENTS = 1 << 17
 
 #: A screened block with more candidates than this fraction of its elements is computed
-#: whole in float64 (the first block, where no exact ratio is known yet, always is).
+#: whole in float64.
 GATHER_FRACTION = 1 / 16
+
+#: Elements computed in float64 first where no exact ratio is known yet (each thread's
+#: first block), to give the screen one: the block's first rows, at least one.
+SEED_ELEMENTS = 1 << 12
 
 #: Candidates evaluated together in float64.
 GATHER_BATCH = 1 << 14
@@ -364,15 +368,23 @@ class _Screen:
 
         Screening against an older (smaller) ``worst`` only lets more elements through.
         """
+        seeded = 0.0
+        seed_rows = max(1, SEED_ELEMENTS // original.shape[1])
+        if self.threshold(worst) <= 0 and stop - start > seed_rows:
+            # No exact ratio yet to screen against (a thread's first block): its first
+            # rows in float64 give one, and the screen takes the rest of the block. The
+            # proof holds with any ratio found exactly, and this one is returned.
+            seeded = exact.rows(original, fused, start, start + seed_rows)
+            start, worst = start + seed_rows, max(worst, seeded)
         candidates = self.candidates(original, fused, start, stop, worst)
         if candidates is None:
-            return exact.rows(original, fused, start, stop)
+            return max(seeded, exact.rows(original, fused, start, stop))
         pending: list[torch.Tensor] = self._pending.__dict__.setdefault("list", [])
         if candidates.numel():
             pending.append(candidates.add_(start * original.shape[1]))
         if sum(batch.numel() for batch in pending) < GATHER_BATCH:
-            return 0.0
-        return self.flush(exact, original, fused)
+            return seeded
+        return max(seeded, self.flush(exact, original, fused))
 
     def flush(self, exact: _Exact, original: torch.Tensor, fused: torch.Tensor) -> float:
         """The largest ratio of this thread's waiting candidates."""
