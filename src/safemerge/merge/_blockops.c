@@ -209,6 +209,32 @@ SM_INLINE void product_segment2(const float *restrict left0, const float *restri
  * correction is made or applied.
  */
 
+/* The body of a block's loop: the rows in pairs (two rows share each load of ``right``),
+ * each row's product a segment of columns at a time, then ``NAME##_segment`` over that
+ * segment of SOURCE (row stride SOURCE_STRIDE), ``out`` and ``codes``. The function it
+ * expands in names its arguments left, right, rank, rows, cols, out, out_stride, codes. */
+#define SM_ROW_SEGMENTS(NAME, SOURCE, SOURCE_STRIDE)                                         \
+        int bad = 0;                                                                         \
+        float product[2][SEGMENT];                                                           \
+        for (Py_ssize_t i = 0; i < rows; i += 2) {                                           \
+            const int pair = i + 1 < rows;                                                   \
+            for (Py_ssize_t j0 = 0; j0 < cols; j0 += SEGMENT) {                              \
+                Py_ssize_t n = cols - j0 < SEGMENT ? cols - j0 : SEGMENT;                    \
+                if (pair)                                                                    \
+                    product_segment2(left + i * rank, left + (i + 1) * rank, right, cols,    \
+                                     rank, j0, n, product[0], product[1]);                   \
+                else                                                                         \
+                    product_segment(left + i * rank, right, cols, rank, j0, n, product[0]);  \
+                for (int h = 0; h <= pair; h++) {                                            \
+                    Py_ssize_t row = i + h;                                                  \
+                    bad |= NAME##_segment(SOURCE + row * SOURCE_STRIDE + j0, product[h], n,  \
+                                          out + row * out_stride + j0,                       \
+                                          codes == NULL ? NULL : codes + row * cols + j0);   \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+        return bad;
+
 #define SM_FUSE_LOOP(NAME, TYPE, TO_FLOAT, FROM_FLOAT, IS_BAD, DIFF)                         \
     SM_INLINE int NAME##_segment(const TYPE *restrict w, const float *restrict p,            \
                                  Py_ssize_t n, TYPE *restrict o, uint8_t *restrict c) {      \

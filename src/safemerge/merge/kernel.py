@@ -90,19 +90,9 @@ def fuse_block(
         escapes written (0 without a correction).
     """
     assert _blockops is not None
-    rows, columns = weight.shape
     kept = _blockops.fuse_block(
-        _KINDS[weight.dtype],
-        weight.data_ptr(),
-        _row_stride(weight),
-        *_factors(left, right),
-        rows,
-        columns,
-        out.data_ptr(),
-        _row_stride(out),
-        0 if codes is None else codes.data_ptr(),
-        0 if packed is None else packed.data_ptr(),
-        0 if escapes is None else escapes.data_ptr(),
+        *_block_arguments(weight, left, right, out, codes, packed),
+        _address(escapes),
     )
     return None if kept < 0 else int(kept)
 
@@ -125,20 +115,10 @@ def unfuse_block(
         number of escapes used. ``out`` may be ``fused`` itself.
     """
     assert _blockops is not None
-    rows, columns = fused.shape
     available = 0 if escapes is None else escapes.numel()
     used = _blockops.unfuse_block(
-        _KINDS[fused.dtype],
-        fused.data_ptr(),
-        _row_stride(fused),
-        *_factors(left, right),
-        rows,
-        columns,
-        out.data_ptr(),
-        _row_stride(out),
-        0 if codes is None else codes.data_ptr(),
-        0 if packed is None else packed.data_ptr(),
-        0 if escapes is None or available == 0 else escapes.data_ptr(),
+        *_block_arguments(fused, left, right, out, codes, packed),
+        _address(escapes if available else None),
         available,
     )
     return None if used < 0 else int(used)
@@ -219,6 +199,37 @@ def rank_product(
     for k in range(1, left.shape[1]):
         out.add_(torch.mul(left[:, k : k + 1], right[k : k + 1], out=term))
     return out
+
+
+def _block_arguments(
+    source: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    out: torch.Tensor,
+    codes: torch.Tensor | None,
+    packed: torch.Tensor | None,
+) -> tuple[int, ...]:
+    """The arguments ``fuse_block`` and ``unfuse_block`` share, in their order: the dtype's
+    kind, the source block and its row stride, the factors, the shape, the output block
+    and its row stride, the codes scratch and the packed codes (0 for none)."""
+    rows, columns = source.shape
+    return (
+        _KINDS[source.dtype],
+        source.data_ptr(),
+        _row_stride(source),
+        *_factors(left, right),
+        rows,
+        columns,
+        out.data_ptr(),
+        _row_stride(out),
+        _address(codes),
+        _address(packed),
+    )
+
+
+def _address(tensor: torch.Tensor | None) -> int:
+    """A tensor's data address for the kernel; 0 (NULL) for none."""
+    return 0 if tensor is None else tensor.data_ptr()
 
 
 def _factors(left: torch.Tensor, right: torch.Tensor) -> tuple[int, int, int]:
