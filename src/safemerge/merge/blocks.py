@@ -216,7 +216,7 @@ class Blocks:
                 builder.record(offset, self._escapes[:kept].clone())
             return kept is not None
         product = self.product(start, stop)
-        if not guarded_into(out, self, start, stop, partial(self.merge, start, stop, product)):
+        if not guarded_into(out, self, partial(self.merge, start, stop, product)):
             return False
         if builder is not None:
             unfused = self.unmerge(start, stop, out, product, self.spare_cast_block(start, stop))
@@ -246,7 +246,7 @@ class Blocks:
             return kernel.unfuse_block(fused, left, right, out) is not None
         product = self.product(start, stop)
         compute = partial(self.unmerge, start, stop, fused, product)
-        return guarded_into(out, self, start, stop, compute)
+        return guarded_into(out, self, compute)
 
     def all_merged(self) -> Iterator[torch.Tensor]:
         """Every block's float32 merge, for counting what a refusal found."""
@@ -262,23 +262,25 @@ class Blocks:
 
 
 def guarded_into(
-    target: torch.Tensor,
-    blocks: Blocks,
-    start: int,
-    stop: int,
-    compute: Callable[[torch.Tensor], torch.Tensor],
+    target: torch.Tensor, blocks: Blocks, compute: Callable[[torch.Tensor], torch.Tensor]
 ) -> bool:
-    """Write ``compute``'s block into ``target``, and whether it fits ``target``'s dtype.
+    """Write ``compute``'s block into ``target``, and whether it fits ``target``'s dtype
+    (the caller discards ``target`` on False)."""
+    return guard.block_fits(computed(target, blocks, compute), overflow_threshold(target.dtype))
 
-    Dtypes whose cast shows overflow are computed straight into ``target`` and checked
-    there (the caller discards ``target`` on False); the float8 types go through the float32
-    block, checked against their range before ``target`` is written.
+
+def computed(
+    target: torch.Tensor, blocks: Blocks, compute: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Write ``compute``'s block into ``target``; returns the block whose range decides
+    whether it fits (:func:`guarded_into` reads that at once, a GPU fuse once a layer).
+
+    Dtypes whose cast shows overflow are computed straight into ``target``, which is then
+    the block to check; the float8 types go through the float32 block, the one to check
+    (their cast saturates, or torch has no min/max for them), then cast into ``target``.
     """
     if target.dtype in _CAST_SHOWS_OVERFLOW:
-        compute(target)
-        return guard.block_fits(target, overflow_threshold(target.dtype))
-    merged = compute(blocks.float32_block(start, stop))
-    if not guard.block_fits(merged, overflow_threshold(target.dtype)):
-        return False
+        return compute(target)
+    merged = compute(blocks.float32_block(0, target.shape[0]))
     target.copy_(merged)
-    return True
+    return merged

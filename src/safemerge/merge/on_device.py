@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 
 import torch
 
 from safemerge.merge import guard
-from safemerge.merge.blocks import Blocks
+from safemerge.merge.blocks import Blocks, computed
 from safemerge.merge.correction import (
     Correction,
     assembled,
@@ -91,7 +91,8 @@ def fuse(
     for start, stop in blocks.ranges():
         product = blocks.product(start, stop)
         out = target[start:stop]
-        fits &= _computed(out, blocks, threshold, partial(blocks.merge, start, stop, product))
+        merged = computed(out, blocks, partial(blocks.merge, start, stop, product))
+        fits &= guard.block_fits_on_device(merged, threshold)
         if packed is not None:
             unfused = blocks.unmerge(
                 start, stop, out, product, blocks.spare_cast_block(start, stop)
@@ -129,7 +130,7 @@ def unfuse(
         out = result[start:stop]
         unmerge = partial(blocks.unmerge, start, stop, fused[start:stop], product)
         if packed is None:
-            fits &= _computed(out, blocks, threshold, unmerge)
+            fits &= guard.block_fits_on_device(computed(out, blocks, unmerge), threshold)
             continue
         unfused = unmerge(blocks.cast_block(start, stop))
         offset, count = start * columns, out.numel()
@@ -140,21 +141,3 @@ def unfuse(
     if not wait_for(fits):
         return None
     return result
-
-
-def _computed(
-    out: torch.Tensor,
-    blocks: Blocks,
-    threshold: float,
-    compute: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """Compute into ``out``, and whether it fits, as a device boolean. The float8 types go
-    through a float32 block (their cast saturates or lacks min/max)."""
-    if out.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        compute(out)
-        return guard.block_fits_on_device(out, threshold)
-    rows = out.shape[0]
-    merged = compute(blocks.float32_block(0, rows))
-    fits = guard.block_fits_on_device(merged, threshold)
-    out.copy_(merged)
-    return fits
