@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -111,9 +112,70 @@ def _matrix_shape(weight: torch.Tensor) -> tuple[int, int]:
     return int(weight.shape[0]), int(weight.shape[1])
 
 
+@dataclass(frozen=True)
+class FusedTensors:
+    """:func:`fused_tensors`'s result.
+
+    Attributes:
+        weight: the fused weight, a new tensor of the layer's weight's shape and dtype.
+        bias: the fused bias, a new tensor, where a LoRA bias changes it; else None.
+        record: the fuse's record (without a correction: the layer keeps the original).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    record: FuseRecord
+
+
+def fused_tensors(
+    layer: nn.Module, adapters: Adapters, *, scale: float = 1.0, name: str | None = None
+) -> FusedTensors:
+    """:func:`fuse` into new tensors, leaving ``layer`` as it is.
+
+    The same guarded arithmetic as :func:`fuse`, bit for bit, written into a new weight
+    (and bias) instead of the layer's own: where the original stays needed anyway (a fuse
+    from a file, which reads the weight once and checks the result against it), this
+    saves the copy a rollback or a check would otherwise take, and the correction.
+
+    Raises:
+        NonFiniteMergeError, AdapterConfigError, UnsupportedLayerError: as :func:`fuse`
+            (a bitsandbytes layer is not supported here).
+    """
+    if bnb.is_bnb_layer(layer):
+        raise UnsupportedLayerError(
+            f"{name or type(layer).__name__!r}: fused_tensors does not take a bitsandbytes "
+            f"layer; use fuse"
+        )
+    view = view_layer(layer, name)
+    record, merged, new_bias = _fused_matrix(view, adapters, scale=scale, in_place=False)
+    assert merged is not None
+    return FusedTensors(merged.reshape(view.weight.shape), new_bias, record)
+
+
 def _fuse_view(
     view: LayerView, adapters: Adapters, *, scale: float, exact_unfuse: bool
 ) -> FuseRecord:
+    # In place whenever M is a view of the weight: without exact_unfuse, the engine
+    # journals the blocks for a rollback and drops the journal at the end.
+    record, merged, new_bias = _fused_matrix(
+        view, adapters, scale=scale, in_place=True, exact_unfuse=exact_unfuse
+    )
+    with torch.no_grad():
+        _commit(view, merged, new_bias)
+    return record
+
+
+def _fused_matrix(
+    view: LayerView,
+    adapters: Adapters,
+    *,
+    scale: float,
+    in_place: bool,
+    exact_unfuse: bool = False,
+) -> tuple[FuseRecord, torch.Tensor | None, torch.Tensor | None]:
+    """The fuse's record, the merged M for the caller to commit (None when the merge was
+    written into the weight itself: ``in_place`` asked and M a view of it), and the
+    merged bias to commit (None when unchanged)."""
     started = time.perf_counter()
     pairs = weighted(adapters)
     check_request(view, pairs, scale)
@@ -122,9 +184,7 @@ def _fuse_view(
         delta = low_rank_delta(view, pairs, coefficients)
         factor = _dora_factor(view, pairs, delta)
         new_bias = merged_bias(view, pairs, coefficients, sign=1.0)
-        # In place whenever M is a view of the weight: without exact_unfuse, the engine
-        # journals the blocks for a rollback and drops the journal at the end.
-        matrix, in_place = _writable_matrix(view, True)
+        matrix, in_place = _writable_matrix(view, in_place)
         fused = engine.fuse_matrix(
             matrix,
             delta,
@@ -137,8 +197,7 @@ def _fuse_view(
         original_bias = (
             None if new_bias is None or view.bias is None else view.bias.detach().cpu().clone()
         )
-        _commit(view, None if in_place else fused.merged, new_bias)
-    return FuseRecord(
+    record = FuseRecord(
         layer=view.name,
         kind=view.kind,
         dtype=view.weight.dtype,
@@ -154,6 +213,7 @@ def _fuse_view(
         fused_fingerprint=fused.fingerprint,
         seconds=time.perf_counter() - started,
     )
+    return record, None if in_place else fused.merged, new_bias
 
 
 def unfuse(
@@ -217,17 +277,17 @@ def _dora_factor(
     return engine.OutputFactor(magnitude64 / norms, along_rows)
 
 
-def _writable_matrix(view: LayerView, exact_unfuse: bool) -> tuple[torch.Tensor, bool]:
-    """The weight as M, and whether a fuse or unfuse may write into it directly.
-
-    In place needs the exact correction (it is what makes a failure reversible) and M to
-    be a view of the weight's own storage (a conv weight in channels_last is not).
+def _writable_matrix(view: LayerView, in_place: bool) -> tuple[torch.Tensor, bool]:
+    """The weight as M, and whether a fuse or unfuse writes into it directly: when asked
+    (``in_place``) and M is a view of the weight's own storage (a conv weight in
+    channels_last is not). An unfuse asks only when exact (the correction is what makes a
+    failure midway reversible); a fuse journals its blocks for that.
     """
     try:
         matrix = view.weight.detach().view(view.matrix_shape)
     except RuntimeError:
         return view.matrix, False
-    return matrix, exact_unfuse
+    return matrix, in_place
 
 
 def _commit(view: LayerView, matrix: torch.Tensor | None, bias: torch.Tensor | None) -> None:

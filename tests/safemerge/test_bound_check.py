@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -265,9 +266,21 @@ def test_a_correct_bfloat16_fuse_is_mostly_settled_by_the_screen(path: str) -> N
         exact_elements += (stop - start) * columns
         return original_block(self, original, f, start, stop)
 
+    original_screen = kernel.screen_block
+    in_kernel = 0
+
+    def counted_screen(*args: Any, **kwargs: Any) -> kernel.Screened:
+        nonlocal exact_elements, in_kernel
+        screened = original_screen(*args, **kwargs)
+        if kwargs.get("exact") is not None:  # the kernel computed its candidates' ratios
+            exact_elements += screened.candidates
+            in_kernel += screened.candidates
+        return screened
+
     with (
         mock.patch.object(bound_check._Exact, "elements", counted_elements),
         mock.patch.object(bound_check._Exact, "block", counted_block),
+        mock.patch.object(kernel, "screen_block", counted_screen),
         small_blocks(1 << 14, 1 << 10, 1),
         screen_path(path),
     ):
@@ -275,6 +288,8 @@ def test_a_correct_bfloat16_fuse_is_mostly_settled_by_the_screen(path: str) -> N
     assert worst == pytest.approx(reference_worst(weight, fused, terms, torch.bfloat16), rel=2**-30)
     assert worst > 1
     assert exact_elements < rows * columns / 8
+    # On the compiled path the kernel computes the candidates, the wrong element among them.
+    assert (in_kernel > 0) == (path == "compiled")
 
 
 def test_the_screen_stands_aside_where_its_proof_does_not_hold() -> None:

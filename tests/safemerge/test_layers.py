@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from safemerge import AdapterConfigError, LoraAdapter, UnsupportedLayerError
+from safemerge import (
+    AdapterConfigError,
+    LoraAdapter,
+    NonFiniteMergeError,
+    UnsupportedLayerError,
+    fuse,
+)
+from safemerge.layer import fused_tensors
 from safemerge.merge.view import view_layer
 
 
@@ -108,3 +115,69 @@ def test_lora_bias_needs_a_layer_bias() -> None:
     adapter = LoraAdapter(torch.zeros(2, 5), torch.zeros(3, 2), lora_bias=torch.zeros(3))
     with pytest.raises(AdapterConfigError, match="no bias"):
         view_layer(nn.Linear(5, 3, bias=False), "q").check_fits(adapter)
+
+
+def _layer_and_adapter(kind: str, dtype: torch.dtype) -> tuple[nn.Module, LoraAdapter]:
+    generator = torch.Generator().manual_seed(3)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    layer: nn.Module
+    if kind == "linear with a LoRA bias":
+        layer = nn.Linear(40, 24)
+        adapter = LoraAdapter(randn(4, 40), randn(24, 4), 8.0, lora_bias=randn(24))
+    elif kind == "DoRA":
+        layer = nn.Linear(40, 24, bias=False)
+        adapter = LoraAdapter(randn(4, 40), randn(24, 4), 8.0, magnitude=randn(24).abs() + 0.5)
+    elif kind == "channels_last conv2d":
+        layer = nn.Conv2d(6, 8, 3).to(memory_format=torch.channels_last)
+        adapter = LoraAdapter(randn(2, 6, 3, 3), randn(8, 2, 1, 1))
+    elif kind == "embedding":
+        layer = nn.Embedding(30, 12)
+        adapter = LoraAdapter(randn(3, 30), randn(12, 3))
+    else:
+        layer = TransposedLinear(40, 24)
+        adapter = LoraAdapter(randn(4, 40), randn(24, 4), fan_in_fan_out=True)
+    return layer.to(dtype), adapter
+
+
+FUSED_KINDS = ["linear with a LoRA bias", "DoRA", "channels_last conv2d", "embedding", "Conv1D"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_fused_tensors_are_fuse_s_bits_and_leave_the_layer_alone(
+    kind: str, dtype: torch.dtype
+) -> None:
+    layer, adapter = _layer_and_adapter(kind, dtype)
+    before = {name: tensor.detach().clone() for name, tensor in layer.state_dict().items()}
+    fused = fused_tensors(layer, adapter, scale=0.5, name="x")
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"{name} changed"
+    record = fuse(layer, adapter, scale=0.5, name="x", exact_unfuse=False)
+    assert fused.weight.shape == layer.weight.shape and fused.weight.dtype == dtype
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(fused.weight.view(bits), layer.weight.detach().view(bits))
+    assert fused.record.correction is None and fused.record.coefficients == record.coefficients
+    if kind == "linear with a LoRA bias":
+        assert fused.bias is not None and torch.equal(fused.bias, layer.bias.detach())
+    else:
+        assert fused.bias is None
+
+
+def test_fused_tensors_refuse_a_non_finite_merge_and_leave_the_layer_alone() -> None:
+    layer = nn.Linear(16, 8).to(torch.float16)
+    before = layer.weight.detach().clone()
+    lora_B = torch.ones(8, 2)
+    lora_B[5, 1] = 1e30
+    with pytest.raises(NonFiniteMergeError, match="x"):
+        fused_tensors(layer, LoraAdapter(torch.ones(2, 16), lora_B), name="x")
+    assert torch.equal(layer.weight.detach(), before)
+
+
+def test_fused_tensors_refuse_a_bitsandbytes_layer() -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear8bitLt(16, 8, bias=False, has_fp16_weights=False)
+    with pytest.raises(UnsupportedLayerError, match="fused_tensors"):
+        fused_tensors(layer, LoraAdapter(torch.ones(2, 16), torch.ones(8, 2)), name="x")

@@ -24,6 +24,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -123,14 +124,23 @@ SM_INLINE float8 load8(const float *source) {
     return value;
 }
 
+/* The order of k: 0, 1, ..., r - 1 for the fuse (``reverse`` 0), r - 1, ..., 0 for the bound
+ * screen (``reverse`` 1). Every caller passes a constant, so each order compiles to its own
+ * straight loop. */
+SM_INLINE Py_ssize_t k_at(Py_ssize_t s, Py_ssize_t rank, int reverse) {
+    return reverse ? rank - 1 - s : s;
+}
+
 /* A vector times a scalar: GCC broadcasts the scalar with one instruction (an explicit
  * {l, l, ...} vector literal costs nine). Multiplication commutes exactly in IEEE. */
 SM_INLINE void product_tile(const float *restrict left, const float *restrict right,
-                            Py_ssize_t cols, Py_ssize_t rank, float *restrict acc) {
+                            Py_ssize_t cols, Py_ssize_t rank, float *restrict acc, int reverse) {
     float8 a[TILE / 8];
-    const float l0 = left[0];
-    for (int v = 0; v < TILE / 8; v++) a[v] = load8(right + 8 * v) * l0;
-    for (Py_ssize_t k = 1; k < rank; k++) {
+    const Py_ssize_t first = k_at(0, rank, reverse);
+    const float l0 = left[first];
+    for (int v = 0; v < TILE / 8; v++) a[v] = load8(right + first * cols + 8 * v) * l0;
+    for (Py_ssize_t s = 1; s < rank; s++) {
+        const Py_ssize_t k = k_at(s, rank, reverse);
         const float *r = right + k * cols;
         const float lk = left[k];
         for (int v = 0; v < TILE / 8; v++) a[v] = a[v] + load8(r + 8 * v) * lk;
@@ -141,12 +151,15 @@ SM_INLINE void product_tile(const float *restrict left, const float *restrict ri
 /* The product of ``n`` columns of one row, from column ``j0``, into ``acc``. */
 SM_INLINE void product_segment(const float *restrict left, const float *restrict right,
                                Py_ssize_t cols, Py_ssize_t rank, Py_ssize_t j0, Py_ssize_t n,
-                               float *restrict acc) {
+                               float *restrict acc, int reverse) {
     Py_ssize_t t = 0;
-    for (; t + TILE <= n; t += TILE) product_tile(left, right + j0 + t, cols, rank, acc + t);
+    for (; t + TILE <= n; t += TILE)
+        product_tile(left, right + j0 + t, cols, rank, acc + t, reverse);
     if (t == n) return;
-    for (Py_ssize_t u = t; u < n; u++) acc[u] = left[0] * right[j0 + u];
-    for (Py_ssize_t k = 1; k < rank; k++) {
+    const Py_ssize_t first = k_at(0, rank, reverse);
+    for (Py_ssize_t u = t; u < n; u++) acc[u] = left[first] * right[first * cols + j0 + u];
+    for (Py_ssize_t s = 1; s < rank; s++) {
+        const Py_ssize_t k = k_at(s, rank, reverse);
         const float l = left[k];
         const float *r = right + k * cols + j0;
         for (Py_ssize_t u = t; u < n; u++) acc[u] = acc[u] + l * r[u];
@@ -158,15 +171,17 @@ SM_INLINE void product_segment(const float *restrict left, const float *restrict
  * accumulators in registers. Each row's numbers are exactly product_segment's. */
 SM_INLINE void product_tile2(const float *restrict left0, const float *restrict left1,
                              const float *restrict right, Py_ssize_t cols, Py_ssize_t rank,
-                             float *restrict acc0, float *restrict acc1) {
+                             float *restrict acc0, float *restrict acc1, int reverse) {
     float8 a[TILE / 16], b[TILE / 16];
-    const float l0 = left0[0], m0 = left1[0];
+    const Py_ssize_t first = k_at(0, rank, reverse);
+    const float l0 = left0[first], m0 = left1[first];
     for (int v = 0; v < TILE / 16; v++) {
-        const float8 r = load8(right + 8 * v);
+        const float8 r = load8(right + first * cols + 8 * v);
         a[v] = r * l0;
         b[v] = r * m0;
     }
-    for (Py_ssize_t k = 1; k < rank; k++) {
+    for (Py_ssize_t s = 1; s < rank; s++) {
+        const Py_ssize_t k = k_at(s, rank, reverse);
         const float *row = right + k * cols;
         const float lk = left0[k], mk = left1[k];
         for (int v = 0; v < TILE / 16; v++) {
@@ -184,16 +199,18 @@ SM_INLINE void product_tile2(const float *restrict left0, const float *restrict 
 SM_INLINE void product_segment2(const float *restrict left0, const float *restrict left1,
                                 const float *restrict right, Py_ssize_t cols, Py_ssize_t rank,
                                 Py_ssize_t j0, Py_ssize_t n, float *restrict acc0,
-                                float *restrict acc1) {
+                                float *restrict acc1, int reverse) {
     Py_ssize_t t = 0;
     for (; t + TILE / 2 <= n; t += TILE / 2)
-        product_tile2(left0, left1, right + j0 + t, cols, rank, acc0 + t, acc1 + t);
+        product_tile2(left0, left1, right + j0 + t, cols, rank, acc0 + t, acc1 + t, reverse);
     if (t == n) return;
+    const Py_ssize_t first = k_at(0, rank, reverse);
     for (Py_ssize_t u = t; u < n; u++) {
-        acc0[u] = left0[0] * right[j0 + u];
-        acc1[u] = left1[0] * right[j0 + u];
+        acc0[u] = left0[first] * right[first * cols + j0 + u];
+        acc1[u] = left1[first] * right[first * cols + j0 + u];
     }
-    for (Py_ssize_t k = 1; k < rank; k++) {
+    for (Py_ssize_t s = 1; s < rank; s++) {
+        const Py_ssize_t k = k_at(s, rank, reverse);
         const float l = left0[k], m = left1[k];
         const float *r = right + k * cols + j0;
         for (Py_ssize_t u = t; u < n; u++) {
@@ -201,6 +218,18 @@ SM_INLINE void product_segment2(const float *restrict left0, const float *restri
             acc1[u] = acc1[u] + m * r[u];
         }
     }
+}
+
+/* The products of rows ``i`` and ``i + 1`` (when ``pair``), columns ``j0`` to ``j0 + n``. */
+SM_INLINE void product_rows(const float *restrict left, const float *restrict right,
+                            Py_ssize_t cols, Py_ssize_t rank, Py_ssize_t i, int pair,
+                            Py_ssize_t j0, Py_ssize_t n, float product[2][SEGMENT],
+                            int reverse) {
+    if (pair)
+        product_segment2(left + i * rank, left + (i + 1) * rank, right, cols, rank, j0, n,
+                         product[0], product[1], reverse);
+    else
+        product_segment(left + i * rank, right, cols, rank, j0, n, product[0], reverse);
 }
 
 /* ---------------------------------------------------------------- the per-element loops
@@ -220,11 +249,7 @@ SM_INLINE void product_segment2(const float *restrict left0, const float *restri
             const int pair = i + 1 < rows;                                                   \
             for (Py_ssize_t j0 = 0; j0 < cols; j0 += SEGMENT) {                              \
                 Py_ssize_t n = cols - j0 < SEGMENT ? cols - j0 : SEGMENT;                    \
-                if (pair)                                                                    \
-                    product_segment2(left + i * rank, left + (i + 1) * rank, right, cols,    \
-                                     rank, j0, n, product[0], product[1]);                   \
-                else                                                                         \
-                    product_segment(left + i * rank, right, cols, rank, j0, n, product[0]);  \
+                product_rows(left, right, cols, rank, i, pair, j0, n, product, 0);           \
                 for (int h = 0; h <= pair; h++) {                                            \
                     Py_ssize_t row = i + h;                                                  \
                     bad |= NAME##_segment(SOURCE + row * SOURCE_STRIDE + j0, product[h], n,  \
@@ -261,26 +286,7 @@ SM_INLINE void product_segment2(const float *restrict left0, const float *restri
                               const float *right, Py_ssize_t rank, Py_ssize_t rows,          \
                               Py_ssize_t cols, TYPE *out, Py_ssize_t out_stride,             \
                               uint8_t *codes) {                                              \
-        int bad = 0;                                                                         \
-        float product[2][SEGMENT];                                                           \
-        for (Py_ssize_t i = 0; i < rows; i += 2) {                                           \
-            const int pair = i + 1 < rows;                                                   \
-            for (Py_ssize_t j0 = 0; j0 < cols; j0 += SEGMENT) {                              \
-                Py_ssize_t n = cols - j0 < SEGMENT ? cols - j0 : SEGMENT;                    \
-                if (pair)                                                                    \
-                    product_segment2(left + i * rank, left + (i + 1) * rank, right, cols,    \
-                                     rank, j0, n, product[0], product[1]);                   \
-                else                                                                         \
-                    product_segment(left + i * rank, right, cols, rank, j0, n, product[0]);  \
-                for (int h = 0; h <= pair; h++) {                                            \
-                    Py_ssize_t row = i + h;                                                  \
-                    bad |= NAME##_segment(weight + row * weight_stride + j0, product[h], n,  \
-                                          out + row * out_stride + j0,                       \
-                                          codes == NULL ? NULL : codes + row * cols + j0);   \
-                }                                                                            \
-            }                                                                                \
-        }                                                                                    \
-        return bad;                                                                          \
+        SM_ROW_SEGMENTS(NAME, weight, weight_stride)                                         \
     }
 
 #define SM_UNFUSE_LOOP(NAME, TYPE, TO_FLOAT, FROM_FLOAT, IS_BAD)                             \
@@ -307,26 +313,7 @@ SM_INLINE void product_segment2(const float *restrict left0, const float *restri
                               const float *right, Py_ssize_t rank, Py_ssize_t rows,          \
                               Py_ssize_t cols, TYPE *out, Py_ssize_t out_stride,             \
                               const uint8_t *codes) {                                        \
-        int bad = 0;                                                                         \
-        float product[2][SEGMENT];                                                           \
-        for (Py_ssize_t i = 0; i < rows; i += 2) {                                           \
-            const int pair = i + 1 < rows;                                                   \
-            for (Py_ssize_t j0 = 0; j0 < cols; j0 += SEGMENT) {                              \
-                Py_ssize_t n = cols - j0 < SEGMENT ? cols - j0 : SEGMENT;                    \
-                if (pair)                                                                    \
-                    product_segment2(left + i * rank, left + (i + 1) * rank, right, cols,    \
-                                     rank, j0, n, product[0], product[1]);                   \
-                else                                                                         \
-                    product_segment(left + i * rank, right, cols, rank, j0, n, product[0]);  \
-                for (int h = 0; h <= pair; h++) {                                            \
-                    Py_ssize_t row = i + h;                                                  \
-                    bad |= NAME##_segment(fused + row * fused_stride + j0, product[h], n,  \
-                                          out + row * out_stride + j0,                       \
-                                          codes == NULL ? NULL : codes + row * cols + j0);   \
-                }                                                                            \
-            }                                                                                \
-        }                                                                                    \
-        return bad;                                                                          \
+        SM_ROW_SEGMENTS(NAME, fused, fused_stride)                                           \
     }
 
 SM_FUSE_LOOP(fuse_f32, uint32_t, f32_value, float_to_bits, f32_bad, diff32)
@@ -338,42 +325,121 @@ SM_FUSE_LOOP(fuse_f16, uint16_t, f16_value, f16_bits, f16_bad, diff16)
 SM_UNFUSE_LOOP(unfuse_f16, uint16_t, f16_value, f16_bits, f16_bad)
 #endif
 
-/* ------------------------------------------------------------------ the bound screen
- * For safemerge.merge.bound_check's _Screen (its docstring has the proof): per element,
+/* ------------------------------------------------------------------ the bound check
+ * For safemerge.merge.bound_check (its _Screen docstring has the proof): per element,
  * Y = W + P' in float32, where P' is the rank-r product computed independently of the
  * fuse's (k from last to first: another order of the same recursive sum, so the bound's
  * gamma covers it, and a systematic slip in one order shows as |Y - F|), then
- * q = (|Y - F| + a_r * b_c) / p, p = Y's exponent bits (at least ``floor``), and the flat
- * indices of the elements whose q is not below ``threshold`` (NaN included).
+ * q = (|Y - F| + a_r * b_c) / p, p = Y's exponent bits (at least ``floor``). An element
+ * whose q is not below ``threshold`` (NaN included) is a candidate: its index is listed,
+ * or its ratio computed in float64 on the spot (exact_ratio), or both.
  */
 
-SM_INLINE void reverse_product_tile(const float *restrict left, const float *restrict right,
-                                    Py_ssize_t cols, Py_ssize_t rank, float *restrict acc) {
-    float8 a[TILE / 8];
-    const float *last = right + (rank - 1) * cols;
-    const float l_last = left[rank - 1];
-    for (int v = 0; v < TILE / 8; v++) a[v] = load8(last + 8 * v) * l_last;
-    for (Py_ssize_t k = rank - 2; k >= 0; k--) {
-        const float *r = right + k * cols;
-        const float lk = left[k];
-        for (int v = 0; v < TILE / 8; v++) a[v] = a[v] + load8(r + 8 * v) * lk;
-    }
-    for (int v = 0; v < TILE / 8; v++) memcpy(acc + 8 * v, &a[v], sizeof a[v]);
+/* What the float64 ratio of an element needs (bound_check._Exact's factors): the
+ * reference W + sum_k left[i, k] right[k, j] and the bound gamma |W| + sum_k
+ * alpha[i, k] |right[k, j]| + underflow[j], plus half an ulp of the dtype at
+ * |reference| + that. ``right`` comes transposed, so an element's column is contiguous. */
+typedef struct {
+    const double *left;      /* rows x rank, the coefficients folded in */
+    const double *right_t;   /* cols x rank */
+    const double *alpha;     /* rows x alpha_stride, the first rank columns used */
+    Py_ssize_t alpha_stride;
+    const double *underflow; /* cols */
+    double gamma;
+    double smallest_normal;  /* the dtype's */
+    int mantissa;            /* the dtype's explicit mantissa bits */
+} exact_terms;
+
+/* A candidate: listed (when ``found``), counted, and its ratio taken (when ``exact``). */
+typedef struct {
+    const exact_terms *exact;
+    int64_t *found;
+    Py_ssize_t room, count;
+    double worst;
+} candidates;
+
+SM_INLINE double double_of_bits(uint64_t bits) {
+    double value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
 }
 
-SM_INLINE void reverse_product_segment(const float *restrict left, const float *restrict right,
-                                       Py_ssize_t cols, Py_ssize_t rank, Py_ssize_t j0,
-                                       Py_ssize_t n, float *restrict acc) {
-    Py_ssize_t t = 0;
-    for (; t + TILE <= n; t += TILE)
-        reverse_product_tile(left, right + j0 + t, cols, rank, acc + t);
-    if (t == n) return;
-    for (Py_ssize_t u = t; u < n; u++) acc[u] = left[rank - 1] * right[(rank - 1) * cols + j0 + u];
-    for (Py_ssize_t k = rank - 2; k >= 0; k--) {
-        const float l = left[k];
-        const float *r = right + k * cols + j0;
-        for (Py_ssize_t u = t; u < n; u++) acc[u] = acc[u] + l * r[u];
+SM_INLINE uint64_t bits_of_double(double value) {
+    uint64_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+typedef double double4 __attribute__((vector_size(32)));
+
+SM_INLINE double4 load4(const double *source) {
+    double4 value;
+    memcpy(&value, source, sizeof value);
+    return value;
+}
+
+typedef int64_t int64x4 __attribute__((vector_size(32)));
+
+/* |value|, lane by lane: the sign bits cleared (a vector cast keeps the bits). */
+SM_INLINE double4 abs4(double4 value) {
+    const int64x4 magnitude_bits = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+    return (double4)((int64x4)value & magnitude_bits);
+}
+
+/* The larger of ``worst`` and element (i, j)'s ratio |fused - reference| / bound, in
+ * float64; infinity where the ratio is NaN. The sums run in another order than _Exact's
+ * matmuls (four interleaved partial sums): the ratios agree up to float64 rounding, which
+ * the screen's threshold allows for. The division is made only for a ratio that may
+ * exceed ``worst`` (a candidate is rarely the largest so far). */
+SM_INLINE double larger_ratio(const exact_terms *e, Py_ssize_t i, Py_ssize_t j, Py_ssize_t rank,
+                              double weight, double fused, double worst) {
+    const double *left = e->left + i * rank, *alpha = e->alpha + i * e->alpha_stride;
+    const double *right = e->right_t + j * rank;
+    /* Four partial sums, one vector: lane s adds the terms k = 4q + s, the rest go to lane 0. */
+    double4 p = {0.0, 0.0, 0.0, 0.0}, b = {0.0, 0.0, 0.0, 0.0};
+    Py_ssize_t k = 0;
+    for (; k + 4 <= rank; k += 4) {
+        const double4 r = load4(right + k);
+        p = p + load4(left + k) * r;
+        b = b + load4(alpha + k) * abs4(r);
     }
+    for (; k < rank; k++) {
+        p[0] += left[k] * right[k];
+        b[0] += alpha[k] * fabs(right[k]);
+    }
+    const double p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+    const double b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
+    const double reference = weight + ((p0 + p1) + (p2 + p3));
+    double bound = e->gamma * fabs(weight) + ((b0 + b1) + (b2 + b3)) + e->underflow[j];
+    double magnitude = fabs(reference) + bound;
+    magnitude = magnitude < e->smallest_normal ? e->smallest_normal : magnitude;
+    /* Half the dtype's spacing at magnitude: its binade's power of two, times 2**-(m+1). */
+    const uint64_t exponent = bits_of_double(magnitude) >> 52;
+    bound += double_of_bits((exponent - (uint64_t)(e->mantissa + 1)) << 52);
+    const double error = fabs(fused - reference);
+    if (error <= worst * bound) return worst; /* NaN goes on */
+    const double ratio = error / bound;
+    if (ratio != ratio) return (double)INFINITY;
+    return ratio > worst ? ratio : worst;
+}
+
+/* 1 / p for p = 2**(E - 127) a float32 power of two (E its biased exponent, 1..255), as
+ * bits: x * (1 / p) and x / p round the same exact value, so they are the same float. The
+ * inverse of 2**127 is subnormal, and p = Inf (Y not finite) gives 0, whose product with
+ * the then infinite or NaN numerator is NaN, as the quotient is. */
+SM_INLINE uint32_t inverse_power(uint32_t power) {
+    const uint32_t exponent = power >> 23;
+    return exponent < 254 ? (254u - exponent) << 23 : (exponent == 254 ? 0x00400000u : 0u);
+}
+
+typedef int int8v __attribute__((vector_size(32)));
+
+/* Whether all eight q from ``q`` are below ``threshold`` (NaN is not below anything). */
+SM_INLINE int all_below(const float *q, float threshold) {
+    const int8v below = load8(q) < threshold;
+    uint64_t lanes[4];
+    memcpy(lanes, &below, sizeof lanes);
+    return (lanes[0] & lanes[1] & lanes[2] & lanes[3]) == ~(uint64_t)0;
 }
 
 #define SM_SCREEN_LOOP(NAME, TYPE, TO_FLOAT)                                                 \
@@ -386,32 +452,64 @@ SM_INLINE void reverse_product_segment(const float *restrict left, const float *
             power = power < floor ? floor : power;                                           \
             float difference = y - TO_FLOAT(f[t]);                                           \
             float magnitude = difference < 0 ? -difference : difference;                     \
-            q[t] = (magnitude + a * b[t]) / bits_to_float(power);                            \
+            q[t] = (magnitude + a * b[t]) * bits_to_float(inverse_power(power));             \
         }                                                                                    \
     }                                                                                        \
-    SM_CLONES static Py_ssize_t NAME(const TYPE *weight, Py_ssize_t weight_stride,           \
-                                     const TYPE *fused, Py_ssize_t fused_stride,             \
-                                     const float *left, const float *right, Py_ssize_t rank, \
-                                     Py_ssize_t rows, Py_ssize_t cols,                       \
-                                     const float *row_scale, const float *column_scale,      \
-                                     uint32_t floor, float threshold, int64_t *found,        \
-                                     Py_ssize_t room) {                                      \
-        Py_ssize_t count = 0;                                                                \
-        float product[SEGMENT], q[SEGMENT];                                                  \
-        for (Py_ssize_t i = 0; i < rows; i++) {                                              \
+    /* The candidates among q[0:n] (row i, columns j0...): 1 when the list is full. Their  */ \
+    /* offsets are gathered first (without a branch per element), then taken in one loop,  */ \
+    /* whose float64 work overlaps from one candidate to the next.                         */ \
+    SM_INLINE int NAME##_candidates(const TYPE *w, const TYPE *f, const float *q,            \
+                                    float threshold, Py_ssize_t i, Py_ssize_t j0,            \
+                                    Py_ssize_t n, Py_ssize_t rank, Py_ssize_t cols,          \
+                                    candidates *c) {                                         \
+        uint16_t offsets[SEGMENT];                                                           \
+        Py_ssize_t m = 0;                                                                    \
+        for (Py_ssize_t t = 0; t < n; t += 8) {                                              \
+            if (t + 8 <= n && all_below(q + t, threshold)) continue;                         \
+            for (Py_ssize_t u = t; u < t + 8 && u < n; u++) {                                \
+                offsets[m] = (uint16_t)u;                                                    \
+                m += !(q[u] < threshold);                                                    \
+            }                                                                                \
+        }                                                                                    \
+        if (c->found != NULL) {                                                              \
+            if (c->count + m > c->room) return 1;                                            \
+            for (Py_ssize_t x = 0; x < m; x++)                                               \
+                c->found[c->count + x] = i * cols + j0 + offsets[x];                         \
+        }                                                                                    \
+        c->count += m;                                                                       \
+        if (c->exact == NULL) return 0;                                                      \
+        double worst = c->worst;                                                             \
+        for (Py_ssize_t x = 0; x < m; x++) {                                                 \
+            const Py_ssize_t u = offsets[x];                                                 \
+            worst = larger_ratio(c->exact, i, j0 + u, rank, TO_FLOAT(w[u]), TO_FLOAT(f[u]),  \
+                                 worst);                                                     \
+        }                                                                                    \
+        c->worst = worst;                                                                    \
+        return 0;                                                                            \
+    }                                                                                        \
+    SM_CLONES static int NAME(const TYPE *weight, Py_ssize_t weight_stride,                  \
+                              const TYPE *fused, Py_ssize_t fused_stride,                    \
+                              const float *left, const float *right, Py_ssize_t rank,        \
+                              Py_ssize_t rows, Py_ssize_t cols, const float *row_scale,      \
+                              const float *column_scale, uint32_t floor, float threshold,    \
+                              candidates *c) {                                               \
+        float product[2][SEGMENT], q[SEGMENT];                                               \
+        for (Py_ssize_t i = 0; i < rows; i += 2) {                                           \
+            const int pair = i + 1 < rows;                                                   \
             for (Py_ssize_t j0 = 0; j0 < cols; j0 += SEGMENT) {                              \
                 Py_ssize_t n = cols - j0 < SEGMENT ? cols - j0 : SEGMENT;                    \
-                reverse_product_segment(left + i * rank, right, cols, rank, j0, n, product); \
-                NAME##_segment(weight + i * weight_stride + j0, fused + i * fused_stride + j0, \
-                               product, row_scale[i], column_scale + j0, floor, n, q);       \
-                for (Py_ssize_t t = 0; t < n; t++) {                                         \
-                    if (q[t] < threshold) continue;                                          \
-                    if (count == room) return -1;                                            \
-                    found[count++] = i * cols + j0 + t;                                      \
+                product_rows(left, right, cols, rank, i, pair, j0, n, product, 1);           \
+                for (int h = 0; h <= pair; h++) {                                            \
+                    const TYPE *w = weight + (i + h) * weight_stride + j0;                   \
+                    const TYPE *f = fused + (i + h) * fused_stride + j0;                     \
+                    NAME##_segment(w, f, product[h], row_scale[i + h], column_scale + j0,    \
+                                   floor, n, q);                                             \
+                    if (NAME##_candidates(w, f, q, threshold, i + h, j0, n, rank, cols, c))  \
+                        return 1;                                                            \
                 }                                                                            \
             }                                                                                \
         }                                                                                    \
-        return count;                                                                        \
+        return 0;                                                                            \
     }
 
 SM_SCREEN_LOOP(screen_bf16, uint16_t, bf16_value)
@@ -636,20 +734,28 @@ static PyObject *unfuse_block(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(screen_block_doc,
 "screen_block(kind, weight, weight_stride, fused, fused_stride, left, right, rank, rows,\n"
-"             cols, row_scale, column_scale, floor, threshold, found, room) -> int\n\n"
-"The bound check's screen over a block of a float16 or bfloat16 merge: writes the flat\n"
-"indices of the elements whose screened ratio is not below threshold into found (int64,\n"
-"room of them) and returns their count, or -1 when there are more than room.");
+"             cols, row_scale, column_scale, floor, threshold, found, room, exact_left,\n"
+"             exact_right_t, alpha, alpha_stride, underflow, gamma, smallest_normal,\n"
+"             mantissa) -> (count, worst)\n\n"
+"The bound check's screen over a block of a float16 or bfloat16 merge. Each candidate\n"
+"(an element whose screened ratio is not below threshold) is counted; with found (int64,\n"
+"room of them; 0 for none) its flat index is listed, and count is -1 when they are more\n"
+"than room; with exact_left (0 for none) its float64 ratio is computed, and worst is the\n"
+"largest (inf where one is NaN; 0.0 without candidates).");
 
 static PyObject *screen_block(PyObject *self, PyObject *args) {
-    int kind;
+    int kind, mantissa;
     unsigned long long weight, fused, left, right, row_scale, column_scale, found;
-    Py_ssize_t weight_stride, fused_stride, rank, rows, cols, room;
+    unsigned long long exact_left, exact_right_t, alpha, underflow;
+    Py_ssize_t weight_stride, fused_stride, rank, rows, cols, room, alpha_stride;
     unsigned int floor;
     float threshold;
-    if (!PyArg_ParseTuple(args, "iKnKnKKnnnKKIfKn", &kind, &weight, &weight_stride, &fused,
-                          &fused_stride, &left, &right, &rank, &rows, &cols, &row_scale,
-                          &column_scale, &floor, &threshold, &found, &room))
+    double gamma, smallest_normal;
+    if (!PyArg_ParseTuple(args, "iKnKnKKnnnKKIfKnKKKnKddi", &kind, &weight, &weight_stride,
+                          &fused, &fused_stride, &left, &right, &rank, &rows, &cols, &row_scale,
+                          &column_scale, &floor, &threshold, &found, &room, &exact_left,
+                          &exact_right_t, &alpha, &alpha_stride, &underflow, &gamma,
+                          &smallest_normal, &mantissa))
         return NULL;
     if (kind != KIND_BFLOAT16 && !(kind == KIND_FLOAT16 && SM_HAS_FLOAT16)) {
         PyErr_Format(PyExc_ValueError, "no bound screen for dtype kind %d", kind);
@@ -659,27 +765,33 @@ static PyObject *screen_block(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "the bound screen needs a rank of at least 1");
         return NULL;
     }
-    Py_ssize_t count = 0;
+    const exact_terms exact = {
+        (const double *)(uintptr_t)exact_left, (const double *)(uintptr_t)exact_right_t,
+        (const double *)(uintptr_t)alpha,      alpha_stride,
+        (const double *)(uintptr_t)underflow,  gamma,
+        smallest_normal,                       mantissa,
+    };
+    candidates c = {exact_left != 0 ? &exact : NULL, (int64_t *)(uintptr_t)found, room, 0, 0.0};
+    int full = 0;
     Py_BEGIN_ALLOW_THREADS
     const float *l = (const float *)(uintptr_t)left;
     const float *r = (const float *)(uintptr_t)right;
     const float *a = (const float *)(uintptr_t)row_scale;
     const float *b = (const float *)(uintptr_t)column_scale;
-    int64_t *out = (int64_t *)(uintptr_t)found;
     if (kind == KIND_BFLOAT16) {
-        count = screen_bf16((const uint16_t *)(uintptr_t)weight, weight_stride,
-                            (const uint16_t *)(uintptr_t)fused, fused_stride, l, r, rank, rows,
-                            cols, a, b, floor, threshold, out, room);
+        full = screen_bf16((const uint16_t *)(uintptr_t)weight, weight_stride,
+                           (const uint16_t *)(uintptr_t)fused, fused_stride, l, r, rank, rows,
+                           cols, a, b, floor, threshold, &c);
     }
 #if SM_HAS_FLOAT16
     else {
-        count = screen_f16((const uint16_t *)(uintptr_t)weight, weight_stride,
-                           (const uint16_t *)(uintptr_t)fused, fused_stride, l, r, rank, rows,
-                           cols, a, b, floor, threshold, out, room);
+        full = screen_f16((const uint16_t *)(uintptr_t)weight, weight_stride,
+                          (const uint16_t *)(uintptr_t)fused, fused_stride, l, r, rank, rows,
+                          cols, a, b, floor, threshold, &c);
     }
 #endif
     Py_END_ALLOW_THREADS
-    return PyLong_FromSsize_t(count);
+    return Py_BuildValue("nd", full ? (Py_ssize_t)-1 : c.count, c.worst);
 }
 
 static PyObject *has_float16(PyObject *self, PyObject *unused) {

@@ -198,6 +198,18 @@ class _Exact:
         self.right_t = self.right.T.contiguous()
         self.bound_right_t = self.bound_right.T.contiguous()
 
+    def kernel_terms(self, start: int, stop: int) -> kernel.ExactTerms:
+        """These factors for rows ``start:stop``, as :func:`kernel.screen_block` takes them."""
+        rank = self.right.shape[0]
+        return kernel.ExactTerms(
+            self.left[start:stop],
+            self.right_t,
+            self.bound_left[start:stop, :rank],
+            self.bound_right[rank],
+            self.gamma,
+            self.dtype,
+        )
+
     def rows(self, original: torch.Tensor, fused: torch.Tensor, start: int, stop: int) -> float:
         """The largest ratio over rows ``start:stop``, block by block."""
         step = max(1, BLOCK_ELEMENTS // original.shape[1])
@@ -376,6 +388,13 @@ class _Screen:
             # proof holds with any ratio found exactly, and this one is returned.
             seeded = exact.rows(original, fused, start, start + seed_rows)
             start, worst = start + seed_rows, max(worst, seeded)
+        if kernel.screens(original, fused):
+            # One compiled pass: the screen, and each candidate's float64 ratio on the spot.
+            screened = kernel.screen_block(
+                *self._kernel_arguments(original, fused, start, stop, worst),
+                exact=exact.kernel_terms(start, stop),
+            )
+            return max(seeded, screened.worst)
         candidates = self.candidates(original, fused, start, stop, worst)
         if candidates is None:
             return max(seeded, exact.rows(original, fused, start, stop))
@@ -406,17 +425,9 @@ class _Screen:
         if kernel.screens(original, fused):
             # The same screen in one compiled pass, its product in another order than the
             # fuse's (see kernel.screen_block).
-            return kernel.screen_block(
-                original[start:stop],
-                fused[start:stop],
-                self.left[start:stop],
-                self.right,
-                self.row_scale[start:stop].view(-1),
-                self.column_scale.view(-1),
-                self.exponent_floor,
-                threshold,
-                int(GATHER_FRACTION * (stop - start) * original.shape[1]),
-            )
+            room = int(GATHER_FRACTION * (stop - start) * original.shape[1])
+            arguments = self._kernel_arguments(original, fused, start, stop, worst)
+            return kernel.screen_block(*arguments, room=room).found
         merged = torch.mm(self.left[start:stop], self.right).add_(original[start:stop])
         power = merged.view(torch.int32).bitwise_and(_FLOAT32_EXPONENT_MASK)
         power = power.clamp_(min=self.exponent_floor).view(torch.float32)  # 2**(m+1) h
@@ -436,6 +447,30 @@ class _Screen:
         if inside.numel() > GATHER_FRACTION * screened.numel():
             return None
         return open_chunks[inside // _CHUNK] * _CHUNK + inside % _CHUNK
+
+    def _kernel_arguments(
+        self, original: torch.Tensor, fused: torch.Tensor, start: int, stop: int, worst: float
+    ) -> tuple[
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        int,
+        float,
+    ]:
+        """:func:`kernel.screen_block`'s positional arguments for rows ``start:stop``."""
+        return (
+            original[start:stop],
+            fused[start:stop],
+            self.left[start:stop],
+            self.right,
+            self.row_scale[start:stop].view(-1),
+            self.column_scale.view(-1),
+            self.exponent_floor,
+            self.threshold(worst),
+        )
 
 
 def _not_below(values: torch.Tensor, threshold: float, fraction: float) -> torch.Tensor | None:
@@ -538,11 +573,19 @@ class BoundCheck:
 
     DoRA's renormalised bound needs whole-column norms, so a DoRA layer goes through
     :func:`safemerge.expected_fuse` (float64 temporaries the size of the weight); any
-    other layer keeps a copy of its weight and is checked block by block.
+    other layer is checked block by block against its weight as it was: a copy, taken
+    here, or (``copy_original=False``, for a fuse into new tensors that leaves the layer
+    as it is) the layer's weight itself.
     """
 
     def __init__(
-        self, layer: nn.Module, name: str, pairs: Sequence[tuple[LoraAdapter, float]], scale: float
+        self,
+        layer: nn.Module,
+        name: str,
+        pairs: Sequence[tuple[LoraAdapter, float]],
+        scale: float,
+        *,
+        copy_original: bool = True,
     ) -> None:
         self._view = view_layer(layer, name)
         self._pairs = list(pairs)
@@ -551,17 +594,19 @@ class BoundCheck:
         if any(adapter.is_dora for adapter, _ in pairs):
             self._expected = expected_fuse(layer, self._pairs, scale=scale)
         else:
-            self._original = self._view.matrix.clone()
+            matrix = self._view.matrix
+            self._original = matrix.clone() if copy_original else matrix
 
-    def worst(self, coefficients: Sequence[float]) -> float:
-        """The fused layer's worst ``|fused - exact| / bound``."""
-        fused = self._view.matrix
+    def worst(self, coefficients: Sequence[float], fused: torch.Tensor | None = None) -> float:
+        """The fused weight's worst ``|fused - exact| / bound``: ``fused``, shaped as the
+        layer's weight, or else the layer's own weight (fused in place)."""
+        matrix = self._view.matrix if fused is None else fused.reshape(self._view.matrix_shape)
         if self._expected is not None:
             reference, bound = self._expected
-            return _worst_ratio(fused.reshape(reference.shape), reference, bound)
+            return _worst_ratio(matrix.reshape(reference.shape), reference, bound)
         assert self._original is not None
         terms = layer_terms(self._view, self._pairs, coefficients)
-        return worst_error_of_bound(self._original, fused, terms, self._view.weight.dtype)
+        return worst_error_of_bound(self._original, matrix, terms, self._view.weight.dtype)
 
 
 def _worst_ratio(fused: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor) -> float:

@@ -14,9 +14,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
+
+from safemerge.merge.numerics import MANTISSA_BITS
 
 
 def _load() -> ModuleType | None:
@@ -140,6 +144,41 @@ def screens(weight: torch.Tensor, fused: torch.Tensor) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class ExactTerms:
+    """What :func:`screen_block` needs to compute a candidate's ratio in float64 (the bound
+    check's ``_Exact`` factors, for a block's rows): the reference is
+    ``W + left[i] . right_t[j]``, the bound ``gamma |W| + alpha[i] . |right_t[j]| +
+    underflow[j]`` plus the dtype's half ulp at ``|reference|`` plus that.
+
+    Attributes:
+        left: ``rows x rank`` float64, the coefficients folded in.
+        right_t: ``cols x rank`` float64, ``right`` transposed.
+        alpha: ``rows x rank`` float64 (rows may be strided): the bound's weights of
+            ``|right|``.
+        underflow: ``cols`` float64, the bound's per-column underflow term.
+        gamma: the bound's ``gamma_n``, the weight's multiplier.
+        dtype: the weight's dtype (whose half ulp the bound adds).
+    """
+
+    left: torch.Tensor
+    right_t: torch.Tensor
+    alpha: torch.Tensor
+    underflow: torch.Tensor
+    gamma: float
+    dtype: torch.dtype
+
+
+class Screened(NamedTuple):
+    """:func:`screen_block`'s answer: how many candidates, the largest of their float64
+    ratios (0.0 without ``exact``), and their flat indices (with ``room``; None when there
+    were more than ``room``)."""
+
+    candidates: int
+    worst: float
+    found: torch.Tensor | None
+
+
 def screen_block(
     weight: torch.Tensor,
     fused: torch.Tensor,
@@ -149,19 +188,39 @@ def screen_block(
     column_scale: torch.Tensor,
     floor: int,
     threshold: float,
-    room: int,
-) -> torch.Tensor | None:
+    *,
+    room: int | None = None,
+    exact: ExactTerms | None = None,
+) -> Screened:
     """The bound check's screen of a block (``safemerge.merge.bound_check._Screen``, whose
-    docstring has the proof): the flat indices of the elements whose screened ratio is
-    not below ``threshold``, or None when there are more than ``room``.
+    docstring has the proof): every element whose screened ratio is not below
+    ``threshold`` is a candidate; with ``room``, their flat indices are listed (at most
+    ``room``), with ``exact``, their ratios are computed in float64 on the spot.
 
     The screen's product is computed in the opposite order of the fuse's, so that the
     check does not repeat the fuse's arithmetic: a slip in either shows as a difference.
     """
     assert _blockops is not None
     rows, columns = weight.shape
-    found = torch.empty(max(room, 1), dtype=torch.int64)
-    count = _blockops.screen_block(
+    found = None if room is None else torch.empty(max(room, 1), dtype=torch.int64)
+    exact_arguments: tuple[int | float, ...] = (0, 0, 0, 0, 0, 0.0, 0.0, 0)
+    if exact is not None:
+        rank = left.shape[1]
+        assert exact.left.shape == (rows, rank) and exact.alpha.shape == (rows, rank)
+        assert exact.right_t.shape == (columns, rank) and exact.underflow.shape == (columns,)
+        for factor in (exact.left, exact.right_t, exact.underflow, exact.alpha[:1]):
+            assert factor.dtype == torch.float64 and factor.is_contiguous()
+        exact_arguments = (
+            exact.left.data_ptr(),
+            exact.right_t.data_ptr(),
+            exact.alpha.data_ptr(),
+            exact.alpha.stride(0),
+            exact.underflow.data_ptr(),
+            exact.gamma,
+            torch.finfo(exact.dtype).smallest_normal,
+            MANTISSA_BITS[exact.dtype],
+        )
+    count, worst = _blockops.screen_block(
         _KINDS[weight.dtype],
         weight.data_ptr(),
         _row_stride(weight),
@@ -174,10 +233,12 @@ def screen_block(
         _contiguous_float32(column_scale).data_ptr(),
         floor,
         threshold,
-        found.data_ptr(),
-        room,
+        _address(found),
+        0 if room is None else room,
+        *exact_arguments,
     )
-    return None if count < 0 else found[:count]
+    listed = None if found is None or count < 0 else found[:count]
+    return Screened(int(count), float(worst), listed)
 
 
 def _contiguous_float32(tensor: torch.Tensor) -> torch.Tensor:

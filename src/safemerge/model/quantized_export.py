@@ -45,15 +45,13 @@ from safemerge.io.checkpoint import Checkpoint, open_checkpoint, read_json
 from safemerge.io.shard_writer import tensor_nbytes
 from safemerge.layer import fuse
 from safemerge.merge.adapter import LoraAdapter
-from safemerge.merge.bound_check import BoundCheck
-from safemerge.merge.record import FuseRecord
 from safemerge.merge.request import coefficients as coefficients_of
 from safemerge.model import base_quant, bnb_targets, streaming
 from safemerge.model.fuse_arguments import AdapterPaths, check_fuse_arguments, output_dtype
 from safemerge.model.memory import release_free_heap
 from safemerge.model.read_ahead import read_tensor
 from safemerge.model.report import CAST, QUANTIZED, UNCHANGED, ModelFuseReport, TensorResult
-from safemerge.model.transaction import checked_against_bound, plan_error
+from safemerge.model.transaction import plan_error
 from safemerge.quant.quantized import QuantizedFuseRecord
 
 #: Output dtypes a quantized Linear may be quantized from (bitsandbytes' inputs).
@@ -134,8 +132,7 @@ def export_files(
     with open_checkpoint(base_path) as checkpoint:
         sets = [(load_adapter(path, base=checkpoint), weight) for path, weight in weighted_paths]
         dtypes = {
-            name: output_dtype(checkpoint.info(name).dtype, dtype)
-            for name in checkpoint.names
+            name: output_dtype(checkpoint.info(name).dtype, dtype) for name in checkpoint.names
         }
         layers = streaming.file_layers(checkpoint, sets, scale, dtypes)
         modules = bnb_targets.quantized_linears(model_dir, quant or base_quant)  # type: ignore[arg-type]
@@ -371,8 +368,7 @@ def _export_linear_unguarded(
         tensors = layer_tensors(name.removesuffix("weight"), layer, export.quant)
         kind, worst = record.kind, record.worst_error_of_bound
     else:
-        merged = base.clone()
-        worst = _fused_16bit(merged, pairs, scale, name)
+        merged, worst = _fused_16bit(base, pairs, scale, name)  # base stays as it was
         written, tensors, kind = (merged, None), [(name, merged)], "linear"
     comparison = _compare(original, base, written, export, pairs, scale, name)
     result = TensorResult(
@@ -383,14 +379,12 @@ def _export_linear_unguarded(
 
 def _fused_16bit(
     weight: torch.Tensor, pairs: list[tuple[LoraAdapter, float]], scale: float, name: str
-) -> float:
-    """The guarded float fuse into ``weight`` in place, every element checked: as
-    :func:`safemerge.fuse_files` fuses a Linear."""
+) -> tuple[torch.Tensor, float]:
+    """The guarded float fuse of ``weight`` into a new tensor, every element checked, and
+    its worst ratio to its bound: as :func:`safemerge.fuse_files` fuses a Linear."""
     layer = streaming.layer_around("linear", weight, None)
-    check = BoundCheck(layer, name, pairs, scale)
-    record = fuse(layer, pairs, scale=scale, name=name, exact_unfuse=False)
-    assert isinstance(record, FuseRecord)
-    return checked_against_bound(check, record, name)
+    fused, worst = streaming.fused_and_checked(layer, pairs, scale, name)
+    return fused.weight, worst
 
 
 def _fused_quantized(

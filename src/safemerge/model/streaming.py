@@ -38,10 +38,9 @@ from safemerge.io.phases import PhaseTimes
 from safemerge.io.pipeline_dir import is_pipeline_dir, open_pipeline, split_by_component
 from safemerge.io.pipeline_writer import ComponentOutput, write_pipeline
 from safemerge.io.shard_writer import tensor_nbytes
-from safemerge.layer import fuse
+from safemerge.layer import FusedTensors, fused_tensors
 from safemerge.merge.adapter import LoraAdapter
 from safemerge.merge.bound_check import BoundCheck
-from safemerge.merge.record import FuseRecord
 from safemerge.merge.request import check_request
 from safemerge.merge.view import view_layer
 from safemerge.model.fuse_arguments import (
@@ -547,13 +546,7 @@ def fuse_file_layer(
         bias = None if file_layer.bias is None else read(file_layer.bias, dtypes[file_layer.bias])
     layer = layer_around(file_layer.kind, weight, bias)
     try:
-        with phases.timing("check"):  # the bound is computed from the weight before the fuse
-            check = BoundCheck(layer, name, file_layer.pairs, scale)
-        with phases.timing("fuse"):
-            record = fuse(layer, file_layer.pairs, scale=scale, name=name, exact_unfuse=False)
-        assert isinstance(record, FuseRecord)
-        with phases.timing("check"):
-            worst = checked_against_bound(check, record, name)
+        fused, worst = fused_and_checked(layer, file_layer.pairs, scale, name, phases)
     except SafemergeError as error:
         error.add_note(f"fuse_files: layer {name!r} of {checkpoint.path}")
         raise
@@ -564,16 +557,16 @@ def fuse_file_layer(
             problems=[(name, f"{type(error).__name__}: {error}")],
             path=checkpoint.path,
         ) from error
-    shape = tuple(weight.shape)
-    fused = {
+    shape, record = tuple(weight.shape), fused.record
+    tensors = {
         name: (
-            weight,
+            fused.weight,
             TensorResult(name, record.kind, shape, weight.dtype, worst, 0.0, len(file_layer.pairs)),
         )
     }
     if bias is not None and file_layer.bias is not None:
-        fused[file_layer.bias] = (
-            bias,
+        tensors[file_layer.bias] = (
+            bias if fused.bias is None else fused.bias,
             TensorResult(
                 file_layer.bias,
                 BIAS,
@@ -584,4 +577,24 @@ def fuse_file_layer(
                 len(file_layer.pairs),
             ),
         )
-    return fused
+    return tensors
+
+
+def fused_and_checked(
+    layer: nn.Module,
+    pairs: Sequence[tuple[LoraAdapter, float]],
+    scale: float,
+    name: str,
+    phases: PhaseTimes | None = None,
+) -> tuple[FusedTensors, float]:
+    """The guarded fuse of ``layer`` into new tensors (the layer left as it is), and its
+    every element's worst ratio to its error bound, checked against the original weight
+    (a ModelFuseError past 1). ``phases`` gets the time spent fusing and checking."""
+    phases = phases or PhaseTimes()
+    with phases.timing("check"):  # what the bound needs from the weight, before the fuse
+        check = BoundCheck(layer, name, pairs, scale, copy_original=False)
+    with phases.timing("fuse"):
+        fused = fused_tensors(layer, pairs, scale=scale, name=name)
+    with phases.timing("check"):
+        worst = checked_against_bound(check, fused.record, name, fused.weight)
+    return fused, worst

@@ -117,9 +117,13 @@ def plan_error(
     )
 
 
-def checked_against_bound(check: BoundCheck | None, record: FuseRecord, name: str) -> float:
+def checked_against_bound(
+    check: BoundCheck | None, record: FuseRecord, name: str, fused: torch.Tensor | None = None
+) -> float:
+    """The fused weight's worst ratio to its bound (``fused``, or the layer's own weight
+    fused in place); a ModelFuseError when it exceeds 1."""
     assert check is not None
-    worst = check.worst(record.coefficients)
+    worst = check.worst(record.coefficients, fused)
     if not worst <= 1.0:
         raise _bound_error(name, worst)
     return worst
