@@ -202,18 +202,21 @@ def test_unfuse_model_restores_every_bit(
 
 
 def _failing_fuse(monkeypatch: pytest.MonkeyPatch, at: int, error: BaseException) -> list[str]:
-    """Make the Nth layer's fuse raise ``error`` (before changing it, as a real fuse does)."""
-    real = streaming.fuse
+    """Make the Nth layer's fuse raise ``error`` (before changing it, as a real fuse does),
+    in memory (``fuse``) and from files (``fused_tensors``)."""
     calls: list[str] = []
 
-    def fuse_or_fail(layer: nn.Module, adapters: Any, **options: Any) -> Any:
-        calls.append(options["name"])
-        if len(calls) == at:
-            raise error
-        return real(layer, adapters, **options)
+    def failing(real: Any) -> Any:
+        def fuse_or_fail(layer: nn.Module, adapters: Any, **options: Any) -> Any:
+            calls.append(options["name"])
+            if len(calls) == at:
+                raise error
+            return real(layer, adapters, **options)
 
-    monkeypatch.setattr(in_memory, "fuse", fuse_or_fail)
-    monkeypatch.setattr(streaming, "fuse", fuse_or_fail)
+        return fuse_or_fail
+
+    monkeypatch.setattr(in_memory, "fuse", failing(in_memory.fuse))
+    monkeypatch.setattr(streaming, "fused_tensors", failing(streaming.fused_tensors))
     return calls
 
 
@@ -601,7 +604,7 @@ def test_a_fuse_outside_its_bound_is_refused(
     tmp_path: Path, on_disk: tuple[Path, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base, paths = on_disk
-    monkeypatch.setattr(streaming.BoundCheck, "worst", lambda self, coefficients: 1.5)
+    monkeypatch.setattr(streaming.BoundCheck, "worst", lambda self, coefficients, fused: 1.5)
     with pytest.raises(ModelFuseError, match=r"1\.5 times its error bound") as caught:
         fuse_files(base, paths, tmp_path / "out")
     assert caught.value.layers == ("embed.weight",)

@@ -10,6 +10,7 @@ import torch
 
 import safemerge
 from safemerge import synthetic
+from safemerge.merge import engine
 from safemerge.model import idle_cores, streaming
 from safemerge.model.read_ahead import ReadAhead
 
@@ -52,8 +53,8 @@ def test_a_fuse_computes_on_the_chosen_threads_and_restores_torchs_count(
     )
     adapter = safemerge.write_peft_adapter(tmp_path / "adapter", synthetic.tiny_adapters())
     chosen: list[int] = []
-    monkeypatch.setattr(idle_cores, "fuse_threads", lambda limit: chosen.append(limit) or 1)
-    during: list[int] = []
+    monkeypatch.setattr(idle_cores, "fuse_threads", lambda limit: chosen.append(limit) or 2)
+    during: list[tuple[int, int]] = []
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -61,13 +62,14 @@ def test_a_fuse_computes_on_the_chosen_threads_and_restores_torchs_count(
             base,
             [adapter],
             tmp_path / "out",
-            progress=lambda _: during.append(torch.get_num_threads()),
+            progress=lambda _: during.append((torch.get_num_threads(), engine.block_threads())),
         )
-        assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 3 and engine.block_threads() == 3
     finally:
         torch.set_num_threads(before)
     assert chosen[0] == 3  # torch's count before the fuse is the most it may use
-    assert set(during) == {1}
+    # The blocks on the chosen 2 threads, every torch op on one.
+    assert set(during) == {(1, 2)}
 
 
 def _checkpoint_file(tmp_path: Path) -> Path:

@@ -30,7 +30,6 @@ import math
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -99,7 +98,7 @@ def worst_error_of_bound(
         return 0.0
     # As the engine's blocks: each thread takes the next block when done with one (no
     # parallel region waits for a slow thread), torch runs one thread per op meanwhile.
-    threads = torch.get_num_threads() if original.device.type == "cpu" else 1
+    threads = engine.block_threads() if original.device.type == "cpu" else 1
     with engine.pinned_threads(1):
         exact = _Exact(terms, dtype)
         if not _Screen.applies(original, fused, terms, dtype):
@@ -148,14 +147,7 @@ class _Blocks:
                 self._stop = True  # the other threads stop after their current block
                 raise
 
-        if self._threads == 1:
-            work()
-            return self._worst
-        with ThreadPoolExecutor(self._threads - 1) as pool:
-            helpers = [pool.submit(work) for _ in range(self._threads - 1)]
-            work()
-            for helper in helpers:
-                helper.result()
+        engine.on_threads(work, self._threads)
         return self._worst
 
     def _found(self, ratio: float) -> None:

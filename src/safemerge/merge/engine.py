@@ -14,8 +14,11 @@ through :mod:`safemerge.merge.on_device`, which waits for the device once a laye
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +32,11 @@ __all__ = [
     "LowRankDelta",
     "OutputFactor",
     "block_rows_for",
+    "block_threads",
+    "blocks_on",
     "fingerprint",
     "fuse_matrix",
+    "on_threads",
     "output_norms",
     "pinned_threads",
     "run_blocks",
@@ -79,6 +85,36 @@ def pinned_threads(count: int) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
+
+
+#: Threads :func:`blocks_on` shares blocks out to; None: torch's intra-op count.
+_block_threads: int | None = None
+
+
+def block_threads() -> int:
+    """How many threads a layer's blocks (and its bound check's) are shared out to: the
+    count :func:`blocks_on` set, else torch's intra-op thread count."""
+    return torch.get_num_threads() if _block_threads is None else _block_threads
+
+
+@contextlib.contextmanager
+def blocks_on(count: int) -> Iterator[None]:
+    """Share blocks out to ``count`` threads while torch runs every op on one.
+
+    For a caller that fuses many layers with other work beside it (a streaming fuse
+    reading and writing on threads of its own): each small torch op of a layer's set-up
+    (its factors, its check's terms) would otherwise fork and join torch's threads, and
+    with a core taken, every join waits for the scheduler. The blocks are where the work
+    is, and they take threads of their own (:func:`run_blocks`).
+    """
+    global _block_threads
+    previous = _block_threads
+    _block_threads = max(1, count)
+    try:
+        with pinned_threads(1):
+            yield
+    finally:
+        _block_threads = previous
 
 
 def fingerprint(tensor: torch.Tensor) -> int:
@@ -191,7 +227,7 @@ def run_blocks(
     """
     ranges = [(start, min(start + block_rows, rows)) for start in range(0, rows, block_rows)]
     # Threads pay off on the CPU only: elsewhere one thread queues the device's work.
-    threads = min(torch.get_num_threads(), len(ranges)) if device.type == "cpu" else 1
+    threads = min(block_threads(), len(ranges)) if device.type == "cpu" else 1
     done: list[tuple[int, int]] = []
     lock = threading.Lock()
     pending = iter(ranges)
@@ -219,22 +255,58 @@ def run_blocks(
                     state["refused"] = True
 
     with pinned_threads(1 if threads > 1 else torch.get_num_threads()):
-        helpers = [threading.Thread(target=work, daemon=True) for _ in range(threads - 1)]
-        for helper in helpers:
-            helper.start()
         try:
-            work()
-        except BaseException as error:  # an interrupt between blocks, on this thread
+            on_threads(work, threads)
+        except BaseException as error:  # an interrupt between blocks, or while waiting
             with lock:
                 state.setdefault("error", error)
-        finally:
-            for helper in helpers:
-                helper.join()
     failure = state.get("error")
     if isinstance(failure, BaseException):
         undo(done)
         raise failure
     return done, not state["refused"] and len(done) == len(ranges)
+
+
+#: Helper threads kept from one :func:`on_threads` call to the next, and how many.
+_helpers: tuple[ThreadPoolExecutor, int] | None = None
+_helpers_lock = threading.Lock()
+
+
+def on_threads(work: Callable[[], None], count: int) -> None:
+    """Run ``work`` on the calling thread and on ``count - 1`` helper threads; return once
+    every one returned, raising the first exception any raised (the caller's first).
+
+    The helpers are kept between calls: a new thread's start waits until the scheduler
+    runs it, about 2 ms on a busy 2-core machine, and a streaming fuse started a few for
+    each of hundreds of layers. An interrupt while the caller waits for the helpers is
+    held until they are done (they share the caller's data) and raised then.
+    """
+    global _helpers
+    if count <= 1:
+        work()
+        return
+    with _helpers_lock:
+        if _helpers is None or _helpers[1] < count - 1:
+            if _helpers is not None:
+                _helpers[0].shutdown(wait=False)  # its threads end once idle
+            size = max(count - 1, os.cpu_count() or 1)
+            _helpers = (ThreadPoolExecutor(size, thread_name_prefix="safemerge-blocks"), size)
+        futures = [_helpers[0].submit(work) for _ in range(count - 1)]
+    failure: BaseException | None = None
+    try:
+        work()
+    except BaseException as error:
+        failure = error
+    while True:
+        try:
+            futures_wait(futures)
+            break
+        except KeyboardInterrupt as interrupt:
+            failure = failure or interrupt
+    for future in futures:
+        failure = failure or future.exception()
+    if failure is not None:
+        raise failure
 
 
 def _restore_blocks(

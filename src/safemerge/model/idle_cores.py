@@ -6,20 +6,24 @@ again every few seconds; elsewhere torch's own count.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
 
 import torch
 
+from safemerge.merge import engine
+
 #: How often, in seconds, a streaming fuse reconsiders how many threads it computes on.
 THREADS_EVERY = 2.0
 
 
 class FuseThreads:
-    """torch's intra-op thread count during a streaming fuse: at most the cores that other
-    processes leave idle, decided again every :data:`THREADS_EVERY` seconds, and torch's
-    count from before afterwards.
+    """The threads a streaming fuse computes its blocks on: at most the cores that other
+    processes leave idle, decided again every :data:`THREADS_EVERY` seconds; torch runs
+    every op on one thread meanwhile (:func:`safemerge.merge.engine.blocks_on`), and its
+    count from before is restored afterwards.
 
     When each torch call of a layer's fuse and check forked and joined two threads, and
     the other thread's core was taken by another process, every join waited for the
@@ -27,8 +31,10 @@ class FuseThreads:
     TinyLlama layers: the fuse phase 33-39 s with 2 threads, 5-6 s with 1 (the whole
     fuse 66-71 s against 34-40 s). Since the engine and the check share out blocks to
     threads that each run single-threaded torch calls, the count matters little under
-    load (4.7-6.0 s against 4.8-5.1 s, same machine and load); it still keeps any call
-    that forks (a cast to ``dtype``) off a taken core. This is the policy of
+    load (4.7-6.0 s against 4.8-5.1 s, same machine and load). The small torch calls of
+    each layer's set-up run on one thread even when both cores are free: this process's
+    own reading and writing threads take them too, and each join waited for those (about
+    1.5 s of a 2.2 GB model's 12 s, before). This is the policy of
     :func:`safemerge.peft.threads.merge_threads`, but counted now rather than from the
     1-minute load average: a fresh ``safemerge fuse`` process has no history there, and
     a busy process started a few seconds before barely shows in it.
@@ -37,6 +43,8 @@ class FuseThreads:
     def __init__(self) -> None:
         self._limit = torch.get_num_threads()
         self._decided = -float("inf")
+        self._count: int | None = None
+        self._scope = contextlib.ExitStack()
 
     def refresh(self) -> None:
         now = time.monotonic()
@@ -44,15 +52,16 @@ class FuseThreads:
             return
         self._decided = now
         count = fuse_threads(self._limit)
-        if count != torch.get_num_threads():
-            torch.set_num_threads(count)
+        if count != self._count:
+            self._scope.close()
+            self._scope.enter_context(engine.blocks_on(count))
+            self._count = count
 
     def __enter__(self) -> FuseThreads:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if torch.get_num_threads() != self._limit:
-            torch.set_num_threads(self._limit)
+        self._scope.close()
 
 
 def fuse_threads(limit: int) -> int:
