@@ -355,7 +355,7 @@ def test_merge_threads_are_the_cores_others_leave_idle(
 
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(threads, "_usable_cores", lambda: 4)
-    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: torch_threads)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: torch_threads)
     assert threads.merge_threads() == expected
 
 

@@ -61,9 +61,9 @@ def fuse_with_rollback(
     """Fuse each layer keeping its correction; on any failure unfuse all of them exactly."""
     records: dict[str, Record] = {}
     current = ""
-    # One thread count for the whole transaction: each record keeps it, and the rollback
-    # below and every later exact unfuse repeat it.
-    with engine.pinned_threads(merge_threads()):
+    # One thread count for the whole transaction: each record keeps torch's (one), and the
+    # rollback below and every later exact unfuse repeat it; the blocks share out the cores.
+    with engine.blocks_on(merge_threads()):
         try:
             for layer in progress(planned, progressbar, "Merging (safemerge)"):
                 current = layer.weight_name

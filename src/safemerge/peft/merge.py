@@ -29,7 +29,7 @@ from torch import nn
 
 from safemerge.errors import RestoreError
 from safemerge.layer import fuse
-from safemerge.merge.engine import pinned_threads
+from safemerge.merge.engine import blocks_on
 from safemerge.merge.headroom import cannot_overflow, weight_magnitude
 from safemerge.merge.request import coefficients, merged_bias
 from safemerge.model.report import ModelFuseReport
@@ -130,7 +130,7 @@ def unmerge(model: Any) -> None:
 
 def _merge_all_or_nothing(planned: list[PeftLayer], *, progressbar: bool) -> None:
     """Merge every planned layer, the unproven ones first with their corrections kept."""
-    with pinned_threads(merge_threads()):  # see safemerge.peft.threads
+    with blocks_on(merge_threads()):  # see safemerge.peft.threads
         proven: list[PeftLayer] = []
         unproven: list[PeftLayer] = []
         for layer in planned:

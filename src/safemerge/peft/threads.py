@@ -1,5 +1,6 @@
-"""How many torch threads a PEFT or diffusers merge runs with: torch's own count, cut to
-the cores that other processes leave idle.
+"""How many threads a PEFT or diffusers merge shares its blocks out to: torch's own count,
+cut to the cores that other processes leave idle (torch itself runs each op on one thread
+meanwhile: :func:`safemerge.merge.engine.blocks_on`).
 
 The engine merges a weight in cache-sized row blocks, some twenty torch calls per block,
 so a model's merge is thousands of calls. With several threads each call forks and joins
@@ -20,17 +21,18 @@ from __future__ import annotations
 
 import os
 
-import torch
+from safemerge.merge import engine
 
 
 def merge_threads() -> int:
-    """torch's intra-op thread count, at most the cores the 1-minute load average of the
-    other tasks leaves idle, and at least 1.
+    """The threads to share a merge's blocks out to (torch's intra-op count, or the count
+    of an enclosing :func:`safemerge.merge.engine.blocks_on`), at most the cores the
+    1-minute load average of the other tasks leaves idle, and at least 1.
 
     On an idle machine this is torch's own count; on one whose cores are all taken it is
     1, the one thread that never waits for another.
     """
-    current = torch.get_num_threads()
+    current = engine.block_threads()
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # no load average (Windows): torch's count
