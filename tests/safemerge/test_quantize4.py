@@ -16,6 +16,7 @@ bitsandbytes accepts; NF4 and FP4; nested or not; uint8 and wider quant storages
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from safemerge.merge import kernel
 from safemerge.quant import quantize4
 from safemerge.quant.grid import CODES
 
@@ -158,8 +160,19 @@ def _assert_same_state(actual: Any, expected: Any) -> None:
         _assert_same_state(actual.state2, expected.state2)
 
 
-@given(cases())
-def test_quantizer_is_bitsandbytes_bit_for_bit(case: dict[str, Any]) -> None:
+#: The lookup in the compiled kernel (where built) and in torch ops: both are compared.
+LOOKUP_PATHS = pytest.mark.parametrize("path", ["compiled", "torch ops"])
+
+
+def lookup_path(path: str) -> AbstractContextManager[None]:
+    if path == "compiled" and not kernel.compiled():
+        pytest.skip("the compiled kernel is not built")
+    return kernel.disabled() if path == "torch ops" else nullcontext()
+
+
+@LOOKUP_PATHS
+@given(case=cases())
+def test_quantizer_is_bitsandbytes_bit_for_bit(case: dict[str, Any], path: str) -> None:
     rows, columns = case["shape"]
     blocksize, quant_type = case["blocksize"], case["quant_type"]
     count = rows * columns
@@ -183,13 +196,17 @@ def test_quantizer_is_bitsandbytes_bit_for_bit(case: dict[str, Any]) -> None:
     event("odd count" if count % 2 else "even count")
     ties = _ties(values, blocksize, quant_type)
     event("exact midpoint ties" if ties else "no exact ties")
-    _assert_bit_identical(values, case)
+    with lookup_path(path):
+        _assert_bit_identical(values, case)
 
 
+@LOOKUP_PATHS
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("nested", [False, True])
-def test_every_midpoint_and_its_neighbours(quant_type: str, blocksize: int, nested: bool) -> None:
+def test_every_midpoint_and_its_neighbours(
+    quant_type: str, blocksize: int, nested: bool, path: str
+) -> None:
     """Every midpoint, exactly and one step either side, in blocks straddling rows with a
     ragged tail: the ties the generated cases aim at, made certain."""
     midpoints = _midpoints(quant_type)
@@ -214,7 +231,8 @@ def test_every_midpoint_and_its_neighbours(quant_type: str, blocksize: int, nest
         "storage": torch.uint8,
     }
     assert _ties(values, blocksize, quant_type) > 0
-    _assert_bit_identical(values.reshape(1, -1), case)
+    with lookup_path(path):
+        _assert_bit_identical(values.reshape(1, -1), case)
 
 
 def test_non_finite_values_and_other_devices_go_to_bitsandbytes() -> None:

@@ -517,6 +517,59 @@ SM_SCREEN_LOOP(screen_bf16, uint16_t, bf16_value)
 SM_SCREEN_LOOP(screen_f16, uint16_t, f16_value)
 #endif
 
+/* ------------------------------------------------------------- the 4-bit quantizer
+ * For safemerge.quant.quantize4 (its docstring has the method): per block of ``blocksize``
+ * float32 values y, x = clamp(y * reciprocal, -1, 1), its cell (int)((x + 1) * cells / 2),
+ * index = 2 * cell + (x > midpoint[cell]), then the code table[index] and the value
+ * value_table[index] * scale. The same float32 operations, in the same order, as the
+ * torch ops of quantize4._lookup, so the same codes and values bit for bit.
+ */
+SM_CLONES static void lookup_4bit(const float *restrict source, Py_ssize_t blocks,
+                                  Py_ssize_t blocksize, const float *restrict reciprocal,
+                                  const float *restrict scales, float half_cells,
+                                  const float *restrict midpoint, const uint8_t *restrict code,
+                                  const float *restrict value, uint8_t *restrict codes,
+                                  float *restrict values) {
+    for (Py_ssize_t b = 0; b < blocks; b++) {
+        const float r = reciprocal[b], scale = scales[b];
+        const float *y = source + b * blocksize;
+        uint8_t *c = codes + b * blocksize;
+        float *v = values + b * blocksize;
+        for (Py_ssize_t t = 0; t < blocksize; t++) {
+            float x = y[t] * r;
+            x = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
+            const int32_t cell = (int32_t)((x + 1.0f) * half_cells);
+            const int32_t index = 2 * cell + (x > midpoint[cell]);
+            c[t] = code[index];
+            v[t] = value[index] * scale;
+        }
+    }
+}
+
+PyDoc_STRVAR(lookup_4bit_doc,
+"lookup_4bit(source, blocks, blocksize, reciprocal, scales, half_cells, midpoint, code,\n"
+"            value, codes, values) -> None\n\n"
+"The 4-bit quantizer's table lookup over blocks x blocksize contiguous float32 values at\n"
+"source (see safemerge.quant.quantize4): a code index per value into codes (uint8) and\n"
+"its value times the block's scale into values (float32). Addresses are ints.");
+
+static PyObject *lookup_4bit_entry(PyObject *self, PyObject *args) {
+    unsigned long long source, reciprocal, scales, midpoint, code, value, codes, values;
+    Py_ssize_t blocks, blocksize;
+    float half_cells;
+    if (!PyArg_ParseTuple(args, "KnnKKfKKKKK", &source, &blocks, &blocksize, &reciprocal,
+                          &scales, &half_cells, &midpoint, &code, &value, &codes, &values))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    lookup_4bit((const float *)(uintptr_t)source, blocks, blocksize,
+                (const float *)(uintptr_t)reciprocal, (const float *)(uintptr_t)scales,
+                half_cells, (const float *)(uintptr_t)midpoint, (const uint8_t *)(uintptr_t)code,
+                (const float *)(uintptr_t)value, (uint8_t *)(uintptr_t)codes,
+                (float *)(uintptr_t)values);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* ----------------------------------------------------------------- codes and escapes */
 
 SM_CLONES static void pack_codes(const uint8_t *codes, Py_ssize_t count, uint8_t *packed) {
@@ -802,6 +855,7 @@ static PyMethodDef methods[] = {
     {"fuse_block", fuse_block, METH_VARARGS, fuse_block_doc},
     {"unfuse_block", unfuse_block, METH_VARARGS, unfuse_block_doc},
     {"screen_block", screen_block, METH_VARARGS, screen_block_doc},
+    {"lookup_4bit", lookup_4bit_entry, METH_VARARGS, lookup_4bit_doc},
     {"has_float16", has_float16, METH_NOARGS, "Whether float16 blocks are supported."},
     {NULL, NULL, 0, NULL},
 };

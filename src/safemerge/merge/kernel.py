@@ -241,6 +241,46 @@ def screen_block(
     return Screened(int(count), float(worst), listed)
 
 
+def lookup_4bit(
+    blocks: torch.Tensor,
+    reciprocal: torch.Tensor,
+    scales: torch.Tensor,
+    half_cells: float,
+    midpoint: torch.Tensor,
+    code: torch.Tensor,
+    value: torch.Tensor,
+    codes: torch.Tensor,
+    values: torch.Tensor,
+) -> bool:
+    """The 4-bit quantizer's lookup (``safemerge.quant.quantize4._lookup`` with its scaling
+    before it) in one compiled pass, to the same bits: for each row of ``blocks`` (float32,
+    contiguous) and its ``reciprocal`` and ``scales``, the code indices into ``codes`` and
+    ``code * scale`` into ``values``; False where the kernel is not built or switched off
+    (nothing is written: the caller runs the torch ops)."""
+    if _blockops is None or not _enabled:
+        return False
+    count, blocksize = blocks.shape
+    for tensor in (blocks, reciprocal, scales, midpoint, value, values):
+        assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+    assert code.dtype == codes.dtype == torch.uint8 and code.is_contiguous()
+    assert codes.is_contiguous() and codes.numel() == values.numel() == blocks.numel()
+    assert reciprocal.numel() == scales.numel() == count
+    _blockops.lookup_4bit(
+        blocks.data_ptr(),
+        count,
+        blocksize,
+        reciprocal.data_ptr(),
+        scales.data_ptr(),
+        half_cells,
+        midpoint.data_ptr(),
+        code.data_ptr(),
+        value.data_ptr(),
+        codes.data_ptr(),
+        values.data_ptr(),
+    )
+    return True
+
+
 def _contiguous_float32(tensor: torch.Tensor) -> torch.Tensor:
     assert tensor.dtype == torch.float32 and tensor.is_contiguous()
     return tensor

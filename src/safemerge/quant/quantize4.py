@@ -29,11 +29,13 @@ to ``bitsandbytes.functional.quantize_4bit``.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from safemerge.merge import engine, kernel
 from safemerge.quant.grid import CODES
 
 #: Cells of ``[-1, 1]``. FP4's closest midpoints (around its two zeros) are 0.0026 apart;
@@ -95,8 +97,10 @@ def quantize_4bit(
     values = torch.empty(count, dtype=torch.float32)
     # bitsandbytes' exact expression: a float32 reciprocal, then a product per element.
     reciprocal = 1.0 / absmax[: blocks.shape[0]].clamp(min=_TINY_ABSMAX).view(-1, 1)
+    # Compiled where the kernel is built, else torch ops a cache-sized chunk at a time.
+    compiled = _compiled_lookup(blocks, reciprocal, scales, tables, codes[:full], values[:full])
     step = max(1, CHUNK // blocksize)
-    for first in range(0, blocks.shape[0], step):
+    for first in range(0, 0 if compiled else blocks.shape[0], step):
         rows = slice(first, min(first + step, blocks.shape[0]))
         scaled = (blocks[rows] * reciprocal[rows]).clamp_(-1, 1)
         at = slice(first * blocksize, first * blocksize + scaled.numel())
@@ -125,6 +129,52 @@ def _pack(codes: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
     if storage != torch.uint8:
         packed = packed.squeeze().view(storage).unsqueeze(1)
     return packed
+
+
+def _compiled_lookup(
+    blocks: torch.Tensor,
+    reciprocal: torch.Tensor,
+    scales: torch.Tensor,
+    tables: _Tables,
+    codes: torch.Tensor,
+    values: torch.Tensor,
+) -> bool:
+    """The scaling and :func:`_lookup` of every row of ``blocks`` by the compiled kernel,
+    the rows shared out to the engine's block threads; False where it is not built."""
+    if not kernel.compiled():
+        return False
+    count, blocksize = blocks.shape
+    blocks, reciprocal = blocks.contiguous(), reciprocal.reshape(-1).contiguous()
+    scales = scales.reshape(-1)[:count].contiguous()
+    step = max(1, CHUNK // blocksize)
+    parts = iter(_row_ranges(count, step))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                rows = next(parts, None)
+            if rows is None:
+                return
+            at = slice(rows.start * blocksize, rows.stop * blocksize)
+            kernel.lookup_4bit(
+                blocks[rows],
+                reciprocal[rows],
+                scales[rows],
+                CELLS / 2,
+                tables.midpoint,
+                tables.code,
+                tables.value,
+                codes[at],
+                values[at],
+            )
+
+    engine.on_threads(work, min(engine.block_threads(), -(-count // step)))
+    return True
+
+
+def _row_ranges(count: int, step: int) -> list[slice]:
+    return [slice(first, min(first + step, count)) for first in range(0, count, step)]
 
 
 def _lookup(

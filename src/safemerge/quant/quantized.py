@@ -123,7 +123,9 @@ def fuse_quantized(
         )
     original = quantized_format.snapshot() if keep_original else None
     weight_nbytes = quantized_format.data().numel() * quantized_format.data().element_size()
-    with torch.no_grad():
+    # Dequantizing, requantizing and the report are whole-weight torch ops: they take the
+    # threads the caller gave the blocks, if it pinned torch to one (engine.blocks_on).
+    with torch.no_grad(), engine.pinned_threads(engine.block_threads()):
         weight = quantized_format.read()
         view = _view(layer, label, weight, quantized_format)
         check_request(view, pairs, scale)
