@@ -24,6 +24,7 @@ _HOMES: dict[str, str] = {
     "LayerResult": "safemerge.model.report",
     "LoraAdapter": "safemerge.merge.adapter",
     "ModelFuseError": "safemerge.errors",
+    "FusedTensors": "safemerge.layer",
     "ModelFuseReport": "safemerge.model.report",
     "ModelWriteError": "safemerge.errors",
     "NonFiniteMergeError": "safemerge.errors",
@@ -40,6 +41,7 @@ _HOMES: dict[str, str] = {
     "fuse_files": "safemerge.model.streaming",
     "fuse_model": "safemerge.model.in_memory",
     "fuse_weight": "safemerge.layer",
+    "fused_tensors": "safemerge.layer",
     "load_adapter": "safemerge.io.adapter_formats",
     "matrix_form": "safemerge.merge.view",
     "merge_bound": "safemerge.merge.bounds",
@@ -79,7 +81,9 @@ if TYPE_CHECKING:  # what type checkers see (``X as X``: an explicit re-export);
     from safemerge.io.writer import WrittenModel as WrittenModel
     from safemerge.io.writer import write_model as write_model
     from safemerge.layer import fuse as fuse
+    from safemerge.layer import FusedTensors as FusedTensors
     from safemerge.layer import fuse_weight as fuse_weight
+    from safemerge.layer import fused_tensors as fused_tensors
     from safemerge.layer import unfuse as unfuse
     from safemerge.layer import unfuse_weight as unfuse_weight
     from safemerge.merge import bounds as bounds
