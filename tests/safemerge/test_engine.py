@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -88,3 +91,64 @@ def test_in_place_without_a_correction_keeps_none_and_rolls_a_refusal_back(
             in_place=True,
         )
     assert torch.equal(matrix.view(torch.int16), original.view(torch.int16))
+
+
+def test_on_threads_runs_the_work_on_the_caller_and_kept_helpers() -> None:
+    seen: list[int] = []
+    together = threading.Barrier(3, timeout=10)  # three threads at once, or it breaks
+
+    def work() -> None:
+        together.wait()
+        seen.append(threading.get_ident())
+
+    def helpers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("safemerge-blocks")}
+
+    engine.on_threads(work, 3)
+    assert len(set(seen)) == 3 and threading.get_ident() in seen
+    kept = helpers()
+    engine.on_threads(work, 3)
+    assert helpers() == kept  # no thread started for the second call
+
+
+def test_on_threads_raises_a_helper_s_error_once_every_thread_is_done() -> None:
+    finished: list[str] = []
+    calls = iter(range(3))
+    lock = threading.Lock()
+
+    def work() -> None:
+        with lock:
+            call = next(calls)
+        if call == 1:
+            raise ValueError("helper failed")
+        time.sleep(0.05)
+        finished.append("done")
+
+    with pytest.raises(ValueError, match="helper failed"):
+        engine.on_threads(work, 3)
+    assert finished == ["done", "done"]  # the others ran to their end first
+
+
+def test_on_threads_holds_an_interrupt_until_the_helpers_are_done() -> None:
+    finished: list[str] = []
+    caller = threading.get_ident()
+
+    def work() -> None:
+        if threading.get_ident() == caller:
+            raise KeyboardInterrupt
+        time.sleep(0.05)
+        finished.append("helper")
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.on_threads(work, 2)
+    assert finished == ["helper"]
+
+
+def test_blocks_on_shares_blocks_out_while_torch_runs_on_one_thread() -> None:
+    torch_threads = torch.get_num_threads()
+    with engine.blocks_on(3):
+        assert (engine.block_threads(), torch.get_num_threads()) == (3, 1)
+        with engine.blocks_on(2):
+            assert engine.block_threads() == 2
+        assert engine.block_threads() == 3
+    assert engine.block_threads() == torch.get_num_threads() == torch_threads
