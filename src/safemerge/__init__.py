@@ -80,8 +80,8 @@ if TYPE_CHECKING:  # what type checkers see (``X as X``: an explicit re-export);
     from safemerge.io.header import TensorInfo as TensorInfo
     from safemerge.io.writer import WrittenModel as WrittenModel
     from safemerge.io.writer import write_model as write_model
-    from safemerge.layer import fuse as fuse
     from safemerge.layer import FusedTensors as FusedTensors
+    from safemerge.layer import fuse as fuse
     from safemerge.layer import fuse_weight as fuse_weight
     from safemerge.layer import fused_tensors as fused_tensors
     from safemerge.layer import unfuse as unfuse

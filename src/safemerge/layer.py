@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -247,7 +248,7 @@ def _unfuse_view(view: LayerView, record: FuseRecord, *, exact: bool) -> None:
             values = record.dora_factor.to(view.weight.device)
             factor = engine.OutputFactor(values, along_rows)
         matrix, in_place = _writable_matrix(view, exact)
-        with engine.pinned_threads(record.num_threads):
+        with _threads_of(record):
             restored = engine.unfuse_matrix(
                 matrix,
                 delta,
@@ -263,6 +264,20 @@ def _unfuse_view(view: LayerView, record: FuseRecord, *, exact: bool) -> None:
         else:
             new_bias = merged_bias(view, list(record.adapters), record.coefficients, sign=-1.0)
         _commit(view, restored, new_bias)
+
+
+def _threads_of(record: FuseRecord) -> contextlib.AbstractContextManager[None]:
+    """The threads an unfuse repeats its fuse's products with.
+
+    A product on torch's matmul (float8, DoRA, a GPU) may round with the thread count that
+    computed it. A fuse on one torch thread (the record's count, as under
+    :func:`engine.blocks_on`) computed every product single-threaded, whatever its block
+    threads: the unfuse may share its blocks out to the threads it has, torch on one. Else
+    it repeats torch's count (which decides the block threads too).
+    """
+    if record.num_threads == 1:
+        return engine.blocks_on(engine.block_threads())
+    return engine.pinned_threads(record.num_threads)
 
 
 def _dora_factor(

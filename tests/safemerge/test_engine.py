@@ -152,3 +152,36 @@ def test_blocks_on_shares_blocks_out_while_torch_runs_on_one_thread() -> None:
             assert engine.block_threads() == 2
         assert engine.block_threads() == 3
     assert engine.block_threads() == torch.get_num_threads() == torch_threads
+
+
+def test_an_unfuse_of_a_one_thread_fuse_shares_its_blocks_out_and_restores_every_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fuse under blocks_on made every product on one torch thread (its record says 1):
+    its unfuse may use all the block threads, torch on one, and still repeat them."""
+    import safemerge
+
+    generator = torch.Generator().manual_seed(4)
+    layer = torch.nn.Linear(256, 512, bias=False).to(torch.bfloat16)
+    before = layer.weight.detach().clone()
+    adapter = safemerge.LoraAdapter(
+        torch.randn(8, 256, generator=generator),
+        torch.randn(512, 8, generator=generator),
+        magnitude=torch.rand(512, generator=generator) + 0.5,  # DoRA: torch's matmul
+    )
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 64 * 256 * 4)  # 8 blocks
+    with engine.blocks_on(2):
+        record = safemerge.fuse(layer, adapter)
+    assert record.num_threads == 1
+    seen: list[tuple[int, int]] = []
+    real = engine.unfuse_matrix
+
+    def observed(*args: object, **kwargs: object) -> object:
+        seen.append((torch.get_num_threads(), engine.block_threads()))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "unfuse_matrix", observed)
+    torch_threads = torch.get_num_threads()
+    safemerge.unfuse(layer, record)
+    assert seen == [(1, torch_threads)]
+    assert torch.equal(layer.weight.detach().view(torch.int16), before.view(torch.int16))
