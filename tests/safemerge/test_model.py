@@ -690,18 +690,23 @@ def test_the_real_minilm_fused_loads_in_transformers(
 
 # -- killed mid-write ----------------------------------------------------------------------
 
+#: The child fuses at a set pace (50 ms a tensor, over a second in all), so that the
+#: signals below land midway however fast the fuse itself has become.
 _CHILD = """
-import sys, torch
+import sys, time, torch
 from safemerge import fuse_files
 torch.set_num_threads(1)
 print("start", flush=True)
-fuse_files(sys.argv[1], [sys.argv[2]], sys.argv[3], shard_size=8 * 2**20, overwrite=sys.argv[4] == "1")
+fuse_files(
+    sys.argv[1], [sys.argv[2]], sys.argv[3], shard_size=8 * 2**20,
+    overwrite=sys.argv[4] == "1", progress=lambda result: time.sleep(0.05),
+)
 print("done", flush=True)
 """
 
 
 def _big_model(directory: Path) -> tuple[Path, Path]:
-    """About 100 MB of float32 projections (a second or so to fuse and write), an adapter."""
+    """About 100 MB of float32 projections in 24 tensors, an adapter on half of them."""
     layers = {f"layers.{i}.proj": random_layer("linear", 1024, 1024, seed=i) for i in range(24)}
     state = {f"{name}.weight": layer.weight.detach() for name, layer in layers.items()}
     base = directory / "base"

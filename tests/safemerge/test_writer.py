@@ -581,3 +581,31 @@ def test_an_unmapped_read_of_a_file_changed_since_opening_is_refused(tmp_path: P
             checkpoint.read("b.weight", mapped=False)
     assert caught.value.reason == "corrupt" and caught.value.key == "b.weight"
     assert caught.value.path == file
+
+
+def test_a_ctrl_c_while_the_last_write_finishes_is_raised_once_it_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The background write in flight always finishes (the file must not close under it);
+    a Ctrl-C meanwhile is held, then raised, also on the way out of a complete stream."""
+    from safemerge.io import writer as writer_module
+
+    finished: list[str] = []
+
+    class SlowShard:
+        def write(self, name: str, tensor: torch.Tensor) -> None:
+            time.sleep(0.1)
+            finished.append(name)
+
+    real_wait = writer_module.futures_wait
+    interrupts = [KeyboardInterrupt()]
+
+    def interrupted_once(futures: Any) -> Any:
+        if interrupts:
+            raise interrupts.pop()
+        return real_wait(futures)
+
+    monkeypatch.setattr(writer_module, "futures_wait", interrupted_once)
+    with pytest.raises(KeyboardInterrupt), writer_module._Handoff(background=True) as handoff:
+        handoff.write(SlowShard(), "t", torch.zeros(4))  # type: ignore[arg-type]
+    assert finished == ["t"] and not interrupts

@@ -471,21 +471,28 @@ class _Handoff:
         if pending is not None:
             pending.result()
 
-    def drain(self) -> None:
+    def drain(self) -> bool:
         """Wait for the write in flight, whatever happens: on the way out of an error
-        (which wins over the write's own), the file must not be closed under it."""
+        (which wins over the write's own), the file must not be closed under it. Returns
+        whether a Ctrl-C came meanwhile (held until the write is done)."""
         pending, self._pending = self._pending, None
+        interrupted = False
         while pending is not None and not pending.done():
-            with contextlib.suppress(KeyboardInterrupt):  # a write takes a fraction of a second
-                futures_wait([pending])
+            try:
+                futures_wait([pending])  # a write takes a fraction of a second
+            except KeyboardInterrupt:
+                interrupted = True
+        return interrupted
 
     def __enter__(self) -> _Handoff:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.drain()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        interrupted = self.drain()
         if self._executor is not None:
             self._executor.shutdown()
+        if interrupted and exc_type is None:  # a Ctrl-C while the last write finished
+            raise KeyboardInterrupt
 
 
 def _next_tensor(
