@@ -17,7 +17,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 
@@ -285,15 +285,17 @@ def on_threads(work: Callable[[], None], count: int) -> None:
     if count <= 1:
         work()
         return
-    with _helpers_lock:
-        if _helpers is None or _helpers[1] < count - 1:
-            if _helpers is not None:
-                _helpers[0].shutdown(wait=False)  # its threads end once idle
-            size = max(count - 1, os.cpu_count() or 1)
-            _helpers = (ThreadPoolExecutor(size, thread_name_prefix="safemerge-blocks"), size)
-        futures = [_helpers[0].submit(work) for _ in range(count - 1)]
+    futures: list[Future[None]] = []
     failure: BaseException | None = None
-    try:
+    try:  # an interrupt even while submitting waits for the helpers already started
+        with _helpers_lock:
+            if _helpers is None or _helpers[1] < count - 1:
+                if _helpers is not None:
+                    _helpers[0].shutdown(wait=False)  # its threads end once idle
+                size = max(count - 1, os.cpu_count() or 1)
+                _helpers = (ThreadPoolExecutor(size, thread_name_prefix="safemerge-blocks"), size)
+            for _ in range(count - 1):
+                futures.append(_helpers[0].submit(work))
         work()
     except BaseException as error:
         failure = error
