@@ -691,10 +691,13 @@ def test_the_real_minilm_fused_loads_in_transformers(
 # -- killed mid-write ----------------------------------------------------------------------
 
 #: The child fuses at a set pace (50 ms a tensor, over a second in all), so that the
-#: signals below land midway however fast the fuse itself has become.
+#: signals below land midway however fast the fuse itself has become. It takes Ctrl-C as
+#: a terminal's foreground process does, also where the test runner was started with
+#: SIGINT ignored (a shell's background job), which its children would inherit.
 _CHILD = """
-import sys, time, torch
+import signal, sys, time, torch
 from safemerge import fuse_files
+signal.signal(signal.SIGINT, signal.default_int_handler)
 torch.set_num_threads(1)
 print("start", flush=True)
 fuse_files(
