@@ -251,14 +251,12 @@ def lookup_4bit(
     value: torch.Tensor,
     codes: torch.Tensor,
     values: torch.Tensor,
-) -> bool:
+) -> None:
     """The 4-bit quantizer's lookup (``safemerge.quant.quantize4._lookup`` with its scaling
     before it) in one compiled pass, to the same bits: for each row of ``blocks`` (float32,
     contiguous) and its ``reciprocal`` and ``scales``, the code indices into ``codes`` and
-    ``code * scale`` into ``values``; False where the kernel is not built or switched off
-    (nothing is written: the caller runs the torch ops)."""
-    if _blockops is None or not _enabled:
-        return False
+    ``code * scale`` into ``values``."""
+    assert _blockops is not None
     count, blocksize = blocks.shape
     for tensor in (blocks, reciprocal, scales, midpoint, value, values):
         assert tensor.dtype == torch.float32 and tensor.is_contiguous()
@@ -278,7 +276,6 @@ def lookup_4bit(
         codes.data_ptr(),
         values.data_ptr(),
     )
-    return True
 
 
 def _contiguous_float32(tensor: torch.Tensor) -> torch.Tensor:

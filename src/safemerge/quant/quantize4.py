@@ -98,13 +98,13 @@ def quantize_4bit(
     # bitsandbytes' exact expression: a float32 reciprocal, then a product per element.
     reciprocal = 1.0 / absmax[: blocks.shape[0]].clamp(min=_TINY_ABSMAX).view(-1, 1)
     # Compiled where the kernel is built, else torch ops a cache-sized chunk at a time.
-    compiled = _compiled_lookup(blocks, reciprocal, scales, tables, codes[:full], values[:full])
-    step = max(1, CHUNK // blocksize)
-    for first in range(0, 0 if compiled else blocks.shape[0], step):
-        rows = slice(first, min(first + step, blocks.shape[0]))
-        scaled = (blocks[rows] * reciprocal[rows]).clamp_(-1, 1)
-        at = slice(first * blocksize, first * blocksize + scaled.numel())
-        _lookup(scaled, scales[rows], tables, codes[at], values[at].view(-1, blocksize))
+    if kernel.compiled():
+        _compiled_lookup(blocks, reciprocal, scales, tables, codes[:full], values[:full])
+    else:
+        for rows in _row_ranges(blocks.shape[0], max(1, CHUNK // blocksize)):
+            scaled = (blocks[rows] * reciprocal[rows]).clamp_(-1, 1)
+            at = slice(rows.start * blocksize, rows.stop * blocksize)
+            _lookup(scaled, scales[rows], tables, codes[at], values[at].view(-1, blocksize))
     if tail.numel():
         scaled = torch.clamp(tail / absmax[-1:], -1, 1).reshape(1, -1)
         _lookup(scaled, scales[-1:], tables, codes[full:count], values[full:].view(1, -1))
@@ -138,11 +138,9 @@ def _compiled_lookup(
     tables: _Tables,
     codes: torch.Tensor,
     values: torch.Tensor,
-) -> bool:
+) -> None:
     """The scaling and :func:`_lookup` of every row of ``blocks`` by the compiled kernel,
-    the rows shared out to the engine's block threads; False where it is not built."""
-    if not kernel.compiled():
-        return False
+    the rows shared out to the engine's block threads."""
     count, blocksize = blocks.shape
     blocks, reciprocal = blocks.contiguous(), reciprocal.reshape(-1).contiguous()
     scales = scales.reshape(-1)[:count].contiguous()
@@ -170,10 +168,10 @@ def _compiled_lookup(
             )
 
     engine.on_threads(work, min(engine.block_threads(), -(-count // step)))
-    return True
 
 
 def _row_ranges(count: int, step: int) -> list[slice]:
+    """Rows ``0:count`` in slices of ``step``."""
     return [slice(first, min(first + step, count)) for first in range(0, count, step)]
 
 
