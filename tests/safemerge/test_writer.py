@@ -589,6 +589,7 @@ def test_a_ctrl_c_while_the_last_write_finishes_is_raised_once_it_is_done(
     """The background write in flight always finishes (the file must not close under it);
     a Ctrl-C meanwhile is held, then raised, also on the way out of a complete stream."""
     from safemerge.io import writer as writer_module
+    from safemerge.merge import engine
 
     finished: list[str] = []
 
@@ -597,7 +598,7 @@ def test_a_ctrl_c_while_the_last_write_finishes_is_raised_once_it_is_done(
             time.sleep(0.1)
             finished.append(name)
 
-    real_wait = writer_module.futures_wait
+    real_wait = engine.futures_wait
     interrupts = [KeyboardInterrupt()]
 
     def interrupted_once(futures: Any) -> Any:
@@ -605,7 +606,7 @@ def test_a_ctrl_c_while_the_last_write_finishes_is_raised_once_it_is_done(
             raise interrupts.pop()
         return real_wait(futures)
 
-    monkeypatch.setattr(writer_module, "futures_wait", interrupted_once)
+    monkeypatch.setattr(engine, "futures_wait", interrupted_once)
     with pytest.raises(KeyboardInterrupt), writer_module._Handoff(background=True) as handoff:
         handoff.write(SlowShard(), "t", torch.zeros(4))  # type: ignore[arg-type]
     assert finished == ["t"] and not interrupts

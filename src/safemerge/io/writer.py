@@ -20,7 +20,6 @@ import secrets
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from safemerge.errors import ModelWriteError
 from safemerge.io.atomic import copy_file, fsync_directory, save_bytes, save_json
 from safemerge.io.phases import PhaseTimes
 from safemerge.io.shard_writer import ShardWriter, tensor_nbytes
+from safemerge.merge.engine import waited_out
 
 #: Hugging Face's default largest shard (``max_shard_size="5GB"`` in transformers).
 DEFAULT_SHARD_SIZE = 5 * 2**30
@@ -476,13 +476,8 @@ class _Handoff:
         (which wins over the write's own), the file must not be closed under it. Returns
         whether a Ctrl-C came meanwhile (held until the write is done)."""
         pending, self._pending = self._pending, None
-        interrupted = False
-        while pending is not None and not pending.done():
-            try:
-                futures_wait([pending])  # a write takes a fraction of a second
-            except KeyboardInterrupt:
-                interrupted = True
-        return interrupted
+        # A write takes a fraction of a second.
+        return pending is not None and waited_out([pending]) is not None
 
     def __enter__(self) -> _Handoff:
         return self

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ __all__ = [
     "pinned_threads",
     "run_blocks",
     "unfuse_matrix",
+    "waited_out",
 ]
 from safemerge.merge.correction import Correction, CorrectionBuilder
 from safemerge.merge.numerics import int_view
@@ -299,16 +301,25 @@ def on_threads(work: Callable[[], None], count: int) -> None:
         work()
     except BaseException as error:
         failure = error
-    while True:
-        try:
-            futures_wait(futures)
-            break
-        except KeyboardInterrupt as interrupt:
-            failure = failure or interrupt
+    interrupt = waited_out(futures)  # always: the helpers may still be at work
+    failure = failure or interrupt
     for future in futures:
         failure = failure or future.exception()
     if failure is not None:
         raise failure
+
+
+def waited_out(futures: Sequence[Future[Any]]) -> KeyboardInterrupt | None:
+    """Wait until every one of ``futures`` is done, whatever happens: threads that share
+    the caller's data (blocks, a file) must not be left running. A Ctrl-C meanwhile is
+    held and returned (the caller raises it once it is safe to), else None."""
+    interrupt: KeyboardInterrupt | None = None
+    while True:
+        try:
+            futures_wait(futures)
+            return interrupt
+        except KeyboardInterrupt as received:
+            interrupt = interrupt or received
 
 
 def _restore_blocks(
