@@ -332,7 +332,7 @@ SM_UNFUSE_LOOP(unfuse_f16, uint16_t, f16_value, f16_bits, f16_bad)
  * gamma covers it, and a systematic slip in one order shows as |Y - F|), then
  * q = (|Y - F| + a_r * b_c) / p, p = Y's exponent bits (at least ``floor``). An element
  * whose q is not below ``threshold`` (NaN included) is a candidate: its index is listed,
- * or its ratio computed in float64 on the spot (exact_ratio), or both.
+ * or its ratio computed in float64 on the spot (larger_ratio), or both.
  */
 
 /* What the float64 ratio of an element needs (bound_check._Exact's factors): the
