@@ -236,6 +236,44 @@ def test_the_screen_never_drops_an_element_that_may_reach_the_worst(
 
 
 @SCREEN_PATHS
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_screen_keeps_every_element_at_the_worst_where_y_s_error_fills_the_bound(
+    dtype: torch.dtype, path: str
+) -> None:
+    """The screen's test ``x + w a < t h`` weighs the accumulated error ``a`` by only ``w =
+    1 - t``: sound because the bound holds ``acc`` in its denominator too, and tight where
+    the float32 merge ``Y`` is as far from the reference as the bound allows. Here it is:
+    a coefficient of ``1.5 * 2**-149`` rounds to ``2**-148`` in float32, a third off, and the
+    bound's ``|c - c32| P`` term is exactly that error (rank 1, dyadic factors: no other
+    rounding). One row is made of such elements, fused correctly (each is ``Y``, a grid
+    value), so each one's ratio is ``1 - (half ulp) / acc``; screened against each ratio
+    as ``worst``, every element reaching it must stay a candidate. A screen weighing
+    ``a`` by ``0.9 w`` already drops some of them."""
+    rows, columns, row = 32, 64, 5
+    generator = torch.Generator().manual_seed(11)
+    left = torch.zeros(rows, 1)
+    left[row] = 3 * 2.0**120  # right kept small: the zero rows' q has a 2**-149 b_c part
+    right = torch.randint(1, 8, (1, columns), generator=generator) * 2.0**12
+    terms: list[Term] = [(left, right, 1.5 * 2.0**-149)]
+    weight = torch.zeros(rows, columns, dtype=dtype)  # the other rows: 0, exactly right
+    fused = correct_fuse(weight, terms, dtype)
+    reference, bound = merge_bound(weight, terms, dtype)
+    y_error = (fused[row].to(torch.float64) - reference[row]).abs()  # fused[row] is Y
+    assert bool((y_error > bound[row] * 0.98).all())  # Y's error fills its bound
+    ratios = ((fused.to(torch.float64) - reference).abs() / bound).view(-1)
+    screen = bound_check._Screen(terms, dtype)
+    screened = 0
+    for worst in sorted(set(ratios[row * columns : (row + 1) * columns].tolist())):
+        with screen_path(path):
+            candidates = screen.candidates(weight, fused, 0, rows, worst)
+        assert candidates is not None  # one row in 32: few enough to list
+        needed = set((ratios >= worst).nonzero().view(-1).tolist())
+        assert needed <= set(candidates.tolist()), f"worst {worst}"
+        screened += 1
+    assert screened >= 4  # the distinct ratios of the row
+
+
+@SCREEN_PATHS
 def test_a_correct_bfloat16_fuse_is_mostly_settled_by_the_screen(path: str) -> None:
     """The point of the screen: few elements computed in float64, the same answer."""
     generator = torch.Generator().manual_seed(7)

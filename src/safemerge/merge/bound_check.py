@@ -47,6 +47,11 @@ BLOCK_ELEMENTS = 1 << 16
 #: Elements per screened block (float32: 512 KiB per temporary; measured faster than 2**16).
 SCREEN_ELEMENTS = 1 << 17
 
+#: Elements per screened block on the compiled path, where four blocks a thread allow: the
+#: kernel needs no temporaries, and each block costs tens of microseconds of Python around
+#: it (a 5632 x 2048 bfloat16 check measured 15% faster than with ``SCREEN_ELEMENTS``).
+KERNEL_SCREEN_ELEMENTS = 1 << 19
+
 #: A screened block with more candidates than this fraction of its elements is computed
 #: whole in float64.
 GATHER_FRACTION = 1 / 16
@@ -107,6 +112,9 @@ def worst_error_of_bound(
                 lambda start, stop, worst: exact.block(original, fused, start, stop)
             )
         step = max(1, SCREEN_ELEMENTS // columns)
+        if kernel.screens(original, fused):
+            shared = -(-rows // (4 * threads))
+            step = max(step, min(KERNEL_SCREEN_ELEMENTS // columns, shared))
         screen = _Screen(terms, dtype)
         return _Blocks(rows, step, threads).run(
             lambda start, stop, worst: screen.checked(exact, original, fused, start, stop, worst),
@@ -257,32 +265,40 @@ class _Screen:
 
     For each element the screen computes ``Y``, the float32 merge exactly as the bound
     models the engine's (``c32`` folded into ``left`` with one rounding, a float32 matmul,
-    ``+ W`` rounded once), so ``|Y - reference| <= acc`` (``docs/design.md``, "Forward
-    error bounds"); with ``h = half_ulp_dtype(|Y|)`` (of ``max(|Y|, smallest normal)``):
+    ``+ W`` rounded once), so ``|Y - reference| <= acc``, ``acc`` being the bound's own
+    accumulated part (``docs/design.md``, "Forward error bounds"); with ``x = |F - Y|``
+    and ``h = half_ulp_dtype(|Y|)`` (of ``max(|Y|, smallest normal)``):
 
-        |F - reference| <= |F - Y| + acc          (triangle inequality)
-        bound = acc + half_ulp(|reference| + acc) >= half_ulp(|Y|) = h
+        |F - reference| <= x + acc                 (triangle inequality)
+        bound = acc + half_ulp(|reference| + acc) >= acc + h
                                                   (|Y| <= |reference| + acc, monotone)
-        ratio <= (|F - Y| + acc) / h
+        ratio <= (x + acc) / (acc + h)
+
+    so ``ratio < t`` as soon as ``x + (1 - t) acc < t h``. Where ``t <= 1`` and ``a >= acc``
+    that follows from ``x + (1 - t) a < t h``; where ``t > 1``, from ``x < t h`` (then
+    ``(1 - t) acc <= 0``): in both cases from ``x + w a < t h`` with ``w = max(1 - t, 0)``.
+    A correct fuse's worst ratio is just below 1, so ``w`` is small and ``acc`` barely
+    counts: only the elements that round nearly half an ulp away stay candidates.
 
     ``acc`` is bounded per element without a second matmul: ``|W| <= |Y| / (1 - u) +
     |fl(Lf @ R)|`` and every ``P_i[r, c] <= (sum_k |left_i[r, k]|) max_k |right[k, c]|``,
-    so ``acc <= gamma |Y| / (1 - u) + a_r b_c + (n + 1) 2**-149`` with ``a_r`` per row
+    so ``acc <= a = gamma |Y| / (1 - u) + a_r b_c + (n + 1) 2**-149`` with ``a_r`` per row
     (``__init__``) and ``b_c = max_k |right[k, c]|``. With ``p = 2**(m+1) h`` (``m`` the
     dtype's mantissa bits), ``|Y| < 2p``, and ``h >= h_min`` (at the smallest normal):
 
-        ratio <= 2**(m+1) (|F - Y| + a_r b_c) / p  +  slack,
+        (x + w a) / h <= 2**(m+1) (x + w a_r b_c) / p  +  w slack,
         slack  = gamma 2**(m+2) / (1 - u) + (n + 1) 2**-149 / h_min
 
     ``p`` is ``Y``'s float32 exponent bits (clamped at the smallest normal), so the
-    screen is ``q = fl(fl(|fl(Y - F)|) + fl(a_r b_c)) / p``: a subtraction, an
-    absolute value, a multiply-add and an exact division by a power of two. Each float32
-    rounding is relative (at most ``u``) or, where the result is subnormal, absolute (at
-    most ``2**-150``; a subnormal sum or difference is exact), so the exact
-    ``(|F - Y| + a_r b_c) / p <= (1 + 2u)**2 (q + tiny)`` (:meth:`threshold`). An element
-    with ``q`` below the threshold then has a ratio, even as float64 computes it, below
-    ``worst``, a ratio already found exactly: it cannot be the largest. The rest (NaN
-    included: the test is ``not q < threshold``) are computed exactly.
+    screen is ``q = fl(fl(|fl(Y - F)|) + fl(a'_r b_c)) / p``, ``a'_r >= w a_r`` in float32
+    (:meth:`_settings`): a subtraction, an absolute value, a multiply-add and an exact
+    division by a power of two. Each float32 rounding is relative (at most ``u``) or,
+    where the result is subnormal, absolute (at most ``2**-150``; a subnormal sum or
+    difference is exact), so the exact ``(x + a'_r b_c) / p <= (1 + 2u)**2 (q + tiny)``
+    (:meth:`threshold`). An element with ``q`` below the threshold then has a ratio, even
+    as float64 computes it, below ``worst``, a ratio already found exactly: it cannot be
+    the largest. The rest (NaN included: the test is ``not q < threshold``) are computed
+    exactly.
 
     It relies on IEEE float32 arithmetic with subnormals in the matmul and elementwise
     ops: :meth:`applies` checks the matmul precision setting and probes both.
@@ -306,11 +322,8 @@ class _Screen:
         self.left = torch.cat(lefts, dim=1)  # fl32(c32 * left), the terms side by side
         self.right = torch.cat(rights, dim=0)  # exactly the terms' values
         self.column_scale = self.right.abs().amax(dim=0, keepdim=True)  # b_c, exact
-        # a_r: + r 2**-150 (the fold's underflow, and colsum |right| <= r b_c), then up
-        # past float64's rounding and float32's, also where a_r is subnormal.
-        row_scale += rank * FLOAT32_TINY_SUBNORMAL
-        row_scale = row_scale * (1 + 2.0**-20) + FLOAT32_TINY_SUBNORMAL
-        self.row_scale = row_scale.to(torch.float32)[:, None]
+        # a_r: + r 2**-150 (the fold's underflow, and colsum |right| <= r b_c).
+        self._row_sums = row_scale + rank * FLOAT32_TINY_SUBNORMAL
         mantissa = MANTISSA_BITS[dtype]
         smallest_normal = torch.finfo(dtype).smallest_normal
         self.exponent_floor = _float32_bits(smallest_normal)
@@ -320,7 +333,9 @@ class _Screen:
         # (1 + 2u)**2 (q + 2**-150 + 2**-150 / 2**e), in q's scale, 2**-(m+1) per ratio.
         self._tiny = 2.0**-150 + 2.0**-150 / smallest_normal
         self._scale = 2.0 ** -(mantissa + 1)
-        self._thresholds: dict[float, float] = {}
+        # The threshold and a'_r for the latest worst ratio (one tuple, replaced whole, so
+        # that threads screening against different ratios each read a matching pair).
+        self._screening: tuple[float, float, torch.Tensor] | None = None
         # Each thread's candidates, evaluated in batches: an exact pass over a few hundred
         # elements costs mostly its fixed per-call overhead.
         self._pending = threading.local()
@@ -346,17 +361,29 @@ class _Screen:
     def threshold(self, worst: float) -> float:
         """The float32 ``q`` below which an element's ratio is surely below ``worst``.
 
-        From ``ratio <= 2**(m+1) (1 + 2u)**2 (q + tiny) + slack`` and a float64 ratio
-        within :data:`_FLOAT64_NOISE` of the exact one; ``tiny`` is a subnormal quotient's
-        ``2**-150`` and a subnormal numerator's ``2**-150 / 2**e``. Not positive where
-        nothing can be ruled out.
+        ``t`` is ``worst`` less :data:`_FLOAT64_NOISE`, so that a ratio below ``t`` is below
+        ``worst`` also as float64 computes it. From ``(x + w a) / h <= 2**(m+1) (1 + 2u)**2
+        (q + tiny) + w slack``; ``tiny`` is a subnormal quotient's ``2**-150`` and a
+        subnormal numerator's ``2**-150 / 2**e``. Not positive where nothing can be ruled
+        out.
         """
-        if worst not in self._thresholds:
-            scaled = (worst - self.slack - _FLOAT64_NOISE) * self._scale
+        return self._settings(worst)[0]
+
+    def _settings(self, worst: float) -> tuple[float, torch.Tensor]:
+        """:meth:`threshold`, and ``a'_r`` (rows x 1, float32): ``w a_r`` rounded up."""
+        screening = self._screening
+        if screening is None or screening[0] != worst:
+            t = worst - _FLOAT64_NOISE
+            # 1 - t is exact for t in [1/2, 1] (Sterbenz) and within 2**-53 of it below.
+            w = max(1.0 - t, 0.0)
+            scaled = (t - w * self.slack) * self._scale
             # 2**-40 covers these few float64 roundings.
             threshold = (scaled / (1 + 2 * U32) ** 2 - self._tiny) / (1 + 2.0**-40)
-            self._thresholds = {worst: _float32_below(threshold)}
-        return self._thresholds[worst]
+            # w a_r up past float64's rounding and float32's, also where it is subnormal.
+            row_scale = (self._row_sums * w) * (1 + 2.0**-20) + FLOAT32_TINY_SUBNORMAL
+            screening = (worst, _float32_below(threshold), row_scale.to(torch.float32)[:, None])
+            self._screening = screening
+        return screening[1], screening[2]
 
     def checked(
         self,
@@ -411,7 +438,7 @@ class _Screen:
     ) -> torch.Tensor | None:
         """Flat indices (in rows ``start:stop``) whose ratio may reach ``worst``; None
         where that is much of the block (compute it whole)."""
-        threshold = self.threshold(worst)
+        threshold, row_scale = self._settings(worst)
         if threshold <= 0:
             return None
         if kernel.screens(original, fused):
@@ -424,7 +451,7 @@ class _Screen:
         power = merged.view(torch.int32).bitwise_and(_FLOAT32_EXPONENT_MASK)
         power = power.clamp_(min=self.exponent_floor).view(torch.float32)  # 2**(m+1) h
         screened = merged.sub_(fused[start:stop]).abs_()
-        screened.addcmul_(self.row_scale[start:stop], self.column_scale).div_(power)
+        screened.addcmul_(row_scale[start:stop], self.column_scale).div_(power)
         # Chunk maxima first: one cheap pass, where a full-size comparison and nonzero cost
         # several times the screen (NaN is not below the threshold, so it is kept).
         chunks = screened.view(-1, _CHUNK) if screened.numel() % _CHUNK == 0 else None
@@ -453,15 +480,16 @@ class _Screen:
         float,
     ]:
         """:func:`kernel.screen_block`'s positional arguments for rows ``start:stop``."""
+        threshold, row_scale = self._settings(worst)
         return (
             original[start:stop],
             fused[start:stop],
             self.left[start:stop],
             self.right,
-            self.row_scale[start:stop].view(-1),
+            row_scale[start:stop].view(-1),
             self.column_scale.view(-1),
             self.exponent_floor,
-            self.threshold(worst),
+            threshold,
         )
 
 
