@@ -423,14 +423,14 @@ SM_INLINE double larger_ratio(const exact_terms *e, Py_ssize_t i, Py_ssize_t j, 
     return ratio > worst ? ratio : worst;
 }
 
-/* 1 / p for p = 2**(E - 127) a float32 power of two (E its biased exponent, 1..255), as
- * bits: x * (1 / p) and x / p round the same exact value, so they are the same float. The
- * inverse of 2**127 is subnormal, and p = Inf (Y not finite) gives 0, whose product with
- * the then infinite or NaN numerator is NaN, as the quotient is. */
-SM_INLINE uint32_t inverse_power(uint32_t power) {
-    const uint32_t exponent = power >> 23;
-    return exponent < 254 ? (254u - exponent) << 23 : (exponent == 254 ? 0x00400000u : 0u);
-}
+/* The screen's p is at most 2**126 (bound_check._Screen: for |Y| >= 2**127 it is then
+ * below Y's binade, which only raises q), so that its inverse is a normal float32. */
+#define SM_LARGEST_POWER 0x7E800000u
+
+/* 1 / p for p = 2**(E - 127) a float32 power of two with E from 1 to 253, as bits: the
+ * biased exponent of 2**(127 - E) is 254 - E. x * (1 / p) and x / p round the same exact
+ * value, so they are the same float. */
+SM_INLINE uint32_t inverse_power(uint32_t power) { return 0x7F000000u - power; }
 
 typedef int int8v __attribute__((vector_size(32)));
 
@@ -450,8 +450,8 @@ SM_INLINE int all_below(const float *q, float threshold) {
             float y = TO_FLOAT(w[t]) + p[t];                                                 \
             uint32_t power = float_to_bits(y) & 0x7F800000u;                                 \
             power = power < floor ? floor : power;                                           \
-            float difference = y - TO_FLOAT(f[t]);                                           \
-            float magnitude = difference < 0 ? -difference : difference;                     \
+            power = power > SM_LARGEST_POWER ? SM_LARGEST_POWER : power;                     \
+            float magnitude = fabsf(y - TO_FLOAT(f[t]));                                     \
             q[t] = (magnitude + a * b[t]) * bits_to_float(inverse_power(power));             \
         }                                                                                    \
     }                                                                                        \

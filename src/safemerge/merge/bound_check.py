@@ -66,6 +66,8 @@ GATHER_BATCH = 1 << 14
 _FLOAT64_MANTISSA_BITS = 52
 _FLOAT64_EXPONENT_BIAS = 1023
 _FLOAT32_EXPONENT_MASK = 0x7F800000
+#: The screen's largest ``p``, 2**126: its inverse is still a normal float32.
+_LARGEST_POWER = 0x7E800000
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _SCREENED_DTYPES = (torch.float16, torch.bfloat16)
 _FLOAT32_EXACT = (torch.float32, torch.float16, torch.bfloat16)
@@ -267,7 +269,7 @@ class _Screen:
     models the engine's (``c32`` folded into ``left`` with one rounding, a float32 matmul,
     ``+ W`` rounded once), so ``|Y - reference| <= acc``, ``acc`` being the bound's own
     accumulated part (``docs/design.md``, "Forward error bounds"); with ``x = |F - Y|``
-    and ``h = half_ulp_dtype(|Y|)`` (of ``max(|Y|, smallest normal)``):
+    and any ``h <= half_ulp_dtype(|Y|)`` (of ``max(|Y|, smallest normal)``):
 
         |F - reference| <= x + acc                 (triangle inequality)
         bound = acc + half_ulp(|reference| + acc) >= acc + h
@@ -283,14 +285,16 @@ class _Screen:
     ``acc`` is bounded per element without a second matmul: ``|W| <= |Y| / (1 - u) +
     |fl(Lf @ R)|`` and every ``P_i[r, c] <= (sum_k |left_i[r, k]|) max_k |right[k, c]|``,
     so ``acc <= a = gamma |Y| / (1 - u) + a_r b_c + (n + 1) 2**-149`` with ``a_r`` per row
-    (``__init__``) and ``b_c = max_k |right[k, c]|``. With ``p = 2**(m+1) h`` (``m`` the
-    dtype's mantissa bits), ``|Y| < 2p``, and ``h >= h_min`` (at the smallest normal):
+    (``__init__``) and ``b_c = max_k |right[k, c]|``. ``p`` is ``Y``'s float32 exponent
+    bits, clamped at the smallest normal and at ``2**126``, and ``h = 2**-(m+1) p`` (``m``
+    the dtype's mantissa bits): the half ulp of ``Y``'s binade, or less where ``|Y| >=
+    2**127`` (bfloat16 only), whose ``p`` the clamp keeps below it so that ``1 / p`` is a
+    normal float32. So ``|Y| < 4p``, ``h >= h_min`` (at the smallest normal), and:
 
         (x + w a) / h <= 2**(m+1) (x + w a_r b_c) / p  +  w slack,
-        slack  = gamma 2**(m+2) / (1 - u) + (n + 1) 2**-149 / h_min
+        slack  = gamma 2**(m+3) / (1 - u) + (n + 1) 2**-149 / h_min
 
-    ``p`` is ``Y``'s float32 exponent bits (clamped at the smallest normal), so the
-    screen is ``q = fl(fl(|fl(Y - F)|) + fl(a'_r b_c)) / p``, ``a'_r >= w a_r`` in float32
+    The screen is ``q = fl(fl(|fl(Y - F)|) + fl(a'_r b_c)) / p``, ``a'_r >= w a_r`` in float32
     (:meth:`_settings`): a subtraction, an absolute value, a multiply-add and an exact
     division by a power of two. Each float32 rounding is relative (at most ``u``) or,
     where the result is subnormal, absolute (at most ``2**-150``; a subnormal sum or
@@ -327,7 +331,7 @@ class _Screen:
         mantissa = MANTISSA_BITS[dtype]
         smallest_normal = torch.finfo(dtype).smallest_normal
         self.exponent_floor = _float32_bits(smallest_normal)
-        self.slack = gamma * 2.0 ** (mantissa + 2) / (1 - U32) + (
+        self.slack = gamma * 2.0 ** (mantissa + 3) / (1 - U32) + (
             n + 1
         ) * FLOAT32_TINY_SUBNORMAL / (smallest_normal * 2.0 ** -(mantissa + 1))
         # (1 + 2u)**2 (q + 2**-150 + 2**-150 / 2**e), in q's scale, 2**-(m+1) per ratio.
@@ -449,7 +453,8 @@ class _Screen:
             return kernel.screen_block(*arguments, room=room).found
         merged = torch.mm(self.left[start:stop], self.right).add_(original[start:stop])
         power = merged.view(torch.int32).bitwise_and(_FLOAT32_EXPONENT_MASK)
-        power = power.clamp_(min=self.exponent_floor).view(torch.float32)  # 2**(m+1) h
+        power = power.clamp_(min=self.exponent_floor, max=_LARGEST_POWER)
+        power = power.view(torch.float32)  # 2**(m+1) h
         screened = merged.sub_(fused[start:stop]).abs_()
         screened.addcmul_(row_scale[start:stop], self.column_scale).div_(power)
         # Chunk maxima first: one cheap pass, where a full-size comparison and nonzero cost
