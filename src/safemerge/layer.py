@@ -153,6 +153,58 @@ def fused_tensors(
     return FusedTensors(merged.reshape(view.weight.shape), new_bias, record)
 
 
+def fuse_in_buffer(
+    layer: nn.Module,
+    adapters: Adapters,
+    *,
+    buffer: torch.Tensor,
+    scale: float = 1.0,
+    name: str | None = None,
+) -> FuseRecord | QuantizedFuseRecord:
+    """:func:`fuse` with ``exact_unfuse=False``, the merge computed whole in ``buffer``,
+    then copied into the layer.
+
+    In place, a fuse journals every block's correction, so that a failure midway can be
+    rolled back: on a CPU that journal is about as much work as the merge. Computed in
+    ``buffer`` first, the layer changes only in the final copy, with nothing to journal.
+    A caller merging many layers passes the same buffer each time, so that its pages are
+    touched once. A bitsandbytes layer, or a weight off the CPU, is fused as :func:`fuse`
+    does, without ``buffer``.
+
+    Args:
+        buffer: a flat, contiguous ``uint8`` tensor on the CPU, at least as many bytes
+            as the layer's weight.
+
+    Raises:
+        ValueError: ``buffer`` is not such a tensor, or too small.
+        NonFiniteMergeError, AdapterConfigError, UnsupportedLayerError: as :func:`fuse`;
+            the layer is unchanged.
+    """
+    if bnb.is_bnb_layer(layer):
+        return fuse(layer, adapters, scale=scale, name=name, exact_unfuse=False)
+    view = view_layer(layer, name)
+    if view.weight.device.type != "cpu":
+        return _fuse_view(view, adapters, scale=scale, exact_unfuse=False)
+    rows, columns = view.matrix_shape
+    size = rows * columns * view.weight.dtype.itemsize
+    if not (
+        buffer.dtype == torch.uint8
+        and buffer.dim() == 1
+        and buffer.is_contiguous()
+        and buffer.device.type == "cpu"
+        and buffer.numel() >= size
+    ):
+        raise ValueError(
+            f"{view.name!r}: fuse_in_buffer needs a flat contiguous uint8 CPU buffer of at "
+            f"least {size} bytes; got {buffer.dtype} {tuple(buffer.shape)} on {buffer.device}"
+        )
+    out = buffer[:size].view(view.weight.dtype).view(rows, columns)
+    record, merged, new_bias = _fused_matrix(view, adapters, scale=scale, in_place=False, out=out)
+    with torch.no_grad():
+        _commit(view, merged, new_bias)
+    return record
+
+
 def _fuse_view(
     view: LayerView, adapters: Adapters, *, scale: float, exact_unfuse: bool
 ) -> FuseRecord:
@@ -173,10 +225,11 @@ def _fused_matrix(
     scale: float,
     in_place: bool,
     exact_unfuse: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[FuseRecord, torch.Tensor | None, torch.Tensor | None]:
     """The fuse's record, the merged M for the caller to commit (None when the merge was
-    written into the weight itself: ``in_place`` asked and M a view of it), and the
-    merged bias to commit (None when unchanged)."""
+    written into the weight itself: ``in_place`` asked and M a view of it; else a new
+    tensor, or ``out``), and the merged bias to commit (None when unchanged)."""
     started = time.perf_counter()
     pairs = weighted(adapters)
     check_request(view, pairs, scale)
@@ -194,6 +247,7 @@ def _fused_matrix(
             factor=factor,
             keep_correction=exact_unfuse,
             in_place=in_place,
+            out=out,
         )
         original_bias = (
             None if new_bias is None or view.bias is None else view.bias.detach().cpu().clone()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
@@ -13,7 +17,9 @@ from safemerge import (
     UnsupportedLayerError,
     fuse,
 )
-from safemerge.layer import fused_tensors
+from safemerge.layer import fuse_in_buffer, fused_tensors
+from safemerge.merge import engine
+from safemerge.merge.blocks import Blocks
 from safemerge.merge.view import view_layer
 
 
@@ -181,3 +187,71 @@ def test_fused_tensors_refuse_a_bitsandbytes_layer() -> None:
     layer = bnb.nn.Linear8bitLt(16, 8, bias=False, has_fp16_weights=False)
     with pytest.raises(UnsupportedLayerError, match="fused_tensors"):
         fused_tensors(layer, LoraAdapter(torch.ones(2, 16), torch.ones(8, 2)), name="x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fuse_in_a_buffer_is_fuse_s_bits_and_the_buffer_serves_layer_after_layer(
+    dtype: torch.dtype,
+) -> None:
+    buffer = torch.empty(64 * 1024, dtype=torch.uint8)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for kind in FUSED_KINDS:
+        layer, adapter = _layer_and_adapter(kind, dtype)
+        expected = copy.deepcopy(layer)
+        record = fuse_in_buffer(layer, adapter, buffer=buffer, scale=0.5, name="x")
+        reference = fuse(expected, adapter, scale=0.5, name="x", exact_unfuse=False)
+        assert record.correction is None and record.coefficients == reference.coefficients
+        for name, tensor in layer.state_dict().items():
+            wanted = expected.state_dict()[name]
+            assert tensor.is_contiguous(memory_format=torch.channels_last) == (
+                wanted.is_contiguous(memory_format=torch.channels_last)
+            ), f"{kind}: {name}'s layout changed"
+            if tensor.is_floating_point() and tensor.dtype == dtype:
+                assert torch.equal(tensor.view(bits), wanted.view(bits)), f"{kind}: {name}"
+            else:
+                assert torch.equal(tensor, wanted), f"{kind}: {name}"
+
+
+def test_a_fuse_in_a_buffer_refuses_a_buffer_that_does_not_fit_and_changes_nothing() -> None:
+    layer, adapter = _layer_and_adapter("linear with a LoRA bias", torch.float32)
+    before = {name: tensor.detach().clone() for name, tensor in layer.state_dict().items()}
+    needed = layer.weight.numel() * 4
+    for buffer in (
+        torch.empty(needed - 1, dtype=torch.uint8),
+        torch.empty(needed // 4, dtype=torch.float32),
+        torch.empty(2 * needed, dtype=torch.uint8)[::2],
+    ):
+        with pytest.raises(ValueError, match=f"at least {needed} bytes"):
+            fuse_in_buffer(layer, adapter, buffer=buffer, name="x")
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"{name} changed"
+
+
+@pytest.mark.parametrize("failure", ["non-finite", "exception midway"])
+def test_a_fuse_in_a_buffer_that_fails_leaves_the_layer_as_it_was(failure: str) -> None:
+    """Blocks of four rows: a failure in the third block finds the first two computed;
+    only the buffer holds them, and the weight and the LoRA-biased bias are unchanged."""
+    layer, adapter = _layer_and_adapter("linear with a LoRA bias", torch.float16)
+    before = {name: tensor.detach().clone() for name, tensor in layer.state_dict().items()}
+    if failure == "non-finite":
+        adapter.lora_B[13, 0] = 6e4  # a row of the fourth block overflows float16
+    original = Blocks.fuse_into
+    calls = 0
+
+    def failing(self: Blocks, *args: Any, **kwargs: Any) -> bool:
+        nonlocal calls
+        calls += 1
+        if failure == "exception midway" and calls == 3:
+            raise RuntimeError("a failure midway")
+        return original(self, *args, **kwargs)
+
+    with (
+        mock.patch.object(engine, "BLOCK_BYTES", 4 * 40 * 4),
+        mock.patch.object(Blocks, "fuse_into", failing),
+        engine.blocks_on(1),
+        pytest.raises(NonFiniteMergeError if failure == "non-finite" else RuntimeError),
+    ):
+        fuse_in_buffer(layer, adapter, buffer=torch.empty(4096, dtype=torch.uint8), name="x")
+    assert calls >= 3
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"{name} changed"

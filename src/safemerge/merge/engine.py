@@ -142,6 +142,7 @@ def fuse_matrix(
     factor: OutputFactor | None = None,
     keep_correction: bool = True,
     in_place: bool = False,
+    out: torch.Tensor | None = None,
 ) -> FusedMatrix:
     """Merge ``delta`` into ``matrix``, guarded and all-or-nothing.
 
@@ -151,8 +152,9 @@ def fuse_matrix(
     copy is ever held. Without ``keep_correction`` that correction is the fuse's journal
     only, dropped once every block is written: a quarter byte an element for the layer's
     duration, where a new tensor would be the weight's whole size (and first-touch page
-    faults on every page of it). Otherwise the merge goes into a new tensor,
-    ``FusedMatrix.merged``, for the caller to commit.
+    faults on every page of it). Otherwise the merge goes into a new tensor, or into
+    ``out`` (rows x columns, ``matrix``'s dtype, on the CPU), returned as
+    ``FusedMatrix.merged`` for the caller to commit.
 
     Blocks run on as many threads as torch's intra-op setting allows (see
     :func:`run_blocks`); the result does not depend on how many.
@@ -175,7 +177,13 @@ def fuse_matrix(
         return FusedMatrix(None if in_place else fused, correction, fingerprint(fused), block_rows)
     # In place, the correction is also the journal that rolls a failure back.
     builder = CorrectionBuilder(rows * columns, dtype) if keep_correction or in_place else None
-    target = matrix if in_place else torch.empty(rows, columns, dtype=dtype, device=matrix.device)
+    if in_place:
+        target = matrix
+    elif out is not None:
+        assert out.shape == matrix.shape and out.dtype == dtype and out.device == matrix.device
+        target = out
+    else:
+        target = torch.empty(rows, columns, dtype=dtype, device=matrix.device)
 
     def fuse_block(blocks: Blocks, start: int, stop: int) -> bool:
         fused = blocks.cast_block(start, stop) if in_place else target[start:stop]

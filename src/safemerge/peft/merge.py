@@ -10,8 +10,10 @@ float32 with safemerge's guard, and all or nothing. It works in three steps:
    cannot vouch for (DoRA, a broken adapter, a weight near its dtype's range) are merged
    first, each keeping its exact-unfuse correction, and a refusal among them unmerges
    them exactly;
-3. commit: the proven layers are merged without corrections (so memory stays at one
-   layer's worth), still through the guard.
+3. commit: the proven layers are merged without corrections, still through the guard,
+   each computed in one buffer (the largest weight's bytes, reused from layer to layer)
+   and then copied in (:func:`safemerge.layer.fuse_in_buffer`), so that no block journal
+   is needed for a failure midway.
 
 :func:`merge` keeps the adapters attached and marks them merged, as PEFT's
 ``merge_adapter`` does, but keeps each layer's correction so that :func:`unmerge` gives
@@ -28,8 +30,8 @@ import torch
 from torch import nn
 
 from safemerge.errors import RestoreError
-from safemerge.layer import fuse
-from safemerge.merge.engine import blocks_on
+from safemerge.layer import fuse_in_buffer
+from safemerge.merge.engine import block_threads, blocks_on, pinned_threads
 from safemerge.merge.headroom import cannot_overflow, weight_magnitude
 from safemerge.merge.request import coefficients, merged_bias
 from safemerge.model.report import ModelFuseReport
@@ -136,9 +138,16 @@ def _merge_all_or_nothing(planned: list[PeftLayer], *, progressbar: bool) -> Non
         for layer in planned:
             (proven if _proven(layer) else unproven).append(layer)
         fuse_with_rollback(unproven, progressbar=False)
+        buffer = torch.empty(_largest_weight_bytes(proven), dtype=torch.uint8)
         for layer in progress(proven, progressbar, "Merging (safemerge)"):
             # Proven: the guard inside cannot refuse, so no correction is kept.
-            fuse(layer.base, list(layer.pairs), name=layer.weight_name, exact_unfuse=False)
+            fuse_in_buffer(layer.base, list(layer.pairs), name=layer.weight_name, buffer=buffer)
+
+
+def _largest_weight_bytes(layers: Sequence[PeftLayer]) -> int:
+    """The bytes of the largest weight :func:`fuse_in_buffer` computes in a buffer."""
+    weights = [layer.base.weight for layer in layers if not bnb.is_bnb_layer(layer.base)]
+    return max((w.numel() * w.element_size() for w in weights if w.device.type == "cpu"), default=0)
 
 
 def _proven(layer: PeftLayer) -> bool:
@@ -151,7 +160,8 @@ def _proven(layer: PeftLayer) -> bool:
             magnitude = quantized_format.magnitude_limit()
             dtype = quantized_format.merge_dtype
         else:
-            magnitude = weight_magnitude(view.weight)
+            with pinned_threads(block_threads()):  # a pass over the whole weight
+                magnitude = weight_magnitude(view.weight)
             dtype = view.weight.dtype
         factors = coefficients(pairs, 1.0)
         try:
