@@ -432,6 +432,13 @@ SM_INLINE double larger_ratio(const exact_terms *e, Py_ssize_t i, Py_ssize_t j, 
  * value, so they are the same float. */
 SM_INLINE uint32_t inverse_power(uint32_t power) { return 0x7F000000u - power; }
 
+/* a'_r, the screen's factor of row r: w a_r rounded up past float64's rounding and
+ * float32's, also where it is subnormal; bound_check._Screen._row_scale, the same
+ * operations in the same order. */
+SM_INLINE float row_factor(double row_sum, double weight) {
+    return (float)((row_sum * weight) * (1.0 + 0x1p-20) + 0x1p-149);
+}
+
 typedef int int8v __attribute__((vector_size(32)));
 
 /* Whether all eight q from ``q`` are below ``threshold`` (NaN is not below anything). */
@@ -490,9 +497,9 @@ SM_INLINE int all_below(const float *q, float threshold) {
     SM_CLONES static int NAME(const TYPE *weight, Py_ssize_t weight_stride,                  \
                               const TYPE *fused, Py_ssize_t fused_stride,                    \
                               const float *left, const float *right, Py_ssize_t rank,        \
-                              Py_ssize_t rows, Py_ssize_t cols, const float *row_scale,      \
-                              const float *column_scale, uint32_t floor, float threshold,    \
-                              candidates *c) {                                               \
+                              Py_ssize_t rows, Py_ssize_t cols, const double *row_sums,      \
+                              double row_weight, const float *column_scale, uint32_t floor,  \
+                              float threshold, candidates *c) {                              \
         float product[2][SEGMENT], q[SEGMENT];                                               \
         for (Py_ssize_t i = 0; i < rows; i += 2) {                                           \
             const int pair = i + 1 < rows;                                                   \
@@ -502,8 +509,8 @@ SM_INLINE int all_below(const float *q, float threshold) {
                 for (int h = 0; h <= pair; h++) {                                            \
                     const TYPE *w = weight + (i + h) * weight_stride + j0;                   \
                     const TYPE *f = fused + (i + h) * fused_stride + j0;                     \
-                    NAME##_segment(w, f, product[h], row_scale[i + h], column_scale + j0,    \
-                                   floor, n, q);                                             \
+                    NAME##_segment(w, f, product[h], row_factor(row_sums[i + h], row_weight), \
+                                   column_scale + j0, floor, n, q);                          \
                     if (NAME##_candidates(w, f, q, threshold, i + h, j0, n, rank, cols, c))  \
                         return 1;                                                            \
                 }                                                                            \
@@ -787,10 +794,11 @@ static PyObject *unfuse_block(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(screen_block_doc,
 "screen_block(kind, weight, weight_stride, fused, fused_stride, left, right, rank, rows,\n"
-"             cols, row_scale, column_scale, floor, threshold, found, room, exact_left,\n"
-"             exact_right_t, alpha, alpha_stride, underflow, gamma, smallest_normal,\n"
-"             mantissa) -> (count, worst)\n\n"
-"The bound check's screen over a block of a float16 or bfloat16 merge. Each candidate\n"
+"             cols, row_sums, row_weight, column_scale, floor, threshold, found, room,\n"
+"             exact_left, exact_right_t, alpha, alpha_stride, underflow, gamma,\n"
+"             smallest_normal, mantissa) -> (count, worst)\n\n"
+"The bound check's screen over a block of a float16 or bfloat16 merge, row r's factor\n"
+"a'_r made from row_sums[r] (float64) and row_weight. Each candidate\n"
 "(an element whose screened ratio is not below threshold) is counted; with found (int64,\n"
 "room of them; 0 for none) its flat index is listed, and count is -1 when they are more\n"
 "than room; with exact_left (0 for none) its float64 ratio is computed, and worst is the\n"
@@ -798,15 +806,16 @@ PyDoc_STRVAR(screen_block_doc,
 
 static PyObject *screen_block(PyObject *self, PyObject *args) {
     int kind, mantissa;
-    unsigned long long weight, fused, left, right, row_scale, column_scale, found;
+    unsigned long long weight, fused, left, right, row_sums, column_scale, found;
     unsigned long long exact_left, exact_right_t, alpha, underflow;
     Py_ssize_t weight_stride, fused_stride, rank, rows, cols, room, alpha_stride;
     unsigned int floor;
     float threshold;
-    double gamma, smallest_normal;
-    if (!PyArg_ParseTuple(args, "iKnKnKKnnnKKIfKnKKKnKddi", &kind, &weight, &weight_stride,
-                          &fused, &fused_stride, &left, &right, &rank, &rows, &cols, &row_scale,
-                          &column_scale, &floor, &threshold, &found, &room, &exact_left,
+    double row_weight, gamma, smallest_normal;
+    if (!PyArg_ParseTuple(args, "iKnKnKKnnnKdKIfKnKKKnKddi", &kind, &weight, &weight_stride,
+                          &fused, &fused_stride, &left, &right, &rank, &rows, &cols, &row_sums,
+                          &row_weight, &column_scale, &floor, &threshold, &found, &room,
+                          &exact_left,
                           &exact_right_t, &alpha, &alpha_stride, &underflow, &gamma,
                           &smallest_normal, &mantissa))
         return NULL;
@@ -829,18 +838,18 @@ static PyObject *screen_block(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     const float *l = (const float *)(uintptr_t)left;
     const float *r = (const float *)(uintptr_t)right;
-    const float *a = (const float *)(uintptr_t)row_scale;
+    const double *a = (const double *)(uintptr_t)row_sums;
     const float *b = (const float *)(uintptr_t)column_scale;
     if (kind == KIND_BFLOAT16) {
         full = screen_bf16((const uint16_t *)(uintptr_t)weight, weight_stride,
                            (const uint16_t *)(uintptr_t)fused, fused_stride, l, r, rank, rows,
-                           cols, a, b, floor, threshold, &c);
+                           cols, a, row_weight, b, floor, threshold, &c);
     }
 #if SM_HAS_FLOAT16
     else {
         full = screen_f16((const uint16_t *)(uintptr_t)weight, weight_stride,
                           (const uint16_t *)(uintptr_t)fused, fused_stride, l, r, rank, rows,
-                          cols, a, b, floor, threshold, &c);
+                          cols, a, row_weight, b, floor, threshold, &c);
     }
 #endif
     Py_END_ALLOW_THREADS

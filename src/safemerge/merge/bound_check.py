@@ -107,14 +107,16 @@ def worst_error_of_bound(
     # parallel region waits for a slow thread), torch runs one thread per op meanwhile.
     threads = engine.block_threads() if original.device.type == "cpu" else 1
     with engine.pinned_threads(1):
-        exact = _Exact(terms, dtype)
-        if not _Screen.applies(original, fused, terms, dtype):
+        screened = _Screen.applies(original, fused, terms, dtype)
+        compiled = screened and kernel.screens(original, fused)
+        exact = _Exact(terms, dtype, compiled=compiled)
+        if not screened:
             step = max(1, BLOCK_ELEMENTS // columns)
             return _Blocks(rows, step, threads).run(
                 lambda start, stop, worst: exact.block(original, fused, start, stop)
             )
         step = max(1, SCREEN_ELEMENTS // columns)
-        if kernel.screens(original, fused):
+        if compiled:
             shared = -(-rows // (4 * threads))
             step = max(step, min(KERNEL_SCREEN_ELEMENTS // columns, shared))
         screen = _Screen(terms, dtype)
@@ -176,7 +178,12 @@ class _Exact:
     :func:`block_bound`'s: the ratios agree up to float64 rounding.
     """
 
-    def __init__(self, terms: Sequence[bounds.Term], dtype: torch.dtype) -> None:
+    def __init__(
+        self, terms: Sequence[bounds.Term], dtype: torch.dtype, *, compiled: bool = False
+    ) -> None:
+        """``compiled``: lay out only what :func:`kernel.screen_block` takes (``left``,
+        ``right_t``, ``alpha``, ``underflow``), for a check the compiled screen makes whole;
+        the torch ops' layouts take a few milliseconds a layer more."""
         n = bounds.roundings([left.shape[1] for left, _, _ in terms])
         self.gamma = bounds.gamma(n)
         self.dtype = dtype
@@ -185,29 +192,32 @@ class _Exact:
             rounded = float(torch.tensor(coefficient, dtype=torch.float32))
             left64 = left.to(torch.float64)
             lefts.append(left64 * coefficient)
-            alphas.append(left64.abs() * (self.gamma * abs(rounded) + abs(coefficient - rounded)))
+            alphas.append(left64.abs().mul_(self.gamma * abs(rounded) + abs(coefficient - rounded)))
             rights.append(right.to(torch.float64))
-        right = torch.cat(rights, dim=0)
-        underflow = (
-            right.abs().sum(dim=0) * (FLOAT32_TINY_SUBNORMAL / 2) + n * FLOAT32_TINY_SUBNORMAL
+        right = _joined(rights, dim=0)
+        right_abs = right.abs()
+        self.underflow = (
+            right_abs.sum(dim=0).mul_(FLOAT32_TINY_SUBNORMAL / 2).add_(n * FLOAT32_TINY_SUBNORMAL)
         )
-        self.left = torch.cat(lefts, dim=1)
+        self.left = _joined(lefts, dim=1)
+        self.alpha = _joined(alphas, dim=1)
+        # Column-major: a candidate's column is contiguous.
+        self.right_t = right.T.contiguous()
+        if compiled:
+            return
         self.right = right
         ones = torch.ones(self.left.shape[0], 1, dtype=torch.float64, device=right.device)
-        self.bound_left = torch.cat([*alphas, ones], dim=1)
-        self.bound_right = torch.cat([right.abs(), underflow[None]], dim=0)
-        # Column-major copies for gathering a few elements' columns.
-        self.right_t = self.right.T.contiguous()
+        self.bound_left = torch.cat([self.alpha, ones], dim=1)
+        self.bound_right = torch.cat([right_abs, self.underflow[None]], dim=0)
         self.bound_right_t = self.bound_right.T.contiguous()
 
     def kernel_terms(self, start: int, stop: int) -> kernel.ExactTerms:
         """These factors for rows ``start:stop``, as :func:`kernel.screen_block` takes them."""
-        rank = self.right.shape[0]
         return kernel.ExactTerms(
             self.left[start:stop],
             self.right_t,
-            self.bound_left[start:stop, :rank],
-            self.bound_right[rank],
+            self.alpha[start:stop],
+            self.underflow,
             self.gamma,
             self.dtype,
         )
@@ -245,6 +255,11 @@ class _Exact:
             bound += _half_ulp(reference.abs().add_(bound), self.dtype)
         error = torch.take(fused, flat).to(torch.float64).sub_(reference).abs_()
         return _largest(error.div_(bound))
+
+
+def _joined(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The tensors side by side along ``dim``, contiguous (a single one copied only if not)."""
+    return tensors[0].contiguous() if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 def _readable(block: torch.Tensor) -> torch.Tensor:
@@ -295,7 +310,7 @@ class _Screen:
         slack  = gamma 2**(m+3) / (1 - u) + (n + 1) 2**-149 / h_min
 
     The screen is ``q = fl(fl(|fl(Y - F)|) + fl(a'_r b_c)) / p``, ``a'_r >= w a_r`` in float32
-    (:meth:`_settings`): a subtraction, an absolute value, a multiply-add and an exact
+    (:meth:`_row_scale`): a subtraction, an absolute value, a multiply-add and an exact
     division by a power of two. Each float32 rounding is relative (at most ``u``) or,
     where the result is subnormal, absolute (at most ``2**-150``; a subnormal sum or
     difference is exact), so the exact ``(x + a'_r b_c) / p <= (1 + 2u)**2 (q + tiny)``
@@ -337,9 +352,9 @@ class _Screen:
         # (1 + 2u)**2 (q + 2**-150 + 2**-150 / 2**e), in q's scale, 2**-(m+1) per ratio.
         self._tiny = 2.0**-150 + 2.0**-150 / smallest_normal
         self._scale = 2.0 ** -(mantissa + 1)
-        # The threshold and a'_r for the latest worst ratio (one tuple, replaced whole, so
+        # The threshold and w for the latest worst ratio (one tuple, replaced whole, so
         # that threads screening against different ratios each read a matching pair).
-        self._screening: tuple[float, float, torch.Tensor] | None = None
+        self._screening: tuple[float, float, float] | None = None
         # Each thread's candidates, evaluated in batches: an exact pass over a few hundred
         # elements costs mostly its fixed per-call overhead.
         self._pending = threading.local()
@@ -373,8 +388,8 @@ class _Screen:
         """
         return self._settings(worst)[0]
 
-    def _settings(self, worst: float) -> tuple[float, torch.Tensor]:
-        """:meth:`threshold`, and ``a'_r`` (rows x 1, float32): ``w a_r`` rounded up."""
+    def _settings(self, worst: float) -> tuple[float, float]:
+        """:meth:`threshold`, and ``w`` (for :meth:`_row_scale`)."""
         screening = self._screening
         if screening is None or screening[0] != worst:
             t = worst - _FLOAT64_NOISE
@@ -383,11 +398,15 @@ class _Screen:
             scaled = (t - w * self.slack) * self._scale
             # 2**-40 covers these few float64 roundings.
             threshold = (scaled / (1 + 2 * U32) ** 2 - self._tiny) / (1 + 2.0**-40)
-            # w a_r up past float64's rounding and float32's, also where it is subnormal.
-            row_scale = (self._row_sums * w) * (1 + 2.0**-20) + FLOAT32_TINY_SUBNORMAL
-            screening = (worst, _float32_below(threshold), row_scale.to(torch.float32)[:, None])
+            screening = (worst, _float32_below(threshold), w)
             self._screening = screening
         return screening[1], screening[2]
+
+    def _row_scale(self, w: float, start: int, stop: int) -> torch.Tensor:
+        """``a'_r`` for rows ``start:stop`` (a column, float32): ``w a_r`` rounded up past
+        float64's rounding and float32's, also where it is subnormal."""
+        scaled = (self._row_sums[start:stop] * w) * (1 + 2.0**-20) + FLOAT32_TINY_SUBNORMAL
+        return scaled.to(torch.float32)[:, None]
 
     def checked(
         self,
@@ -405,19 +424,20 @@ class _Screen:
         """
         seeded = 0.0
         seed_rows = max(1, SEED_ELEMENTS // original.shape[1])
+        compiled = kernel.screens(original, fused)
         if self.threshold(worst) <= 0 and stop - start > seed_rows:
             # No exact ratio yet to screen against (a thread's first block): its first
             # rows in float64 give one, and the screen takes the rest of the block. The
-            # proof holds with any ratio found exactly, and this one is returned.
-            seeded = exact.rows(original, fused, start, start + seed_rows)
-            start, worst = start + seed_rows, max(worst, seeded)
-        if kernel.screens(original, fused):
-            # One compiled pass: the screen, and each candidate's float64 ratio on the spot.
-            screened = kernel.screen_block(
-                *self._kernel_arguments(original, fused, start, stop, worst),
-                exact=exact.kernel_terms(start, stop),
-            )
-            return max(seeded, screened.worst)
+            # proof holds with any ratio found exactly, and this one is returned. (The
+            # kernel against no ratio computes every element's in float64.)
+            seed_stop = start + seed_rows
+            if compiled:
+                seeded = self._kernel_worst(exact, original, fused, start, seed_stop, 0.0)
+            else:
+                seeded = exact.rows(original, fused, start, seed_stop)
+            start, worst = seed_stop, max(worst, seeded)
+        if compiled:
+            return max(seeded, self._kernel_worst(exact, original, fused, start, stop, worst))
         candidates = self.candidates(original, fused, start, stop, worst)
         if candidates is None:
             return max(seeded, exact.rows(original, fused, start, stop))
@@ -427,6 +447,22 @@ class _Screen:
         if sum(batch.numel() for batch in pending) < GATHER_BATCH:
             return seeded
         return max(seeded, self.flush(exact, original, fused))
+
+    def _kernel_worst(
+        self,
+        exact: _Exact,
+        original: torch.Tensor,
+        fused: torch.Tensor,
+        start: int,
+        stop: int,
+        worst: float,
+    ) -> float:
+        """One compiled pass over rows ``start:stop``: the screen, and each candidate's
+        float64 ratio on the spot; their largest (or 0 where none)."""
+        return kernel.screen_block(
+            *self._kernel_arguments(original, fused, start, stop, worst),
+            exact=exact.kernel_terms(start, stop),
+        ).worst
 
     def flush(self, exact: _Exact, original: torch.Tensor, fused: torch.Tensor) -> float:
         """The largest ratio of this thread's waiting candidates."""
@@ -442,7 +478,7 @@ class _Screen:
     ) -> torch.Tensor | None:
         """Flat indices (in rows ``start:stop``) whose ratio may reach ``worst``; None
         where that is much of the block (compute it whole)."""
-        threshold, row_scale = self._settings(worst)
+        threshold, w = self._settings(worst)
         if threshold <= 0:
             return None
         if kernel.screens(original, fused):
@@ -456,7 +492,7 @@ class _Screen:
         power = power.clamp_(min=self.exponent_floor, max=_LARGEST_POWER)
         power = power.view(torch.float32)  # 2**(m+1) h
         screened = merged.sub_(fused[start:stop]).abs_()
-        screened.addcmul_(row_scale[start:stop], self.column_scale).div_(power)
+        screened.addcmul_(self._row_scale(w, start, stop), self.column_scale).div_(power)
         # Chunk maxima first: one cheap pass, where a full-size comparison and nonzero cost
         # several times the screen (NaN is not below the threshold, so it is kept).
         chunks = screened.view(-1, _CHUNK) if screened.numel() % _CHUNK == 0 else None
@@ -480,18 +516,20 @@ class _Screen:
         torch.Tensor,
         torch.Tensor,
         torch.Tensor,
+        float,
         torch.Tensor,
         int,
         float,
     ]:
         """:func:`kernel.screen_block`'s positional arguments for rows ``start:stop``."""
-        threshold, row_scale = self._settings(worst)
+        threshold, w = self._settings(worst)
         return (
             original[start:stop],
             fused[start:stop],
             self.left[start:stop],
             self.right,
-            row_scale[start:stop].view(-1),
+            self._row_sums[start:stop],
+            w,
             self.column_scale.view(-1),
             self.exponent_floor,
             threshold,

@@ -184,7 +184,8 @@ def screen_block(
     fused: torch.Tensor,
     left: torch.Tensor,
     right: torch.Tensor,
-    row_scale: torch.Tensor,
+    row_sums: torch.Tensor,
+    row_weight: float,
     column_scale: torch.Tensor,
     floor: int,
     threshold: float,
@@ -195,13 +196,16 @@ def screen_block(
     """The bound check's screen of a block (``safemerge.merge.bound_check._Screen``, whose
     docstring has the proof): every element whose screened ratio is not below
     ``threshold`` is a candidate; with ``room``, their flat indices are listed (at most
-    ``room``), with ``exact``, their ratios are computed in float64 on the spot.
+    ``room``), with ``exact``, their ratios are computed in float64 on the spot. Each
+    row's factor ``a'_r`` is made from its float64 ``row_sums`` entry and ``row_weight``
+    as ``_Screen._row_scale`` makes it, bit for bit.
 
     The screen's product is computed in the opposite order of the fuse's, so that the
     check does not repeat the fuse's arithmetic: a slip in either shows as a difference.
     """
     assert _blockops is not None
     rows, columns = weight.shape
+    assert row_sums.shape == (rows,)
     found = None if room is None else torch.empty(max(room, 1), dtype=torch.int64)
     exact_arguments: tuple[int | float, ...] = (0, 0, 0, 0, 0, 0.0, 0.0, 0)
     if exact is not None:
@@ -229,7 +233,8 @@ def screen_block(
         *_factors(left, right),
         rows,
         columns,
-        _contiguous_float32(row_scale).data_ptr(),
+        _contiguous_float64(row_sums).data_ptr(),
+        row_weight,
         _contiguous_float32(column_scale).data_ptr(),
         floor,
         threshold,
@@ -280,6 +285,11 @@ def lookup_4bit(
 
 def _contiguous_float32(tensor: torch.Tensor) -> torch.Tensor:
     assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+    return tensor
+
+
+def _contiguous_float64(tensor: torch.Tensor) -> torch.Tensor:
+    assert tensor.dtype == torch.float64 and tensor.is_contiguous()
     return tensor
 
 
