@@ -165,8 +165,9 @@ def fuse_in_buffer(
     then copied into the layer.
 
     In place, a fuse journals every block's correction, so that a failure midway can be
-    rolled back: on a CPU that journal is about as much work as the merge. Computed in
-    ``buffer`` first, the layer changes only in the final copy, with nothing to journal.
+    rolled back: on a CPU that journal (an unfuse, a code and maybe an escape per element)
+    costs nearly as much as the merge itself. Computed in ``buffer`` first, the layer
+    changes only in the final copy, which costs a fraction of that.
     A caller merging many layers passes the same buffer each time, so that its pages are
     touched once. A bitsandbytes layer, or a weight off the CPU, is fused as :func:`fuse`
     does, without ``buffer``.
