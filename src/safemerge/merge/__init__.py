@@ -7,6 +7,7 @@ finiteness check), ``correction`` (the compact record that undoes a cast exactly
 ``engine`` (the blocked fuse/unfuse of one matrix), ``request`` (adapters and their
 coefficients for one layer), ``record`` (:class:`FuseRecord`), ``reference`` (the float64
 result a fuse must stay near), ``headroom`` (a cheap proof that the guard cannot refuse),
-``bound_check`` (every element of a fused weight against its bound). See
+``bound_check`` (every element of a fused weight against its bound), ``layer_check``
+(a layer's check: what it takes before the fuse, the comparison after). See
 ``docs/design.md``, "The arithmetic" and "Exact unfuse".
 """

@@ -23,7 +23,7 @@ from safemerge.errors import (
 from safemerge.io.adapter_formats import AdapterSet
 from safemerge.layer import fuse, unfuse
 from safemerge.merge.adapter import LoraAdapter
-from safemerge.merge.bound_check import BoundCheck
+from safemerge.merge.layer_check import BoundCheck
 from safemerge.merge.record import FuseRecord
 from safemerge.merge.request import check_request
 from safemerge.merge.view import LayerView, view_layer

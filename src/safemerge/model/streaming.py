@@ -40,7 +40,7 @@ from safemerge.io.pipeline_writer import ComponentOutput, write_pipeline
 from safemerge.io.shard_writer import tensor_nbytes
 from safemerge.layer import FusedTensors, fused_tensors
 from safemerge.merge.adapter import LoraAdapter
-from safemerge.merge.bound_check import BoundCheck
+from safemerge.merge.layer_check import BoundCheck
 from safemerge.merge.request import check_request
 from safemerge.merge.view import view_layer
 from safemerge.model.fuse_arguments import (

@@ -22,7 +22,7 @@ from torch import nn
 from safemerge.errors import AdapterConfigError, ModelFuseError
 from safemerge.layer import unfuse
 from safemerge.merge.adapter import LoraAdapter
-from safemerge.merge.bound_check import BoundCheck
+from safemerge.merge.layer_check import BoundCheck
 from safemerge.merge.record import FuseRecord
 from safemerge.quant.quantized import QuantizedFuseRecord
 
