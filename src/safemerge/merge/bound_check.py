@@ -324,7 +324,7 @@ class _Screen:
         gamma = bounds.gamma(n)
         rank = sum(left.shape[1] for left, _, _ in terms)
         lefts, rights = [], []
-        row_scale = torch.zeros(terms[0][0].shape[0], dtype=torch.float64)
+        row_sums = torch.zeros(terms[0][0].shape[0], dtype=torch.float64)
         for left, right, coefficient in terms:
             rounded = float(torch.tensor(coefficient, dtype=torch.float32))
             folded = left.to(torch.float32) * rounded  # one float32 rounding, as the engine
@@ -332,13 +332,13 @@ class _Screen:
             rights.append(right.to(torch.float32))
             weight = gamma * abs(rounded) + abs(coefficient - rounded)
             # gamma (1 + gamma_r) |fl(c32 left)| (the |W| part) + alpha (the P_i part).
-            row_scale += folded.to(torch.float64).abs().sum(dim=1) * (gamma * (1 + gamma))
-            row_scale += left.to(torch.float64).abs().sum(dim=1) * weight
+            row_sums += folded.to(torch.float64).abs().sum(dim=1) * (gamma * (1 + gamma))
+            row_sums += left.to(torch.float64).abs().sum(dim=1) * weight
         self.left = torch.cat(lefts, dim=1)  # fl32(c32 * left), the terms side by side
         self.right = torch.cat(rights, dim=0)  # exactly the terms' values
         self.column_scale = self.right.abs().amax(dim=0, keepdim=True)  # b_c, exact
         # a_r: + r 2**-150 (the fold's underflow, and colsum |right| <= r b_c).
-        self._row_sums = row_scale + rank * FLOAT32_TINY_SUBNORMAL
+        self._row_sums = row_sums + rank * FLOAT32_TINY_SUBNORMAL
         mantissa = MANTISSA_BITS[dtype]
         smallest_normal = torch.finfo(dtype).smallest_normal
         self.exponent_floor = _float32_bits(smallest_normal)
