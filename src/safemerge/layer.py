@@ -181,13 +181,11 @@ def fuse_in_buffer(
         NonFiniteMergeError, AdapterConfigError, UnsupportedLayerError: as :func:`fuse`;
             the layer is unchanged.
     """
-    if bnb.is_bnb_layer(layer):
+    size = buffer_bytes(layer)
+    if size == 0:
         return fuse(layer, adapters, scale=scale, name=name, exact_unfuse=False)
     view = view_layer(layer, name)
-    if view.weight.device.type != "cpu":
-        return _fuse_view(view, adapters, scale=scale, exact_unfuse=False)
     rows, columns = view.matrix_shape
-    size = rows * columns * view.weight.dtype.itemsize
     if not (
         buffer.dtype == torch.uint8
         and buffer.dim() == 1
@@ -204,6 +202,15 @@ def fuse_in_buffer(
     with torch.no_grad():
         _commit(view, merged, new_bias)
     return record
+
+
+def buffer_bytes(layer: nn.Module) -> int:
+    """The bytes of buffer :func:`fuse_in_buffer` computes ``layer``'s merge in: its
+    weight's; 0 where it fuses without one (a bitsandbytes layer, a weight off the CPU)."""
+    if bnb.is_bnb_layer(layer):
+        return 0
+    weight = layer.weight
+    return weight.numel() * weight.element_size() if weight.device.type == "cpu" else 0
 
 
 def _fuse_view(

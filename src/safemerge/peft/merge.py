@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from safemerge.errors import RestoreError
-from safemerge.layer import fuse_in_buffer
+from safemerge.layer import buffer_bytes, fuse_in_buffer
 from safemerge.merge.engine import block_threads, blocks_on, pinned_threads
 from safemerge.merge.headroom import cannot_overflow, weight_magnitude
 from safemerge.merge.request import coefficients, merged_bias
@@ -138,16 +138,11 @@ def _merge_all_or_nothing(planned: list[PeftLayer], *, progressbar: bool) -> Non
         for layer in planned:
             (proven if _proven(layer) else unproven).append(layer)
         fuse_with_rollback(unproven, progressbar=False)
-        buffer = torch.empty(_largest_weight_bytes(proven), dtype=torch.uint8)
+        largest = max((buffer_bytes(layer.base) for layer in proven), default=0)
+        buffer = torch.empty(largest, dtype=torch.uint8)
         for layer in progress(proven, progressbar, "Merging (safemerge)"):
             # Proven: the guard inside cannot refuse, so no correction is kept.
             fuse_in_buffer(layer.base, list(layer.pairs), name=layer.weight_name, buffer=buffer)
-
-
-def _largest_weight_bytes(layers: Sequence[PeftLayer]) -> int:
-    """The bytes of the largest weight :func:`fuse_in_buffer` computes in a buffer."""
-    weights = [layer.base.weight for layer in layers if not bnb.is_bnb_layer(layer.base)]
-    return max((w.numel() * w.element_size() for w in weights if w.device.type == "cpu"), default=0)
 
 
 def _proven(layer: PeftLayer) -> bool:
